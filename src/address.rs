@@ -1,0 +1,386 @@
+//! Email addresses and domains, canonicalized in exactly one place.
+//!
+//! Every address that reaches a decision, the database or an outgoing mail goes through
+//! [`EmailAddress::parse`]. The canonical form lowercases the whole address and converts
+//! the domain to its IDNA ASCII form, so `Ann@Exämple.COM` and `ann@xn--exmple-cua.com`
+//! are the same person. Lowercasing the local part is not what RFC 5321 promises, but it
+//! is what every service desk does and what admins expect: one account per mailbox.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+/// Why a string is not a usable address or domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("address is empty")]
+    Empty,
+    #[error("address {0:?} has no @")]
+    MissingAt(String),
+    #[error("address {0:?} has an empty local part")]
+    EmptyLocalPart(String),
+    #[error("address {0:?} has a local part longer than 64 characters")]
+    LocalPartTooLong(String),
+    #[error("address {0:?} has a character not allowed in a local part")]
+    BadLocalPart(String),
+    #[error("domain {0:?} is not a valid host name")]
+    BadDomain(String),
+}
+
+/// A validated, canonical email address. Built only by [`EmailAddress::parse`].
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EmailAddress {
+    canonical: String,
+    at: usize,
+}
+
+impl EmailAddress {
+    /// Parses and canonicalizes `input`, which may carry surrounding `<>` and whitespace.
+    pub fn parse(input: &str) -> Result<Self, AddressError> {
+        let trimmed = input.trim();
+        let trimmed = trimmed
+            .strip_prefix('<')
+            .and_then(|s| s.strip_suffix('>'))
+            .unwrap_or(trimmed)
+            .trim();
+        if trimmed.is_empty() {
+            return Err(AddressError::Empty);
+        }
+        let Some(at) = trimmed.rfind('@') else {
+            return Err(AddressError::MissingAt(trimmed.to_string()));
+        };
+        let (local, domain) = (&trimmed[..at], &trimmed[at + 1..]);
+        if local.is_empty() {
+            return Err(AddressError::EmptyLocalPart(trimmed.to_string()));
+        }
+        if local.chars().count() > 64 {
+            return Err(AddressError::LocalPartTooLong(trimmed.to_string()));
+        }
+        if !valid_local_part(local) {
+            return Err(AddressError::BadLocalPart(trimmed.to_string()));
+        }
+        let domain = Domain::parse(domain)?;
+        let local = local.to_lowercase();
+        let mut canonical = String::with_capacity(local.len() + 1 + domain.0.len());
+        canonical.push_str(&local);
+        canonical.push('@');
+        canonical.push_str(&domain.0);
+        Ok(EmailAddress {
+            at: local.len(),
+            canonical,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.canonical
+    }
+
+    pub fn local_part(&self) -> &str {
+        &self.canonical[..self.at]
+    }
+
+    /// The canonical (lowercase, IDNA ASCII) domain.
+    pub fn domain(&self) -> &str {
+        &self.canonical[self.at + 1..]
+    }
+
+    /// True for the addresses mail systems use for automatic mail: MAILER-DAEMON,
+    /// postmaster and the no-reply family.
+    pub fn is_mailer_daemon(&self) -> bool {
+        matches!(self.local_part(), "mailer-daemon" | "postmaster")
+    }
+}
+
+impl fmt::Display for EmailAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.canonical)
+    }
+}
+
+impl fmt::Debug for EmailAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EmailAddress({})", self.canonical)
+    }
+}
+
+impl Serialize for EmailAddress {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.canonical)
+    }
+}
+
+impl std::str::FromStr for EmailAddress {
+    type Err = AddressError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+fn valid_local_part(local: &str) -> bool {
+    if local.starts_with('"') && local.ends_with('"') && local.len() >= 2 {
+        // Quoted local part: anything printable except an unescaped quote or control.
+        return !local[1..local.len() - 1]
+            .chars()
+            .any(|c| c.is_control() || c == '"');
+    }
+    !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local.chars().all(|c| {
+            !c.is_control()
+                && !c.is_whitespace()
+                && !matches!(
+                    c,
+                    '<' | '>' | '(' | ')' | '[' | ']' | ',' | ';' | ':' | '\\' | '"' | '@'
+                )
+        })
+}
+
+/// A validated, canonical domain name (lowercase IDNA ASCII form).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Domain(String);
+
+impl Domain {
+    pub fn parse(input: &str) -> Result<Self, AddressError> {
+        let trimmed = input.trim().trim_end_matches('.');
+        let bad = || AddressError::BadDomain(input.trim().to_string());
+        if trimmed.is_empty() {
+            return Err(bad());
+        }
+        let ascii = if trimmed.is_ascii() {
+            trimmed.to_ascii_lowercase()
+        } else {
+            idna::domain_to_ascii_strict(trimmed).map_err(|_| bad())?
+        };
+        if ascii.len() > 253 || !ascii.split('.').all(valid_label) {
+            return Err(bad());
+        }
+        Ok(Domain(ascii))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// True when `self` is `other` or a subdomain of it.
+    pub fn is_within(&self, other: &Domain) -> bool {
+        self.0 == other.0
+            || (self.0.len() > other.0.len()
+                && self.0.ends_with(&other.0)
+                && self.0.as_bytes()[self.0.len() - other.0.len() - 1] == b'.')
+    }
+}
+
+fn valid_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Domain({})", self.0)
+    }
+}
+
+impl Serialize for Domain {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// A domain rule as admins write it: `example.com` matches exactly that domain,
+/// `*.example.com` matches every subdomain of it (but not `example.com` itself).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum DomainPattern {
+    Exact(Domain),
+    Subdomains(Domain),
+}
+
+impl DomainPattern {
+    pub fn parse(input: &str) -> Result<Self, AddressError> {
+        let trimmed = input.trim();
+        match trimmed.strip_prefix("*.") {
+            Some(rest) => Ok(DomainPattern::Subdomains(Domain::parse(rest)?)),
+            None => Ok(DomainPattern::Exact(Domain::parse(trimmed)?)),
+        }
+    }
+
+    pub fn matches(&self, domain: &str) -> bool {
+        match self {
+            DomainPattern::Exact(d) => d.0 == domain,
+            DomainPattern::Subdomains(d) => {
+                domain.len() > d.0.len()
+                    && domain.ends_with(&d.0)
+                    && domain.as_bytes()[domain.len() - d.0.len() - 1] == b'.'
+            }
+        }
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainPattern::Exact(d) => write!(f, "{d}"),
+            DomainPattern::Subdomains(d) => write!(f, "*.{d}"),
+        }
+    }
+}
+
+impl fmt::Debug for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DomainPattern({self})")
+    }
+}
+
+/// True when any pattern in `patterns` matches `domain`.
+pub fn any_matches(patterns: &[DomainPattern], domain: &str) -> bool {
+    patterns.iter().any(|p| p.matches(domain))
+}
+
+/// Cleans a display name taken from a header: RFC 2047 is already decoded by the parser;
+/// here control characters (CR and LF above all, so a name can never inject a header) are
+/// removed, whitespace collapsed, surrounding quotes dropped, and the length capped.
+/// Returns `None` when nothing useful is left or the name is just the address again.
+pub fn clean_display_name(raw: &str, address: Option<&EmailAddress>) -> Option<String> {
+    let mut out = String::with_capacity(raw.len());
+    let mut pending_space = false;
+    for c in raw.chars() {
+        if c.is_whitespace() || c.is_control() {
+            pending_space = !out.is_empty();
+            continue;
+        }
+        if pending_space {
+            out.push(' ');
+            pending_space = false;
+        }
+        out.push(c);
+    }
+    let trimmed = out.trim_matches(|c| c == '"' || c == '\'' || c == ' ');
+    if trimmed.is_empty() {
+        return None;
+    }
+    if let Some(addr) = address
+        && trimmed.eq_ignore_ascii_case(addr.as_str())
+    {
+        return None;
+    }
+    let capped: String = trimmed.chars().take(200).collect();
+    Some(capped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn canonical_form_lowercases_and_strips_brackets() {
+        let a = EmailAddress::parse(" <Ann.Lee@Example.COM> ").unwrap();
+        assert_eq!(a.as_str(), "ann.lee@example.com");
+        assert_eq!(a.local_part(), "ann.lee");
+        assert_eq!(a.domain(), "example.com");
+    }
+
+    #[test]
+    fn idna_domains_are_normalized() {
+        let a = EmailAddress::parse("ann@Bücher.example").unwrap();
+        let b = EmailAddress::parse("ANN@xn--bcher-kva.example").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.domain(), "xn--bcher-kva.example");
+    }
+
+    #[test]
+    fn rejects_malformed_addresses() {
+        for bad in [
+            "",
+            "ann",
+            "@example.com",
+            "ann@",
+            "ann@exa mple.com",
+            "ann@-example.com",
+            "an n@example.com",
+            "ann..lee@example.com",
+            "ann@example..com",
+            "a<b@example.com",
+            "ann@example.com\r\nBcc: x@y.z",
+        ] {
+            assert!(
+                EmailAddress::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn quoted_local_parts_are_kept() {
+        let a = EmailAddress::parse("\"Ann Lee\"@example.com").unwrap();
+        assert_eq!(a.as_str(), "\"ann lee\"@example.com");
+    }
+
+    #[test]
+    fn domain_patterns() {
+        let exact = DomainPattern::parse("Example.com").unwrap();
+        let sub = DomainPattern::parse("*.example.com").unwrap();
+        assert!(exact.matches("example.com"));
+        assert!(!exact.matches("eu.example.com"));
+        assert!(sub.matches("eu.example.com"));
+        assert!(!sub.matches("example.com"));
+        assert!(!sub.matches("badexample.com"));
+        assert!(DomainPattern::parse("*.").is_err());
+        assert!(DomainPattern::parse("exa mple.com").is_err());
+    }
+
+    #[test]
+    fn display_names_cannot_carry_line_breaks() {
+        let name = clean_display_name("Ann\r\nBcc: evil@example.com", None).unwrap();
+        assert!(!name.contains('\r') && !name.contains('\n'));
+        assert_eq!(name, "Ann Bcc: evil@example.com");
+        let a = EmailAddress::parse("ann@example.com").unwrap();
+        assert_eq!(clean_display_name("'ann@example.com'", Some(&a)), None);
+        assert_eq!(
+            clean_display_name("  \"Ann  Lee\" ", None).unwrap(),
+            "Ann Lee"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,80}") {
+            let _ = EmailAddress::parse(&s);
+            let _ = DomainPattern::parse(&s);
+            let _ = clean_display_name(&s, None);
+        }
+
+        #[test]
+        fn canonicalization_is_idempotent(
+            local in "[A-Za-z0-9._%+-]{1,20}",
+            domain in "[A-Za-z0-9]{1,10}(\\.[A-Za-z]{2,6}){1,2}",
+        ) {
+            let input = format!("{local}@{domain}");
+            if let Ok(a) = EmailAddress::parse(&input) {
+                let again = EmailAddress::parse(a.as_str()).unwrap();
+                prop_assert_eq!(&a, &again);
+                let upper = EmailAddress::parse(&input.to_uppercase()).unwrap();
+                prop_assert_eq!(a, upper);
+            }
+        }
+
+        #[test]
+        fn cleaned_names_have_no_control_characters(s in "\\PC{0,40}[\r\n\t]{0,3}\\PC{0,40}") {
+            if let Some(n) = clean_display_name(&s, None) {
+                prop_assert!(!n.chars().any(|c| c.is_control()));
+            }
+        }
+    }
+}

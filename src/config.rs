@@ -1,0 +1,1437 @@
+//! Configuration: a TOML file (or the embedded defaults), overridden by environment
+//! variables `INTAKE__SECTION__KEY`, read once into raw settings and validated once into
+//! a typed [`Config`].
+//!
+//! Validation collects every problem instead of stopping at the first, and names each by
+//! its key and the file (or "the environment") it came from, so `intake check-config`
+//! can print them all. Secrets can always be read from files (`*_file` keys), which is
+//! how systemd credentials arrive.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::address::{AddressError, DomainPattern, EmailAddress};
+use crate::keys::DeskKey;
+use crate::policy::{
+    AccountKind, AccountStatus, AddressRule, ChannelAccess, Desk, Hygiene, Policy, Sharing, Signup,
+    SiteAccess, Trust, UnknownParticipants,
+};
+
+/// The configuration used when neither `--config` nor `$CONFIGURATION_DIRECTORY` is given.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../config.example.toml");
+const EMBEDDED_ORIGIN: &str = "embedded defaults";
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The file the key came from, "the environment", or "embedded defaults".
+    pub origin: String,
+    /// The key, as `section.key` or `desks[0].sharing`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.origin, self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration from {origin}: {message}")]
+    Load { origin: String, message: String },
+    #[error("invalid configuration ({} problem{}):\n{}", .0.len(), if .0.len() == 1 { "" } else { "s" }, issues_list(.0))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+fn issues_list(issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| format!("  {i}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Embedded,
+}
+
+impl ConfigSource {
+    /// `--config FILE` wins; then `$CONFIGURATION_DIRECTORY/intake.toml` (systemd's
+    /// `ConfigurationDirectory=`); then the embedded defaults.
+    pub fn locate(explicit: Option<&Path>) -> ConfigSource {
+        if let Some(p) = explicit {
+            return ConfigSource::File(p.to_path_buf());
+        }
+        if let Some(dir) = std::env::var_os("CONFIGURATION_DIRECTORY") {
+            // systemd may pass several directories separated by ':'; the first is ours.
+            let first = dir
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if !first.is_empty() {
+                return ConfigSource::File(Path::new(&first).join("intake.toml"));
+            }
+        }
+        ConfigSource::Embedded
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            ConfigSource::File(p) => p.display().to_string(),
+            ConfigSource::Embedded => EMBEDDED_ORIGIN.to_string(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Typed configuration
+
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    pub url: SecretString,
+    pub max_connections: u32,
+}
+
+impl DatabaseConfig {
+    pub fn is_sqlite(&self) -> bool {
+        self.url.expose_secret().starts_with("sqlite:")
+    }
+
+    /// The URL with any password replaced, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.redacted_url())
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// Replaces the password in `scheme://user:password@host` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            format!(
+                "{}://{}@{}{}",
+                &url[..scheme_end],
+                masked,
+                &authority[at + 1..],
+                &rest[authority_end..]
+            )
+        }
+        None => url.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaildirAfter {
+    /// Move to `cur/` with the Seen flag, as a mail client would.
+    Seen,
+    /// Move into a Maildir++ subfolder (`.NAME/cur`).
+    Move,
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct MaildirConfig {
+    pub path: PathBuf,
+    pub poll_interval: Duration,
+    pub after: MaildirAfter,
+    /// Maildir++ folder for processed mail when `after = "move:NAME"`.
+    pub processed_folder: String,
+    /// Maildir++ folder for quarantined mail.
+    pub quarantine_folder: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum MailboxKind {
+    Maildir(MaildirConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct MailboxConfig {
+    pub name: String,
+    pub desk: DeskKey,
+    pub kind: MailboxKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Where mail is written when no SMTP server is configured.
+    pub dir: PathBuf,
+    pub from_name: String,
+    pub message_id_domain: String,
+    pub max_attempts: u32,
+    pub poll_interval: Duration,
+    /// Directory with template overrides (`verification.txt`, ...).
+    pub templates_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: Option<SocketAddr>,
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct OrganizationEntry {
+    pub name: String,
+    pub domains: Vec<DomainPattern>,
+    pub desks: Vec<DeskKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountEntry {
+    pub address: EmailAddress,
+    pub display_name: Option<String>,
+    pub kind: AccountKind,
+    pub status: AccountStatus,
+    pub organizations: Vec<String>,
+    pub desks: Vec<DeskKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentEntry {
+    pub address: EmailAddress,
+    pub display_name: Option<String>,
+    pub desks: Vec<DeskKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupEntry {
+    pub name: String,
+    pub members: Vec<EmailAddress>,
+    pub desks: Vec<DeskKey>,
+}
+
+/// The declarative part of the directory, synced into the database at start.
+#[derive(Debug, Clone, Default)]
+pub struct DirectoryConfig {
+    pub organizations: Vec<OrganizationEntry>,
+    pub accounts: Vec<AccountEntry>,
+    pub agents: Vec<AgentEntry>,
+    pub groups: Vec<GroupEntry>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from (a file path or "embedded defaults").
+    pub origin: String,
+    pub database: DatabaseConfig,
+    pub policy: Policy,
+    /// Outgoing `From` per desk.
+    pub desk_from: HashMap<DeskKey, EmailAddress>,
+    pub verification_ttl: Duration,
+    pub max_message_size: u64,
+    /// Where messages from `deliver` and `process` are kept when quarantined.
+    pub quarantine_dir: PathBuf,
+    pub mailboxes: Vec<MailboxConfig>,
+    pub outbox: OutboxConfig,
+    pub http: HttpConfig,
+    pub directory: DirectoryConfig,
+}
+
+impl Config {
+    /// Loads and validates the configuration from `source` and the process environment.
+    pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
+        Self::load_with_env(source, None)
+    }
+
+    /// Like [`Config::load`], with an explicit environment (tests pass their own).
+    pub fn load_with_env(
+        source: &ConfigSource,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let origin = source.describe();
+        let mut builder = config::Config::builder();
+        builder = match source {
+            ConfigSource::File(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError::Load {
+                        origin,
+                        message: "no such file".into(),
+                    });
+                }
+                builder.add_source(
+                    config::File::from(path.as_path())
+                        .format(config::FileFormat::Toml)
+                        .required(true),
+                )
+            }
+            ConfigSource::Embedded => builder.add_source(config::File::from_str(
+                EMBEDDED_DEFAULTS,
+                config::FileFormat::Toml,
+            )),
+        };
+        let mut environment = config::Environment::with_prefix("INTAKE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",");
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        if let Some(env) = env {
+            environment = environment.source(Some(env.into_iter().collect()));
+        }
+        let built = builder
+            .add_source(environment)
+            .build()
+            .map_err(|e| ConfigError::Load {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
+
+        let mut unknown: Vec<String> = Vec::new();
+        let raw: Result<RawConfig, _> = {
+            let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+            let de = serde_ignored::Deserializer::new(built.clone(), &mut record);
+            serde_path_to_error::deserialize(de)
+        };
+        let locate = |key: &str| -> String {
+            // The config crate records file origins as paths relative to the working
+            // directory; there is only one file, so name it as the operator gave it.
+            match find_value(&built.cache, key).and_then(|v| v.origin()) {
+                Some(o) if o == "the environment" => o.to_string(),
+                _ => origin.clone(),
+            }
+        };
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                let key = config_path(&e.path().to_string());
+                return Err(ConfigError::Invalid(vec![ConfigIssue {
+                    origin: locate(&key),
+                    key,
+                    message: e.into_inner().to_string(),
+                }]));
+            }
+        };
+        let mut v = Validator {
+            issues: Vec::new(),
+            locate: &locate,
+        };
+        for path in unknown {
+            let key = config_path(&path);
+            v.issue(&key, "unknown key");
+        }
+        let config = v.validate(raw, &origin);
+        if v.issues.is_empty()
+            && let Some(config) = config
+        {
+            return Ok(config);
+        }
+        Err(ConfigError::Invalid(v.issues))
+    }
+}
+
+/// Finds the value at `a.b[0].c` (or its nearest existing parent, so an unknown or
+/// missing key is attributed to the table it sits in).
+fn find_value<'v>(root: &'v config::Value, key: &str) -> Option<&'v config::Value> {
+    let mut cur = root;
+    let mut last_with_origin = None;
+    for seg in key.split('.') {
+        let (name, indices) = match seg.find('[') {
+            Some(i) => (&seg[..i], &seg[i..]),
+            None => (seg, ""),
+        };
+        if !name.is_empty() {
+            let config::ValueKind::Table(t) = &cur.kind else {
+                break;
+            };
+            let Some(next) = t.get(name) else { break };
+            cur = next;
+        }
+        for idx in indices
+            .split(['[', ']'])
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| s.parse::<usize>().ok())
+        {
+            let config::ValueKind::Array(a) = &cur.kind else {
+                return last_with_origin.or(Some(cur));
+            };
+            let Some(next) = a.get(idx) else {
+                return last_with_origin.or(Some(cur));
+            };
+            cur = next;
+        }
+        if cur.origin().is_some() {
+            last_with_origin = Some(cur);
+        }
+    }
+    if cur.origin().is_some() {
+        Some(cur)
+    } else {
+        last_with_origin
+    }
+}
+
+/// Keys whose environment override is a comma-separated list.
+const LIST_KEYS: &[&str] = &[
+    "customer_access.approved_domains",
+    "customer_access.external_domains",
+    "trust.authserv_ids",
+    "hygiene.blocked",
+];
+
+/// `desks.0.sharing` (serde_ignored / path_to_error form) → `desks[0].sharing`.
+fn config_path(path: &str) -> String {
+    let mut out = String::new();
+    for seg in path.split('.') {
+        if seg.is_empty() || seg == "?" {
+            continue;
+        }
+        if seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw configuration, as written
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawConfig {
+    database: RawDatabase,
+    customer_access: RawAccess,
+    trust: RawTrust,
+    hygiene: RawHygiene,
+    desks: Vec<RawDesk>,
+    mailboxes: Vec<RawMailbox>,
+    outbox: RawOutbox,
+    http: RawHttp,
+    limits: RawLimits,
+    quarantine: RawQuarantine,
+    directory: RawDirectory,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawDatabase {
+    url: Option<String>,
+    url_file: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawAccess {
+    approved_domains: Vec<String>,
+    portal_only_accounts: Option<bool>,
+    external_domains: Vec<String>,
+    signup: Option<String>,
+    verification_ttl: Option<String>,
+    verification_resend_interval: Option<String>,
+    rejection_notices: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawTrust {
+    authserv_ids: Vec<String>,
+    require_authentication: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawHygiene {
+    max_participants: Option<usize>,
+    blocked: Vec<String>,
+    max_requests_per_sender_per_hour: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawDesk {
+    key: String,
+    name: Option<String>,
+    addresses: Vec<String>,
+    from: Option<String>,
+    channel_access: Option<String>,
+    sharing: Option<String>,
+    unknown_participants: Option<String>,
+    agents_may_add_customers: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawMailbox {
+    name: String,
+    kind: String,
+    path: Option<String>,
+    desk: String,
+    poll_interval: Option<String>,
+    after: Option<String>,
+    quarantine_folder: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawOutbox {
+    dir: Option<String>,
+    from_name: Option<String>,
+    message_id_domain: Option<String>,
+    max_attempts: Option<u32>,
+    poll_interval: Option<String>,
+    templates_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawQuarantine {
+    dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawHttp {
+    listen: Option<String>,
+    public_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawLimits {
+    max_message_size: Option<RawSize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawDirectory {
+    organizations: Vec<RawOrganization>,
+    accounts: Vec<RawAccount>,
+    agents: Vec<RawAgent>,
+    groups: Vec<RawGroup>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawOrganization {
+    name: String,
+    domains: Vec<String>,
+    desks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawAccount {
+    address: String,
+    display_name: Option<String>,
+    kind: Option<String>,
+    status: Option<String>,
+    organizations: Vec<String>,
+    desks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawAgent {
+    address: String,
+    display_name: Option<String>,
+    desks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawGroup {
+    name: String,
+    members: Vec<String>,
+    desks: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation
+
+struct Validator<'a> {
+    issues: Vec<ConfigIssue>,
+    locate: &'a dyn Fn(&str) -> String,
+}
+
+impl Validator<'_> {
+    fn issue(&mut self, key: &str, message: impl Into<String>) {
+        self.issues.push(ConfigIssue {
+            origin: (self.locate)(key),
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        default: T,
+        choices: &[(&str, T)],
+    ) -> T {
+        let Some(value) = value else { return default };
+        match choices.iter().find(|(name, _)| *name == value) {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<String> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+                self.issue(key, format!("{value:?} is not one of {}", names.join(", ")));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(v) => parse_duration(v).unwrap_or_else(|| {
+                self.issue(
+                    key,
+                    format!("{v:?} is not a duration like \"30s\", \"5m\", \"72h\" or \"7d\""),
+                );
+                default
+            }),
+        }
+    }
+
+    fn address(&mut self, key: &str, value: &str) -> Option<EmailAddress> {
+        match EmailAddress::parse(value) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                self.issue(key, address_message(&e));
+                None
+            }
+        }
+    }
+
+    fn domains(&mut self, key: &str, values: &[String]) -> Vec<DomainPattern> {
+        let mut out = Vec::new();
+        for (i, d) in values.iter().enumerate() {
+            match DomainPattern::parse(d) {
+                Ok(p) => out.push(p),
+                Err(e) => self.issue(&format!("{key}[{i}]"), address_message(&e)),
+            }
+        }
+        out
+    }
+
+    fn desk_refs(&mut self, key: &str, values: &[String], known: &HashSet<String>) -> Vec<DeskKey> {
+        let mut out = Vec::new();
+        for (i, d) in values.iter().enumerate() {
+            if !known.contains(d) {
+                self.issue(&format!("{key}[{i}]"), format!("unknown desk {d:?}"));
+                continue;
+            }
+            if let Ok(k) = DeskKey::parse(d) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
+    fn secret(
+        &mut self,
+        key: &str,
+        inline: Option<String>,
+        file: Option<String>,
+    ) -> Option<String> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.issue(
+                    &format!("{key}_file"),
+                    format!("set either {key} or {key}_file, not both"),
+                );
+                None
+            }
+            (Some(v), None) => Some(v),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_string()),
+                Err(e) => {
+                    self.issue(&format!("{key}_file"), format!("cannot read {path}: {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    fn validate(&mut self, raw: RawConfig, origin: &str) -> Option<Config> {
+        // Database.
+        let url = self
+            .secret("database.url", raw.database.url, raw.database.url_file)
+            .unwrap_or_else(|| "sqlite://var/intake.db".to_string());
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres:")
+            || url.starts_with("postgresql:"))
+        {
+            self.issue(
+                "database.url",
+                format!(
+                    "{} is neither a sqlite:// nor a postgres:// URL",
+                    redact_url(&url)
+                ),
+            );
+        }
+        let max_connections = raw.database.max_connections.unwrap_or(8);
+        if max_connections == 0 {
+            self.issue("database.max_connections", "must be at least 1");
+        }
+
+        // Site customer access.
+        let a = raw.customer_access;
+        let approved_domains =
+            self.domains("customer_access.approved_domains", &a.approved_domains);
+        let external_domains =
+            self.domains("customer_access.external_domains", &a.external_domains);
+        let signup = self.choice(
+            "customer_access.signup",
+            a.signup.as_deref(),
+            Signup::Verify,
+            &[
+                ("closed", Signup::Closed),
+                ("verify", Signup::Verify),
+                ("open", Signup::Open),
+            ],
+        );
+        let verification_ttl = self.duration(
+            "customer_access.verification_ttl",
+            a.verification_ttl.as_deref(),
+            Duration::from_secs(72 * 3600),
+        );
+        let resend = self.duration(
+            "customer_access.verification_resend_interval",
+            a.verification_resend_interval.as_deref(),
+            Duration::from_secs(3600),
+        );
+
+        // Trust.
+        let authserv_ids: Vec<String> = raw
+            .trust
+            .authserv_ids
+            .iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect();
+        for (i, id) in authserv_ids.iter().enumerate() {
+            if id.is_empty() || id.contains(char::is_whitespace) || id.contains(';') {
+                self.issue(
+                    &format!("trust.authserv_ids[{i}]"),
+                    format!("{id:?} is not an authserv-id (a host name such as mx.example.com)"),
+                );
+            }
+        }
+        let require_authentication = raw.trust.require_authentication.unwrap_or(true);
+        if require_authentication && authserv_ids.is_empty() {
+            self.issue(
+                "trust.require_authentication",
+                "is on (the default) but trust.authserv_ids is empty, so no internal sender could ever be believed: name your MTA's authserv-id, or set require_authentication = false",
+            );
+        }
+
+        // Desks.
+        if raw.desks.is_empty() {
+            self.issue("desks", "at least one [[desks]] entry is needed");
+        }
+        let mut desks = Vec::new();
+        let mut desk_from = HashMap::new();
+        let mut desk_keys = HashSet::new();
+        let mut address_owner: HashMap<EmailAddress, String> = HashMap::new();
+        for (i, d) in raw.desks.into_iter().enumerate() {
+            let k = format!("desks[{i}]");
+            let key = match DeskKey::parse(&d.key) {
+                Ok(key) => {
+                    if !desk_keys.insert(d.key.clone()) {
+                        self.issue(
+                            &format!("{k}.key"),
+                            format!("desk {:?} is defined twice", d.key),
+                        );
+                    }
+                    Some(key)
+                }
+                Err(e) => {
+                    self.issue(&format!("{k}.key"), e.to_string());
+                    None
+                }
+            };
+            if d.addresses.is_empty() {
+                self.issue(
+                    &format!("{k}.addresses"),
+                    "a desk needs at least one address",
+                );
+            }
+            let mut addresses = Vec::new();
+            for (j, a) in d.addresses.iter().enumerate() {
+                let ak = format!("{k}.addresses[{j}]");
+                if let Some(addr) = self.address(&ak, a) {
+                    if let Some(other) = address_owner.get(&addr) {
+                        self.issue(&ak, format!("{addr} is already an address of desk {other}"));
+                    } else {
+                        address_owner.insert(addr.clone(), d.key.clone());
+                        addresses.push(addr);
+                    }
+                }
+            }
+            let from = match &d.from {
+                Some(f) => self.address(&format!("{k}.from"), f),
+                None => addresses.first().cloned(),
+            };
+            let channel_access = self.choice(
+                &format!("{k}.channel_access"),
+                d.channel_access.as_deref(),
+                ChannelAccess::Open,
+                &[
+                    ("open", ChannelAccess::Open),
+                    ("restricted", ChannelAccess::Restricted),
+                ],
+            );
+            let sharing = self.choice(
+                &format!("{k}.sharing"),
+                d.sharing.as_deref(),
+                Sharing::Organization,
+                &[
+                    ("none", Sharing::None),
+                    ("organization", Sharing::Organization),
+                    ("any", Sharing::Any),
+                ],
+            );
+            let unknown_participants = self.choice(
+                &format!("{k}.unknown_participants"),
+                d.unknown_participants.as_deref(),
+                UnknownParticipants::Drop,
+                &[
+                    ("drop", UnknownParticipants::Drop),
+                    ("create", UnknownParticipants::Create),
+                ],
+            );
+            if let Some(key) = key {
+                if let Some(from) = from {
+                    desk_from.insert(key.clone(), from);
+                }
+                desks.push(Desk {
+                    name: d.name.unwrap_or_else(|| key.to_string()),
+                    key,
+                    addresses,
+                    channel_access,
+                    sharing,
+                    unknown_participants,
+                    agents_may_add_customers: d.agents_may_add_customers.unwrap_or(false),
+                });
+            }
+        }
+
+        // Mailboxes.
+        let mut mailboxes = Vec::new();
+        let mut mailbox_names = HashSet::new();
+        for (i, m) in raw.mailboxes.into_iter().enumerate() {
+            let k = format!("mailboxes[{i}]");
+            if m.name.trim().is_empty() {
+                self.issue(&format!("{k}.name"), "a mailbox needs a name");
+            } else if !mailbox_names.insert(m.name.clone()) {
+                self.issue(
+                    &format!("{k}.name"),
+                    format!("mailbox {:?} is defined twice", m.name),
+                );
+            }
+            let desk = if desk_keys.contains(&m.desk) {
+                DeskKey::parse(&m.desk).ok()
+            } else {
+                self.issue(&format!("{k}.desk"), format!("unknown desk {:?}", m.desk));
+                None
+            };
+            let kind = match m.kind.as_str() {
+                "maildir" => {
+                    let path = match m.path.as_deref().map(str::trim) {
+                        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+                        _ => {
+                            self.issue(&format!("{k}.path"), "a maildir mailbox needs a path");
+                            None
+                        }
+                    };
+                    let poll_interval = self.duration(
+                        &format!("{k}.poll_interval"),
+                        m.poll_interval.as_deref(),
+                        Duration::from_secs(2),
+                    );
+                    let (after, processed_folder) = match m.after.as_deref() {
+                        None | Some("seen") => (MaildirAfter::Seen, String::new()),
+                        Some("delete") => (MaildirAfter::Delete, String::new()),
+                        Some(other) => match other.strip_prefix("move:") {
+                            Some(folder) if valid_folder(folder) => {
+                                (MaildirAfter::Move, folder.to_string())
+                            }
+                            _ => {
+                                self.issue(
+                                    &format!("{k}.after"),
+                                    format!("{other:?} is not one of \"seen\", \"delete\", \"move:FOLDER\""),
+                                );
+                                (MaildirAfter::Seen, String::new())
+                            }
+                        },
+                    };
+                    let quarantine_folder =
+                        m.quarantine_folder.unwrap_or_else(|| "Quarantine".into());
+                    if !valid_folder(&quarantine_folder) {
+                        self.issue(
+                            &format!("{k}.quarantine_folder"),
+                            format!("{quarantine_folder:?} is not a folder name"),
+                        );
+                    }
+                    path.map(|path| {
+                        MailboxKind::Maildir(MaildirConfig {
+                            path,
+                            poll_interval,
+                            after,
+                            processed_folder,
+                            quarantine_folder,
+                        })
+                    })
+                }
+                other => {
+                    self.issue(
+                        &format!("{k}.kind"),
+                        format!("{other:?} is not a supported mailbox kind (\"maildir\")"),
+                    );
+                    None
+                }
+            };
+            if let (Some(desk), Some(kind)) = (desk, kind) {
+                mailboxes.push(MailboxConfig {
+                    name: m.name,
+                    desk,
+                    kind,
+                });
+            }
+        }
+
+        // Outbox and HTTP.
+        let message_id_domain = match raw.outbox.message_id_domain {
+            Some(d) => match crate::address::Domain::parse(&d) {
+                Ok(d) => d.to_string(),
+                Err(e) => {
+                    self.issue("outbox.message_id_domain", address_message(&e));
+                    String::new()
+                }
+            },
+            None => desks
+                .first()
+                .and_then(|d| d.addresses.first())
+                .map(|a| format!("intake.{}", a.domain()))
+                .unwrap_or_else(|| "intake.invalid".into()),
+        };
+        let outbox = OutboxConfig {
+            dir: PathBuf::from(raw.outbox.dir.unwrap_or_else(|| "var/outbox".into())),
+            from_name: raw
+                .outbox
+                .from_name
+                .unwrap_or_else(|| "Service desk".into()),
+            max_attempts: raw.outbox.max_attempts.unwrap_or(8).max(1),
+            poll_interval: self.duration(
+                "outbox.poll_interval",
+                raw.outbox.poll_interval.as_deref(),
+                Duration::from_secs(1),
+            ),
+            message_id_domain: message_id_domain.clone(),
+            templates_dir: raw.outbox.templates_dir.map(PathBuf::from),
+        };
+        let listen = match raw.http.listen.as_deref() {
+            None | Some("") => None,
+            Some(s) => match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.issue(
+                        "http.listen",
+                        format!("{s:?} is not an address like 127.0.0.1:8080"),
+                    );
+                    None
+                }
+            },
+        };
+        let public_url = raw.http.public_url.unwrap_or_else(|| {
+            format!(
+                "http://{}",
+                listen
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "localhost:8080".into())
+            )
+        });
+        if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+            self.issue(
+                "http.public_url",
+                format!("{public_url:?} must start with http:// or https://"),
+            );
+        }
+        let max_message_size = match raw.limits.max_message_size {
+            None => 30 * 1024 * 1024,
+            Some(RawSize::Bytes(b)) => b,
+            Some(RawSize::Text(t)) => parse_size(&t).unwrap_or_else(|| {
+                self.issue(
+                    "limits.max_message_size",
+                    format!("{t:?} is not a size like \"25MB\""),
+                );
+                30 * 1024 * 1024
+            }),
+        };
+
+        // Hygiene.
+        let mut blocked = Vec::new();
+        for (i, b) in raw.hygiene.blocked.iter().enumerate() {
+            match AddressRule::parse(b) {
+                Ok(r) => blocked.push(r),
+                Err(e) => self.issue(&format!("hygiene.blocked[{i}]"), address_message(&e)),
+            }
+        }
+
+        let directory = self.directory(raw.directory, &desk_keys);
+
+        let policy = Policy {
+            access: SiteAccess {
+                approved_domains,
+                portal_only_accounts: a.portal_only_accounts.unwrap_or(true),
+                external_domains,
+                signup,
+                verification_resend_secs: resend.as_secs() as i64,
+                rejection_notices: a.rejection_notices.unwrap_or(false),
+            },
+            trust: Trust {
+                authserv_ids,
+                require_authentication,
+            },
+            hygiene: Hygiene {
+                max_participants: raw.hygiene.max_participants.unwrap_or(50),
+                blocked,
+                max_requests_per_sender_per_hour: raw
+                    .hygiene
+                    .max_requests_per_sender_per_hour
+                    .unwrap_or(30),
+                loop_id: message_id_domain.clone(),
+                message_id_domain,
+            },
+            desks,
+        };
+        Some(Config {
+            origin: origin.to_string(),
+            database: DatabaseConfig {
+                url: SecretString::from(url),
+                max_connections,
+            },
+            policy,
+            desk_from,
+            verification_ttl,
+            max_message_size,
+            quarantine_dir: PathBuf::from(
+                raw.quarantine
+                    .dir
+                    .unwrap_or_else(|| "var/quarantine".into()),
+            ),
+            mailboxes,
+            outbox,
+            http: HttpConfig { listen, public_url },
+            directory,
+        })
+    }
+
+    fn directory(&mut self, raw: RawDirectory, desk_keys: &HashSet<String>) -> DirectoryConfig {
+        let mut out = DirectoryConfig::default();
+        let mut org_names = HashSet::new();
+        for (i, o) in raw.organizations.into_iter().enumerate() {
+            let k = format!("directory.organizations[{i}]");
+            if o.name.trim().is_empty() {
+                self.issue(&format!("{k}.name"), "an organization needs a name");
+                continue;
+            }
+            if !org_names.insert(o.name.clone()) {
+                self.issue(
+                    &format!("{k}.name"),
+                    format!("organization {:?} is defined twice", o.name),
+                );
+            }
+            let domains = self.domains(&format!("{k}.domains"), &o.domains);
+            let desks = self.desk_refs(&format!("{k}.desks"), &o.desks, desk_keys);
+            out.organizations.push(OrganizationEntry {
+                name: o.name,
+                domains,
+                desks,
+            });
+        }
+        let mut seen = HashSet::new();
+        for (i, a) in raw.accounts.into_iter().enumerate() {
+            let k = format!("directory.accounts[{i}]");
+            let Some(address) = self.address(&format!("{k}.address"), &a.address) else {
+                continue;
+            };
+            if !seen.insert(address.clone()) {
+                self.issue(
+                    &format!("{k}.address"),
+                    format!("{address} is listed twice"),
+                );
+            }
+            let kind = self.choice(
+                &format!("{k}.kind"),
+                a.kind.as_deref(),
+                AccountKind::PortalOnly,
+                &[
+                    ("internal", AccountKind::Internal),
+                    ("portal_only", AccountKind::PortalOnly),
+                ],
+            );
+            let status = self.choice(
+                &format!("{k}.status"),
+                a.status.as_deref(),
+                AccountStatus::Active,
+                &[
+                    ("active", AccountStatus::Active),
+                    ("pending", AccountStatus::Pending),
+                    ("deactivated", AccountStatus::Deactivated),
+                ],
+            );
+            for (j, o) in a.organizations.iter().enumerate() {
+                if !org_names.contains(o) {
+                    self.issue(
+                        &format!("{k}.organizations[{j}]"),
+                        format!("unknown organization {o:?}"),
+                    );
+                }
+            }
+            let desks = self.desk_refs(&format!("{k}.desks"), &a.desks, desk_keys);
+            out.accounts.push(AccountEntry {
+                display_name: a
+                    .display_name
+                    .and_then(|n| crate::address::clean_display_name(&n, None)),
+                address,
+                kind,
+                status,
+                organizations: a.organizations,
+                desks,
+            });
+        }
+        let mut seen_agents = HashSet::new();
+        for (i, a) in raw.agents.into_iter().enumerate() {
+            let k = format!("directory.agents[{i}]");
+            let Some(address) = self.address(&format!("{k}.address"), &a.address) else {
+                continue;
+            };
+            if !seen_agents.insert(address.clone()) {
+                self.issue(
+                    &format!("{k}.address"),
+                    format!("{address} is listed twice"),
+                );
+            }
+            if a.desks.is_empty() {
+                self.issue(&format!("{k}.desks"), "an agent needs at least one desk");
+            }
+            let desks = self.desk_refs(&format!("{k}.desks"), &a.desks, desk_keys);
+            out.agents.push(AgentEntry {
+                address,
+                display_name: a
+                    .display_name
+                    .and_then(|n| crate::address::clean_display_name(&n, None)),
+                desks,
+            });
+        }
+        let mut group_names = HashSet::new();
+        for (i, g) in raw.groups.into_iter().enumerate() {
+            let k = format!("directory.groups[{i}]");
+            if g.name.trim().is_empty() {
+                self.issue(&format!("{k}.name"), "a group needs a name");
+                continue;
+            }
+            if !group_names.insert(g.name.clone()) {
+                self.issue(
+                    &format!("{k}.name"),
+                    format!("group {:?} is defined twice", g.name),
+                );
+            }
+            let mut members = Vec::new();
+            for (j, m) in g.members.iter().enumerate() {
+                if let Some(a) = self.address(&format!("{k}.members[{j}]"), m) {
+                    members.push(a);
+                }
+            }
+            let desks = self.desk_refs(&format!("{k}.desks"), &g.desks, desk_keys);
+            out.groups.push(GroupEntry {
+                name: g.name,
+                members,
+                desks,
+            });
+        }
+        out
+    }
+}
+
+fn valid_folder(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn address_message(e: &AddressError) -> String {
+    e.to_string()
+}
+
+/// Parses `30s`, `5m`, `72h`, `7d`, `250ms` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" => return Some(Duration::from_secs(n)),
+        "ms" => return Some(Duration::from_millis(n)),
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    n.checked_mul(secs).map(Duration::from_secs)
+}
+
+/// Parses `25MB`, `512KiB`, `1G` or a bare number of bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// A summary of what is configured, for logs and `check-config`.
+pub fn summary(config: &Config) -> BTreeMap<&'static str, String> {
+    let mut m = BTreeMap::new();
+    m.insert("database", config.database.redacted_url());
+    m.insert(
+        "desks",
+        config
+            .policy
+            .desks
+            .iter()
+            .map(|d| d.key.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    m.insert(
+        "mailboxes",
+        config
+            .mailboxes
+            .iter()
+            .map(|m| m.name.clone())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let f = write(text);
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_with_env(&ConfigSource::File(f.path().to_path_buf()), Some(env))
+    }
+
+    const MINIMAL: &str = r#"
+[trust]
+require_authentication = false
+[[desks]]
+key = "IT"
+addresses = ["it@desk.example"]
+"#;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = Config::load_with_env(&ConfigSource::Embedded, Some(HashMap::new())).unwrap();
+        assert!(c.database.is_sqlite());
+        assert!(!c.policy.desks.is_empty());
+        assert!(!c.mailboxes.is_empty());
+    }
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.policy.access.signup, Signup::Verify);
+        let d = &c.policy.desks[0];
+        assert_eq!(d.sharing, Sharing::Organization);
+        assert_eq!(d.unknown_participants, UnknownParticipants::Drop);
+        assert!(!d.agents_may_add_customers);
+        assert_eq!(c.outbox.message_id_domain, "intake.desk.example");
+        assert_eq!(c.desk_from[&d.key].as_str(), "it@desk.example");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_key_and_file() {
+        let text = r#"
+[customer_access]
+signup = "maybe"
+approved_domains = ["good.example", "bad domain"]
+colour = "blue"
+[[desks]]
+key = "IT"
+addresses = ["it@desk.example"]
+sharing = "everyone"
+[[desks]]
+key = "HR"
+addresses = ["IT@desk.example"]
+[[mailboxes]]
+name = "inbox"
+kind = "maildir"
+path = "x"
+desk = "NOPE"
+"#;
+        let f = write(text);
+        let err = Config::load_with_env(
+            &ConfigSource::File(f.path().to_path_buf()),
+            Some(HashMap::new()),
+        )
+        .unwrap_err();
+        let ConfigError::Invalid(issues) = err else {
+            panic!("{err}")
+        };
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        for expected in [
+            "customer_access.colour",
+            "customer_access.signup",
+            "customer_access.approved_domains[1]",
+            "desks[0].sharing",
+            "desks[1].addresses[0]",
+            "mailboxes[0].desk",
+            "trust.require_authentication",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+        }
+        let path = f.path().display().to_string();
+        assert!(issues.iter().all(|i| i.origin == path), "{issues:?}");
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.message.contains("already an address of desk IT"))
+        );
+    }
+
+    #[test]
+    fn environment_overrides_and_is_named_as_origin() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("INTAKE__CUSTOMER_ACCESS__SIGNUP", "open"),
+                (
+                    "INTAKE__CUSTOMER_ACCESS__APPROVED_DOMAINS",
+                    "a.example,b.example",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.policy.access.signup, Signup::Open);
+        assert_eq!(c.policy.access.approved_domains.len(), 2);
+        let err = load(MINIMAL, &[("INTAKE__CUSTOMER_ACCESS__SIGNUP", "sometimes")]).unwrap_err();
+        let ConfigError::Invalid(issues) = err else {
+            panic!()
+        };
+        assert_eq!(issues[0].origin, "the environment");
+        assert_eq!(issues[0].key, "customer_access.signup");
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let mut secret = tempfile::NamedTempFile::new().unwrap();
+        writeln!(secret, "postgres://intake:s3cret@db.example/intake").unwrap();
+        let text = format!(
+            "[database]\nurl_file = {:?}\n{MINIMAL}",
+            secret.path().display().to_string()
+        );
+        let c = load(&text, &[]).unwrap();
+        assert!(!c.database.is_sqlite());
+        assert_eq!(
+            c.database.redacted_url(),
+            "postgres://intake:***@db.example/intake"
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let missing = format!("[database]\nurl_file = \"/nonexistent/x\"\n{MINIMAL}");
+        let ConfigError::Invalid(issues) = load(&missing, &[]).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(issues[0].key, "database.url_file");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("72h"), Some(Duration::from_secs(259200)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5 m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_size("25MB"), Some(25 * 1024 * 1024));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("1T"), None);
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let err = load(
+            "[customer_access]\nportal_only_accounts = \"perhaps\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let ConfigError::Invalid(issues) = err else {
+            panic!()
+        };
+        assert_eq!(issues[0].key, "customer_access.portal_only_accounts");
+    }
+}

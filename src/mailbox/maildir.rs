@@ -1,0 +1,238 @@
+//! A Maildir mailbox as a source: messages arrive in `new/` (an MTA or `intake`'s own
+//! tests drop them there, atomically via `tmp/`), are processed in batches, and after the
+//! commit are acknowledged: moved to `cur/` flagged Seen, moved into a Maildir++ folder,
+//! or deleted. Quarantined messages go to the `.Quarantine` folder, unflagged.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{MaildirAfter, MaildirConfig};
+use crate::keys::DeskKey;
+use crate::pipeline::{Envelope, Outcome, Pipeline};
+use crate::store::SourceRef;
+
+use super::{Backoff, read_envelope};
+
+/// How many messages are committed together.
+pub const BATCH: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct MaildirSource {
+    pub name: String,
+    pub desk: DeskKey,
+    pub cfg: MaildirConfig,
+}
+
+impl MaildirSource {
+    pub fn new(name: String, desk: DeskKey, cfg: MaildirConfig) -> Self {
+        MaildirSource { name, desk, cfg }
+    }
+
+    fn folder(&self, name: &str) -> PathBuf {
+        self.cfg.path.join(format!(".{name}"))
+    }
+
+    /// Creates `new/`, `cur/`, `tmp/` and the folders we move mail into.
+    pub async fn ensure_dirs(&self) -> std::io::Result<()> {
+        let mut roots = vec![
+            self.cfg.path.clone(),
+            self.folder(&self.cfg.quarantine_folder),
+        ];
+        if self.cfg.after == MaildirAfter::Move {
+            roots.push(self.folder(&self.cfg.processed_folder));
+        }
+        for root in roots {
+            for sub in ["new", "cur", "tmp"] {
+                tokio::fs::create_dir_all(root.join(sub)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` files in `new/`, oldest name first (Maildir names start with the
+    /// delivery time).
+    pub async fn scan(&self, limit: usize) -> std::io::Result<Vec<PathBuf>> {
+        let mut dir = tokio::fs::read_dir(self.cfg.path.join("new")).await?;
+        let mut names = Vec::new();
+        while let Some(entry) = dir.next_entry().await? {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if entry
+                .file_type()
+                .await
+                .map(|t| t.is_file())
+                .unwrap_or(false)
+            {
+                names.push(entry.path());
+            }
+        }
+        names.sort();
+        names.truncate(limit);
+        Ok(names)
+    }
+
+    fn base_name(path: &Path) -> String {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        // Drop any info suffix (":2,...") so flags can be set afresh.
+        match name.split_once(':') {
+            Some((base, _)) => base.to_string(),
+            None => name,
+        }
+    }
+
+    fn quarantine_path(&self, path: &Path) -> PathBuf {
+        self.folder(&self.cfg.quarantine_folder)
+            .join("cur")
+            .join(format!("{}:2,", Self::base_name(path)))
+    }
+
+    /// Reads one file into an envelope; `None` when it vanished meanwhile (another
+    /// instance took it).
+    pub async fn envelope(&self, path: &Path, max_size: u64) -> std::io::Result<Option<Envelope>> {
+        let source = SourceRef {
+            source: format!("maildir:{}", self.name),
+            reference: Self::base_name(path),
+        };
+        read_envelope(
+            path,
+            max_size,
+            source,
+            Some(self.desk.clone()),
+            self.quarantine_path(path).display().to_string(),
+        )
+        .await
+    }
+
+    /// Acknowledges a processed message (after the commit).
+    pub async fn ack(&self, path: &Path, outcome: &Outcome) -> std::io::Result<()> {
+        let base = Self::base_name(path);
+        if outcome.is_quarantined() {
+            return tokio::fs::rename(path, self.quarantine_path(path)).await;
+        }
+        match self.cfg.after {
+            MaildirAfter::Seen => {
+                let dest = self.cfg.path.join("cur").join(format!("{base}:2,S"));
+                tokio::fs::rename(path, dest).await
+            }
+            MaildirAfter::Move => {
+                let dest = self
+                    .folder(&self.cfg.processed_folder)
+                    .join("cur")
+                    .join(format!("{base}:2,S"));
+                tokio::fs::rename(path, dest).await
+            }
+            MaildirAfter::Delete => tokio::fs::remove_file(path).await,
+        }
+    }
+
+    /// Processes whatever is in `new/` now, batch by batch. Returns how many messages
+    /// were committed.
+    pub async fn run_once(&self, pipeline: &Pipeline) -> Result<usize, SourceError> {
+        let mut total = 0;
+        loop {
+            let files = self
+                .scan(BATCH)
+                .await
+                .map_err(|e| self.io_error("scan", e))?;
+            if files.is_empty() {
+                return Ok(total);
+            }
+            let mut paths = Vec::with_capacity(files.len());
+            let mut envelopes = Vec::with_capacity(files.len());
+            for path in files {
+                match self
+                    .envelope(&path, pipeline.config().max_message_size)
+                    .await
+                {
+                    Ok(Some(env)) => {
+                        paths.push(path);
+                        envelopes.push(env);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(self.io_error("read", e)),
+                }
+            }
+            let outcomes = pipeline
+                .process_batch(&envelopes, crate::now())
+                .await
+                .map_err(|e| SourceError::Pipeline {
+                    mailbox: self.name.clone(),
+                    source: e,
+                })?;
+            for (path, outcome) in paths.iter().zip(&outcomes) {
+                if let Err(e) = self.ack(path, outcome).await {
+                    // The commit is done; a message we fail to move is read again and
+                    // found in the ledger, so this loses and duplicates nothing.
+                    tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot acknowledge message");
+                }
+            }
+            total += outcomes.len();
+        }
+    }
+
+    fn io_error(&self, what: &'static str, source: std::io::Error) -> SourceError {
+        SourceError::Io {
+            mailbox: self.name.clone(),
+            what,
+            path: self.cfg.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Runs until `shutdown`, polling `new/`. A batch in flight is finished first.
+    pub async fn run(&self, pipeline: Pipeline, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let pause = match async {
+                self.ensure_dirs()
+                    .await
+                    .map_err(|e| self.io_error("create", e))?;
+                self.run_once(&pipeline).await
+            }
+            .await
+            {
+                Ok(_) => {
+                    backoff.reset();
+                    self.cfg.poll_interval
+                }
+                Err(e) => {
+                    let pause = backoff.next_pause();
+                    tracing::warn!(mailbox = %self.name, error = %crate::outbox::error_chain(&e), retry_in = ?pause, "mailbox pass failed");
+                    pause
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("mailbox {mailbox}: cannot {what} {path}")]
+    Io {
+        mailbox: String,
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mailbox {mailbox}: processing failed")]
+    Pipeline {
+        mailbox: String,
+        #[source]
+        source: crate::pipeline::PipelineError,
+    },
+}

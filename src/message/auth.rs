@@ -1,0 +1,216 @@
+//! `Authentication-Results` (RFC 8601) parsing.
+//!
+//! This only reads what the receiving MTA wrote; deciding which headers to believe (the
+//! configured authserv-ids) and what counts as authenticated is policy (`policy::trust`).
+
+use serde::Serialize;
+
+/// One `method=result` entry of one `Authentication-Results` header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuthResult {
+    /// Position of the header in the message, 0 being the topmost (most recently added).
+    pub header_index: usize,
+    /// The authserv-id, lowercased.
+    pub authserv_id: String,
+    /// `dkim`, `spf`, `dmarc`, `arc`, ... lowercased.
+    pub method: String,
+    /// `pass`, `fail`, `none`, ... lowercased.
+    pub result: String,
+    /// `ptype.property=value` pairs, property names lowercased (`header.d`, `smtp.mailfrom`).
+    pub properties: Vec<(String, String)>,
+}
+
+impl AuthResult {
+    pub fn property(&self, name: &str) -> Option<&str> {
+        self.properties
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses the value of one `Authentication-Results` header. Malformed entries are skipped;
+/// a header without an authserv-id yields nothing.
+pub fn parse_header(header_index: usize, value: &str) -> Vec<AuthResult> {
+    let cleaned = strip_comments(value);
+    let mut parts = split_outside_quotes(&cleaned, ';').into_iter();
+    let Some(first) = parts.next() else {
+        return Vec::new();
+    };
+    let Some(authserv_id) = first.split_whitespace().next() else {
+        return Vec::new();
+    };
+    let authserv_id = unquote(authserv_id).to_ascii_lowercase();
+    if authserv_id.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for resinfo in parts {
+        let tokens = split_tokens(&resinfo);
+        let mut iter = tokens.iter();
+        let Some(head) = iter.next() else { continue };
+        let Some((method, result)) = head.split_once('=') else {
+            continue;
+        };
+        let method = method
+            .split('/')
+            .next()
+            .unwrap_or(method)
+            .trim()
+            .to_ascii_lowercase();
+        if method.is_empty() || method == "none" {
+            continue;
+        }
+        let mut properties = Vec::new();
+        for tok in iter {
+            if let Some((k, v)) = tok.split_once('=') {
+                let k = k.trim().to_ascii_lowercase();
+                if k.contains('.') {
+                    properties.push((k, unquote(v.trim()).to_string()));
+                }
+            }
+        }
+        out.push(AuthResult {
+            header_index,
+            authserv_id: authserv_id.clone(),
+            method,
+            result: unquote(result.trim()).to_ascii_lowercase(),
+            properties,
+        });
+    }
+    out
+}
+
+/// Removes RFC 5322 comments `( ... )`, nested, outside quoted strings.
+fn strip_comments(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut depth = 0usize;
+    let mut in_quotes = false;
+    let mut escaped = false;
+    for c in s.chars() {
+        if escaped {
+            if depth == 0 {
+                out.push(c);
+            }
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' => {
+                escaped = true;
+                if depth == 0 {
+                    out.push(c);
+                }
+            }
+            '"' if depth == 0 => {
+                in_quotes = !in_quotes;
+                out.push(c);
+            }
+            '(' if !in_quotes => depth += 1,
+            ')' if !in_quotes && depth > 0 => {
+                depth -= 1;
+                out.push(' ');
+            }
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn split_outside_quotes(s: &str, sep: char) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    for c in s.chars() {
+        if c == '"' {
+            in_quotes = !in_quotes;
+        }
+        if c == sep && !in_quotes {
+            parts.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+}
+
+/// Splits a resinfo into whitespace-separated tokens, joining `a = b` into `a=b`.
+fn split_tokens(s: &str) -> Vec<String> {
+    let normalized = s.replace(" =", "=").replace("= ", "=");
+    let mut tokens = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    for c in normalized.chars() {
+        if c == '"' {
+            in_quotes = !in_quotes;
+        }
+        if c.is_whitespace() && !in_quotes {
+            if !cur.is_empty() {
+                tokens.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    if !cur.is_empty() {
+        tokens.push(cur);
+    }
+    tokens
+}
+
+fn unquote(s: &str) -> &str {
+    s.strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_a_typical_header() {
+        let v = "mx.example.com;\r\n  dkim=pass (2048-bit key) header.d=example.com header.s=sel header.b=\"AbC;d\";\r\n  spf=pass (sender IP is 192.0.2.1) smtp.mailfrom=bounce.example.com;\r\n  dmarc=pass (p=REJECT) header.from=example.com";
+        let r = parse_header(0, v);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].authserv_id, "mx.example.com");
+        assert_eq!(r[0].method, "dkim");
+        assert_eq!(r[0].result, "pass");
+        assert_eq!(r[0].property("header.d"), Some("example.com"));
+        assert_eq!(r[0].property("header.b"), Some("AbC;d"));
+        assert_eq!(r[1].property("smtp.mailfrom"), Some("bounce.example.com"));
+        assert_eq!(r[2].method, "dmarc");
+        assert_eq!(r[2].property("header.from"), Some("example.com"));
+    }
+
+    #[test]
+    fn version_and_none() {
+        assert!(parse_header(0, "mx.example.com 1; none").is_empty());
+        let r = parse_header(2, "MX.Example.COM 1; dkim/1 = FAIL header.d = x.org");
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].header_index, 2);
+        assert_eq!(r[0].authserv_id, "mx.example.com");
+        assert_eq!(r[0].result, "fail");
+        assert_eq!(r[0].property("header.d"), Some("x.org"));
+    }
+
+    #[test]
+    fn comments_nest() {
+        let r = parse_header(
+            0,
+            "mx (a (b) c); spf=pass (x (y) z) smtp.mailfrom=a.example",
+        );
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].property("smtp.mailfrom"), Some("a.example"));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in "\\PC{0,200}") {
+            let _ = parse_header(0, &s);
+        }
+    }
+}

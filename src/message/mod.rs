@@ -1,0 +1,485 @@
+//! The parsed domain message. The only module that knows mail-parser.
+//!
+//! [`parse`] never panics: anything that is not recognisably an RFC 5322 message is a
+//! [`ParseError`] (the pipeline quarantines it), and everything else becomes an
+//! [`InboundMessage`] whose addresses are validated [`EmailAddress`]es. Addresses that do
+//! not validate are kept as strings so a decision can say they were ignored.
+
+pub mod auth;
+
+use mail_parser::{Address, HeaderValue, MessageParser, MimeHeaders, PartType};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::address::{EmailAddress, clean_display_name};
+
+pub use auth::AuthResult;
+
+/// Why raw bytes are not a message we can work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("message is empty")]
+    Empty,
+    #[error("no RFC 5322 header fields found")]
+    NoHeaders,
+}
+
+/// A name and a validated address from an address header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mailbox {
+    pub address: EmailAddress,
+    pub display_name: Option<String>,
+}
+
+/// A file attached to the message (content decoded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub content: Vec<u8>,
+}
+
+/// Header-level facts used to recognise automatic mail (RFC 3834 and friends).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Signals {
+    /// `Auto-Submitted` value, lowercased, without parameters.
+    pub auto_submitted: Option<String>,
+    /// `Precedence` value, lowercased.
+    pub precedence: Option<String>,
+    pub list_id: Option<String>,
+    pub list_unsubscribe: bool,
+    /// `X-Auto-Response-Suppress` value.
+    pub auto_response_suppress: Option<String>,
+    /// `X-Autoreply`, `X-Autorespond`, `X-Auto-Reply` and similar vendor markers.
+    pub autoreply_marker: bool,
+    /// `report-type` of a `multipart/report` (delivery-status, disposition-notification,
+    /// feedback-report), lowercased.
+    pub report_type: Option<String>,
+    /// `Return-Path: <>`.
+    pub null_return_path: bool,
+    /// Values of our own `X-Intake-Loop` header.
+    pub loop_ids: Vec<String>,
+    /// The domain part of the message's own Message-ID, lowercased.
+    pub message_id_domain: Option<String>,
+}
+
+/// A parsed inbound message: everything downstream needs, owned.
+#[derive(Debug, Clone)]
+pub struct InboundMessage {
+    pub message_id: Option<String>,
+    pub in_reply_to: Vec<String>,
+    pub references: Vec<String>,
+    pub subject: Option<String>,
+    /// `Date` as unix seconds.
+    pub date: Option<i64>,
+    pub from: Vec<Mailbox>,
+    /// `From` entries that were present but not valid addresses.
+    pub invalid_from: Vec<String>,
+    pub sender: Option<Mailbox>,
+    pub reply_to: Vec<Mailbox>,
+    pub to: Vec<Mailbox>,
+    pub cc: Vec<Mailbox>,
+    /// To/Cc entries that were present but not valid addresses.
+    pub invalid_recipients: Vec<String>,
+    /// `Delivered-To` and `X-Original-To`: the envelope recipients as the MTA saw them.
+    pub delivered_to: Vec<EmailAddress>,
+    /// `Return-Path` as written (`<>` for the null sender).
+    pub return_path: Option<String>,
+    pub signals: Signals,
+    pub auth_results: Vec<AuthResult>,
+    /// The text body; converted from HTML when the message has no text part.
+    pub text_body: String,
+    pub attachments: Vec<Attachment>,
+    pub size: usize,
+    /// SHA-256 of the raw bytes, hex.
+    pub content_hash: String,
+}
+
+impl InboundMessage {
+    /// The requester candidate: the first valid `From` address.
+    pub fn from_mailbox(&self) -> Option<&Mailbox> {
+        self.from.first()
+    }
+
+    /// To followed by Cc, deduplicated by canonical address, first occurrence wins.
+    pub fn recipients(&self) -> Vec<&Mailbox> {
+        let mut out: Vec<&Mailbox> = Vec::with_capacity(self.to.len() + self.cc.len());
+        for m in self.to.iter().chain(self.cc.iter()) {
+            if !out.iter().any(|o| o.address == m.address) {
+                out.push(m);
+            }
+        }
+        out
+    }
+}
+
+/// SHA-256 of raw bytes as lowercase hex: the ledger's content identity.
+pub fn content_hash(raw: &[u8]) -> String {
+    hex::encode(Sha256::digest(raw))
+}
+
+/// Parses raw message bytes. Never panics.
+pub fn parse(raw: &[u8]) -> Result<InboundMessage, ParseError> {
+    if raw.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ParseError::Empty);
+    }
+    let parsed = MessageParser::default()
+        .parse(raw)
+        .ok_or(ParseError::NoHeaders)?;
+    let root_headers = parsed.root_part().headers();
+    let known_header = root_headers.iter().any(|h| {
+        !matches!(h.name, mail_parser::HeaderName::Other(_))
+            || h.name.as_str().to_ascii_lowercase().starts_with("x-")
+    });
+    if root_headers.is_empty() || !known_header {
+        return Err(ParseError::NoHeaders);
+    }
+
+    let mut invalid_from = Vec::new();
+    let from = collect_mailboxes(parsed.header_values("From"), &mut invalid_from);
+    let mut invalid_recipients = Vec::new();
+    let to = collect_mailboxes(parsed.header_values("To"), &mut invalid_recipients);
+    let cc = collect_mailboxes(parsed.header_values("Cc"), &mut invalid_recipients);
+    let mut ignored = Vec::new();
+    let sender = collect_mailboxes(parsed.header_values("Sender"), &mut ignored)
+        .into_iter()
+        .next();
+    let reply_to = collect_mailboxes(parsed.header_values("Reply-To"), &mut ignored);
+
+    let mut delivered_to = Vec::new();
+    let mut auth_results = Vec::new();
+    let mut signals = Signals::default();
+    let mut return_path = None;
+    let mut ar_index = 0usize;
+    for (name, value) in parsed.headers_raw() {
+        let value = value.trim();
+        match name.to_ascii_lowercase().as_str() {
+            "delivered-to" | "x-original-to" => {
+                if let Ok(a) = EmailAddress::parse(value)
+                    && !delivered_to.contains(&a)
+                {
+                    delivered_to.push(a);
+                }
+            }
+            "authentication-results" => {
+                auth_results.extend(auth::parse_header(ar_index, &unfold(value)));
+                ar_index += 1;
+            }
+            "auto-submitted" if signals.auto_submitted.is_none() => {
+                signals.auto_submitted = Some(first_token(value));
+            }
+            "precedence" if signals.precedence.is_none() => {
+                signals.precedence = Some(first_token(value));
+            }
+            "list-id" if signals.list_id.is_none() => {
+                signals.list_id = Some(unfold(value));
+            }
+            "list-unsubscribe" => signals.list_unsubscribe = true,
+            "x-auto-response-suppress" if signals.auto_response_suppress.is_none() => {
+                signals.auto_response_suppress = Some(unfold(value));
+            }
+            "x-autoreply" | "x-autorespond" | "x-auto-reply" | "x-autoresponder"
+            | "x-autogenerated" => {
+                signals.autoreply_marker = true;
+            }
+            "x-intake-loop" => signals.loop_ids.push(unfold(value)),
+            "return-path" if return_path.is_none() => {
+                let v = unfold(value);
+                signals.null_return_path = v.trim() == "<>" || v.trim().is_empty();
+                return_path = Some(v);
+            }
+            _ => {}
+        }
+    }
+    if let Some(ct) = parsed.root_part().content_type()
+        && ct.ctype().eq_ignore_ascii_case("multipart")
+        && ct
+            .subtype()
+            .is_some_and(|s| s.eq_ignore_ascii_case("report"))
+    {
+        signals.report_type = Some(
+            ct.attribute("report-type")
+                .unwrap_or("unknown")
+                .to_ascii_lowercase(),
+        );
+    }
+
+    let message_id = parsed.message_id().map(clean_message_id);
+    signals.message_id_domain = message_id
+        .as_deref()
+        .and_then(|m| m.rsplit_once('@'))
+        .map(|(_, d)| d.to_ascii_lowercase());
+
+    let text_body = body_text(&parsed);
+    let attachments = parsed
+        .attachments()
+        .enumerate()
+        .filter_map(|(i, part)| {
+            let content = part.contents();
+            if content.is_empty() {
+                return None;
+            }
+            let content_type = part
+                .content_type()
+                .map(|ct| match ct.subtype() {
+                    Some(sub) => format!("{}/{}", ct.ctype(), sub),
+                    None => ct.ctype().to_string(),
+                })
+                .unwrap_or_else(|| match &part.body {
+                    PartType::Message(_) => "message/rfc822".to_string(),
+                    PartType::Text(_) => "text/plain".to_string(),
+                    _ => "application/octet-stream".to_string(),
+                })
+                .to_ascii_lowercase();
+            let filename = part
+                .attachment_name()
+                .map(sanitize_filename)
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| format!("attachment-{}", i + 1));
+            Some(Attachment {
+                filename,
+                content_type,
+                content: content.to_vec(),
+            })
+        })
+        .collect();
+
+    Ok(InboundMessage {
+        in_reply_to: message_ids(parsed.in_reply_to()),
+        references: message_ids(parsed.references()),
+        subject: parsed.subject().map(|s| one_line(s, 500)),
+        date: parsed.date().map(|d| d.to_timestamp()),
+        message_id,
+        from,
+        invalid_from,
+        sender,
+        reply_to,
+        to,
+        cc,
+        invalid_recipients,
+        delivered_to,
+        return_path,
+        signals,
+        auth_results,
+        text_body,
+        attachments,
+        size: raw.len(),
+        content_hash: content_hash(raw),
+    })
+}
+
+fn body_text(parsed: &mail_parser::Message<'_>) -> String {
+    let mut out = String::new();
+    for i in 0..parsed.text_body.len() {
+        if let Some(t) = parsed.body_text(i) {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&t);
+        }
+    }
+    out
+}
+
+fn collect_mailboxes<'a>(
+    values: impl Iterator<Item = &'a HeaderValue<'a>>,
+    invalid: &mut Vec<String>,
+) -> Vec<Mailbox> {
+    let mut out: Vec<Mailbox> = Vec::new();
+    for value in values {
+        let HeaderValue::Address(address) = value else {
+            if let Some(text) = value.as_text()
+                && !text.trim().is_empty()
+            {
+                invalid.push(one_line(text, 200));
+            }
+            continue;
+        };
+        let addrs: Vec<&mail_parser::Addr<'_>> = match address {
+            Address::List(list) => list.iter().collect(),
+            // Group syntax, including `undisclosed-recipients:;` (a group with no members).
+            Address::Group(groups) => groups.iter().flat_map(|g| g.addresses.iter()).collect(),
+        };
+        for addr in addrs {
+            let Some(raw) = addr.address.as_deref() else {
+                // A name without an address (e.g. a bare group name): nothing to act on.
+                continue;
+            };
+            match EmailAddress::parse(raw) {
+                Ok(address) => {
+                    if out.iter().any(|m| m.address == address) {
+                        continue;
+                    }
+                    let display_name = addr
+                        .name
+                        .as_deref()
+                        .and_then(|n| clean_display_name(n, Some(&address)));
+                    out.push(Mailbox {
+                        address,
+                        display_name,
+                    });
+                }
+                Err(_) => invalid.push(one_line(raw, 200)),
+            }
+        }
+    }
+    out
+}
+
+fn message_ids(value: &HeaderValue<'_>) -> Vec<String> {
+    match value {
+        HeaderValue::Text(t) => vec![clean_message_id(t)],
+        HeaderValue::TextList(list) => list.iter().map(|t| clean_message_id(t)).collect(),
+        _ => Vec::new(),
+    }
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect()
+}
+
+/// Message-IDs are compared without angle brackets and surrounding whitespace; the
+/// domain part is case-insensitive, the local part is kept as is.
+pub fn clean_message_id(raw: &str) -> String {
+    let t = raw
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .trim();
+    let t = one_line(t, 995);
+    match t.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+        None => t,
+    }
+}
+
+fn first_token(value: &str) -> String {
+    unfold(value)
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn unfold(value: &str) -> String {
+    one_line(value, 4096)
+}
+
+/// Collapses line breaks and control characters to spaces and caps the length.
+pub fn one_line(s: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_chars));
+    let mut last_space = false;
+    for c in s.chars().take(max_chars) {
+        if c.is_control() || c.is_whitespace() {
+            if !last_space && !out.is_empty() {
+                out.push(' ');
+            }
+            last_space = true;
+        } else {
+            out.push(c);
+            last_space = false;
+        }
+    }
+    while out.ends_with(' ') {
+        out.pop();
+    }
+    out
+}
+
+fn sanitize_filename(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    one_line(base, 200)
+        .chars()
+        .filter(|c| !matches!(c, '\0'..='\x1f'))
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_addresses_groups_and_signals() {
+        let raw = b"From: =?UTF-8?Q?J=C3=BCrgen_M=C3=BCller?= <Juergen@Example.COM>\r\n\
+To: undisclosed-recipients:;\r\n\
+Cc: Team: a@example.com, \"B\" <b@Example.com>;, not an address, c@example.org\r\n\
+Subject: [IT-7] Printer\r\n\
+Message-ID: <abc@Mail.Example.com>\r\n\
+In-Reply-To: <x@y.z>\r\n\
+References: <r1@y.z> <x@y.z>\r\n\
+Auto-Submitted: auto-replied; owner-email=x@y.z\r\n\
+Precedence: Bulk\r\n\
+Return-Path: <>\r\n\
+Delivered-To: it@desk.example\r\n\
+Authentication-Results: mx.desk.example; dmarc=pass header.from=example.com\r\n\
+\r\n\
+Hello\r\n";
+        let m = parse(raw).unwrap();
+        assert_eq!(m.from[0].address.as_str(), "juergen@example.com");
+        assert_eq!(m.from[0].display_name.as_deref(), Some("Jürgen Müller"));
+        assert!(m.to.is_empty());
+        let cc: Vec<_> = m.cc.iter().map(|c| c.address.as_str()).collect();
+        assert_eq!(cc, ["a@example.com", "b@example.com", "c@example.org"]);
+        assert_eq!(m.message_id.as_deref(), Some("abc@mail.example.com"));
+        assert_eq!(m.in_reply_to, ["x@y.z"]);
+        assert_eq!(m.references, ["r1@y.z", "x@y.z"]);
+        assert_eq!(m.signals.auto_submitted.as_deref(), Some("auto-replied"));
+        assert_eq!(m.signals.precedence.as_deref(), Some("bulk"));
+        assert!(m.signals.null_return_path);
+        assert_eq!(m.delivered_to[0].as_str(), "it@desk.example");
+        assert_eq!(m.auth_results.len(), 1);
+        assert_eq!(m.text_body.trim(), "Hello");
+        assert_eq!(
+            m.signals.message_id_domain.as_deref(),
+            Some("mail.example.com")
+        );
+    }
+
+    #[test]
+    fn html_only_body_becomes_text() {
+        let raw =
+            b"From: a@example.com\r\nContent-Type: text/html\r\n\r\n<p>Hello <b>there</b></p>";
+        let m = parse(raw).unwrap();
+        assert!(m.text_body.contains("Hello"));
+        assert!(!m.text_body.contains("<b>"));
+    }
+
+    #[test]
+    fn rejects_non_messages() {
+        assert_eq!(parse(b"").unwrap_err(), ParseError::Empty);
+        assert_eq!(parse(b" \r\n ").unwrap_err(), ParseError::Empty);
+        assert!(parse(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1\x00\x00binary").is_err());
+    }
+
+    #[test]
+    fn attachments_are_decoded() {
+        let raw = b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nbody\r\n--b\r\nContent-Type: application/pdf; name=\"../../x.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--b--\r\n";
+        let m = parse(raw).unwrap();
+        assert_eq!(m.attachments.len(), 1);
+        assert_eq!(m.attachments[0].filename, "x.pdf");
+        assert_eq!(m.attachments[0].content, b"hello");
+        assert_eq!(m.attachments[0].content_type, "application/pdf");
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn parse_never_panics_on_header_soup(
+            headers in proptest::collection::vec(("(From|To|Cc|Subject|Message-ID|References|Authentication-Results|Content-Type)", "\\PC{0,60}"), 0..8),
+            body in "\\PC{0,200}",
+        ) {
+            let mut raw = String::new();
+            for (k, v) in headers { raw.push_str(&format!("{k}: {v}\r\n")); }
+            raw.push_str("\r\n");
+            raw.push_str(&body);
+            let _ = parse(raw.as_bytes());
+        }
+    }
+}

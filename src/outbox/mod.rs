@@ -1,0 +1,293 @@
+//! Outgoing mail. Rows are written to the outbox table in the same transaction as the
+//! decision that causes them; this worker drains the table. The only module that knows
+//! lettre.
+//!
+//! Delivery is at least once: a mail is marked sent after the transport accepted it, so a
+//! crash in between sends it again. The file transport names files by outbox id, which
+//! makes a resend overwrite the same file (exactly once on disk).
+
+pub mod templates;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{OutboxRow, Store, StoreError};
+
+pub use templates::Templates;
+
+/// Headers every mail we send carries, so replies thread and loops are caught.
+#[derive(Debug, Clone)]
+pub struct Stamp {
+    pub from_name: String,
+    /// Value of our `X-Intake-Loop` header.
+    pub loop_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot build message {id}: {message}")]
+    Build { id: i64, message: String },
+    #[error("cannot write {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SendError {
+    /// Build errors will fail the same way every time; IO may not.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SendError::Build { .. })
+    }
+}
+
+/// Builds the RFC 5322 message for an outbox row.
+pub fn build_message(row: &OutboxRow, stamp: &Stamp) -> Result<Message, SendError> {
+    let bad = |message: String| SendError::Build {
+        id: row.id,
+        message,
+    };
+    let from: Mailbox = format!("{} <{}>", quote_name(&stamp.from_name), row.from)
+        .parse()
+        .map_err(|e| bad(format!("from {}: {e}", row.from)))?;
+    let to: Mailbox = row
+        .to
+        .parse()
+        .map_err(|e| bad(format!("to {}: {e}", row.to)))?;
+    let mut builder = Message::builder()
+        .from(from)
+        .to(to)
+        .subject(row.subject.clone())
+        .message_id(Some(format!("<{}>", row.message_id)))
+        .date(std::time::UNIX_EPOCH + Duration::from_secs(row.created_at.max(0) as u64))
+        .raw_header(HeaderValue::new(
+            HeaderName::new_from_ascii_str("Auto-Submitted"),
+            "auto-generated".into(),
+        ))
+        .raw_header(HeaderValue::new(
+            HeaderName::new_from_ascii_str("X-Auto-Response-Suppress"),
+            "All".into(),
+        ))
+        .raw_header(HeaderValue::new(
+            HeaderName::new_from_ascii_str("X-Intake-Loop"),
+            stamp.loop_id.clone(),
+        ));
+    if let Some(parent) = &row.in_reply_to {
+        builder = builder
+            .in_reply_to(format!("<{parent}>"))
+            .references(format!("<{parent}>"));
+    }
+    builder
+        .header(ContentType::TEXT_PLAIN)
+        .body(row.body_text.clone())
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// Display names go inside quotes; quotes and backslashes inside them are escaped.
+fn quote_name(name: &str) -> String {
+    let cleaned = crate::message::one_line(name, 100);
+    format!("\"{}\"", cleaned.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Writes each mail as `<dir>/<outbox id>-<kind>.eml` (atomically, via a temp file).
+#[derive(Debug, Clone)]
+pub struct FileTransport {
+    dir: PathBuf,
+}
+
+impl FileTransport {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FileTransport { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub async fn send(&self, row: &OutboxRow, message: &Message) -> Result<(), SendError> {
+        let write_err = |path: &Path, source| SendError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        tokio::fs::create_dir_all(&self.dir)
+            .await
+            .map_err(|e| write_err(&self.dir, e))?;
+        let name = format!("{:08}-{}.eml", row.id, row.kind);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let path = self.dir.join(&name);
+        tokio::fs::write(&tmp, message.formatted())
+            .await
+            .map_err(|e| write_err(&tmp, e))?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| write_err(&path, e))?;
+        Ok(())
+    }
+}
+
+/// Retry schedule: 30 s, 1 min, 2 min, ... capped at one hour, with up to 20% jitter so
+/// many failures do not retry in lockstep.
+pub fn backoff_secs(attempts: i64) -> i64 {
+    let exp = attempts.clamp(1, 20) - 1;
+    let base = (30i64 << exp.min(7)).min(3600);
+    let jitter = (rand::random::<u32>() % 1000) as i64 * base / 5000;
+    base + jitter
+}
+
+/// Counts from one pass over the queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    pub sent: usize,
+    pub failed: usize,
+    pub dead: usize,
+}
+
+/// Drains the outbox.
+pub struct Worker {
+    pub store: Store,
+    pub transport: FileTransport,
+    pub stamp: Stamp,
+    pub max_attempts: u32,
+    pub poll_interval: Duration,
+}
+
+impl Worker {
+    /// Sends everything due now, in batches, until nothing is due.
+    pub async fn drain_once(&self, now: i64) -> Result<DrainReport, StoreError> {
+        let mut report = DrainReport::default();
+        loop {
+            let rows = self.store.claim_outbox(50, now, 300).await?;
+            if rows.is_empty() {
+                return Ok(report);
+            }
+            for row in rows {
+                let result = match build_message(&row, &self.stamp) {
+                    Ok(message) => self.transport.send(&row, &message).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => {
+                        self.store.outbox_sent(row.id, now).await?;
+                        report.sent += 1;
+                        tracing::info!(outbox_id = row.id, kind = %row.kind, to = %row.to, "mail sent");
+                    }
+                    Err(e) => {
+                        let dead = e.is_permanent() || row.attempts >= i64::from(self.max_attempts);
+                        let retry_at = (!dead).then(|| now + backoff_secs(row.attempts));
+                        let text = error_chain(&e);
+                        self.store.outbox_failed(row.id, &text, retry_at).await?;
+                        if dead {
+                            report.dead += 1;
+                            tracing::error!(outbox_id = row.id, error = %text, "mail is dead after {} attempts", row.attempts);
+                        } else {
+                            report.failed += 1;
+                            tracing::warn!(outbox_id = row.id, error = %text, "sending failed; will retry");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs until `shutdown`; `wake` is notified when new mail was queued.
+    pub async fn run(
+        &self,
+        shutdown: CancellationToken,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+    ) {
+        let mut failures = 0u32;
+        loop {
+            match self.drain_once(crate::now()).await {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %error_chain(&e), "outbox pass failed");
+                }
+            }
+            let pause = if failures == 0 {
+                self.poll_interval
+            } else {
+                Duration::from_secs(1 << failures.min(6))
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// `error: cause: cause` on one line, for logs and the outbox's last_error.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> OutboxRow {
+        OutboxRow {
+            id: 7,
+            kind: "invitation".into(),
+            desk: Some("IT".into()),
+            to: "ann@example.com".into(),
+            from: "it@desk.example".into(),
+            subject: "Hello\r\nBcc: evil@example.net".into(),
+            body_text: "body".into(),
+            message_id: "invitation.abc@intake.desk.example".into(),
+            in_reply_to: Some("orig@mail.example.com".into()),
+            request: Some("IT-1".into()),
+            status: "sending".into(),
+            attempts: 1,
+            next_attempt_at: 0,
+            last_error: None,
+            created_at: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn stamps_and_cannot_be_injected() {
+        let stamp = Stamp {
+            from_name: "Help \"Desk\"\r\nBcc: x@y.z".into(),
+            loop_id: "intake.desk.example".into(),
+        };
+        let m = build_message(&row(), &stamp).unwrap();
+        let text = String::from_utf8(m.formatted()).unwrap();
+        assert!(text.contains("Auto-Submitted: auto-generated"));
+        assert!(text.contains("X-Intake-Loop: intake.desk.example"));
+        assert!(text.contains("Message-ID: <invitation.abc@intake.desk.example>"));
+        assert!(text.contains("In-Reply-To: <orig@mail.example.com>"));
+        for line in text.lines() {
+            assert!(!line.starts_with("Bcc:"), "header injected: {text}");
+        }
+        // The round trip through our own parser sees one To and no Bcc.
+        let parsed = crate::message::parse(text.as_bytes()).unwrap();
+        assert_eq!(parsed.to.len(), 1);
+        assert_eq!(
+            parsed.signals.auto_submitted.as_deref(),
+            Some("auto-generated")
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let first = backoff_secs(1);
+        assert!((30..=36).contains(&first), "{first}");
+        assert!(backoff_secs(3) >= 120);
+        assert!(backoff_secs(50) <= 3600 + 720);
+    }
+}

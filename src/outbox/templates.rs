@@ -1,0 +1,233 @@
+//! The text of the mail we send. Built-in templates can be overridden by files in
+//! `[outbox] templates_dir` named `verification.txt`, `invitation.txt` and
+//! `rejection_notice.txt`. A template is a `Subject:` line, a blank line and the body;
+//! `{{name}}`, `{{address}}`, `{{desk}}`, `{{desk_name}}`, `{{link}}`, `{{request}}`,
+//! `{{subject}}`, `{{reason}}` and `{{expires_hours}}` are replaced.
+
+use std::collections::HashMap;
+
+use crate::address::EmailAddress;
+use crate::config::Config;
+use crate::keys::DeskKey;
+use crate::policy::{EmailKind, Reason};
+use crate::store::{MailContext, MailRenderer, RenderedMail};
+
+const VERIFICATION: &str = "Subject: Please confirm your address for {{desk_name}}{{request_tag}}
+
+Hello {{name}},
+
+we received your message \"{{subject}}\" at {{desk_name}}. Before we open a request
+for you, please confirm that {{address}} is your address:
+
+  {{link}}
+
+The link opens a page where you confirm; opening it alone changes nothing. It works for
+{{expires_hours}} hours. If you did not write to us, ignore this mail and nothing happens.
+";
+
+const INVITATION: &str = "Subject: Your request at {{desk_name}}{{request_tag}}
+
+Hello {{name}},
+
+{{desk_name}} has opened a request for the message \"{{subject}}\" and added you to it.
+You can confirm your address and choose how your name is shown here:
+
+  {{link}}
+
+The link works for {{expires_hours}} hours. Replies to this mail reach the desk.
+";
+
+const REJECTION_NOTICE: &str = "Subject: We could not accept your message at {{desk_name}}
+
+Hello {{name}},
+
+your message \"{{subject}}\" to {{desk_name}} was not turned into a request:
+{{reason}}.
+
+If you think this is a mistake, please contact the team that runs this desk another way.
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("cannot read template {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("template {path} must start with a \"Subject:\" line followed by a blank line")]
+    NoSubject { path: String },
+}
+
+#[derive(Debug, Clone)]
+struct Template {
+    subject: String,
+    body: String,
+}
+
+impl Template {
+    fn parse(text: &str, path: &str) -> Result<Template, TemplateError> {
+        let text = text.replace("\r\n", "\n");
+        let (head, body) = text
+            .split_once("\n\n")
+            .ok_or_else(|| TemplateError::NoSubject { path: path.into() })?;
+        let subject = head
+            .strip_prefix("Subject:")
+            .ok_or_else(|| TemplateError::NoSubject { path: path.into() })?;
+        Ok(Template {
+            subject: subject.trim().to_string(),
+            body: body.to_string(),
+        })
+    }
+}
+
+/// Renders our mail; implements the store's [`MailRenderer`].
+#[derive(Debug, Clone)]
+pub struct Templates {
+    templates: HashMap<&'static str, Template>,
+    desk_from: HashMap<DeskKey, EmailAddress>,
+    desk_names: HashMap<DeskKey, String>,
+    fallback_from: String,
+    message_id_domain: String,
+    ttl_secs: i64,
+    public_url: String,
+}
+
+impl Templates {
+    pub fn from_config(config: &Config) -> Result<Templates, TemplateError> {
+        let mut templates = HashMap::new();
+        for (kind, builtin) in [
+            (EmailKind::Verification, VERIFICATION),
+            (EmailKind::Invitation, INVITATION),
+            (EmailKind::RejectionNotice, REJECTION_NOTICE),
+        ] {
+            let name = kind.as_str();
+            let text = match &config.outbox.templates_dir {
+                Some(dir) if dir.join(format!("{name}.txt")).is_file() => {
+                    let path = dir.join(format!("{name}.txt"));
+                    Some((
+                        std::fs::read_to_string(&path).map_err(|source| TemplateError::Read {
+                            path: path.display().to_string(),
+                            source,
+                        })?,
+                        path.display().to_string(),
+                    ))
+                }
+                _ => None,
+            };
+            let t = match text {
+                Some((text, path)) => Template::parse(&text, &path)?,
+                None => Template::parse(builtin, "built-in")?,
+            };
+            templates.insert(name, t);
+        }
+        Ok(Templates {
+            templates,
+            desk_from: config.desk_from.clone(),
+            desk_names: config
+                .policy
+                .desks
+                .iter()
+                .map(|d| (d.key.clone(), d.name.clone()))
+                .collect(),
+            fallback_from: config
+                .desk_from
+                .values()
+                .next()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| format!("intake@{}", config.outbox.message_id_domain)),
+            message_id_domain: config.outbox.message_id_domain.clone(),
+            ttl_secs: config.verification_ttl.as_secs() as i64,
+            public_url: config.http.public_url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The link a person follows to confirm their address.
+    pub fn link(&self, token: &str) -> String {
+        format!("{}/verify/{token}", self.public_url)
+    }
+}
+
+fn reason_sentence(reason: Option<Reason>) -> &'static str {
+    match reason {
+        Some(Reason::SignupClosed) => {
+            "this desk only accepts requests from people who already have an account"
+        }
+        Some(Reason::DomainNotAllowed) => "accounts are not created for addresses on your domain",
+        Some(Reason::PortalOnlyDisabled) => {
+            "this desk does not create accounts for external addresses"
+        }
+        Some(Reason::NotDeskCustomer) => "this desk only accepts requests from its own customers",
+        Some(Reason::AccountDeactivated) => "your account is deactivated",
+        _ => "it was not accepted",
+    }
+}
+
+fn fill(text: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = text.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    out
+}
+
+impl MailRenderer for Templates {
+    fn render(&self, ctx: &MailContext<'_>) -> RenderedMail {
+        let desk_name = self
+            .desk_names
+            .get(ctx.desk)
+            .cloned()
+            .unwrap_or_else(|| ctx.desk.to_string());
+        let link = ctx.token.map(|t| self.link(t)).unwrap_or_default();
+        let request = ctx.request.map(|r| r.to_string()).unwrap_or_default();
+        let request_tag = if request.is_empty() {
+            String::new()
+        } else {
+            format!(" [{request}]")
+        };
+        let name = ctx
+            .display_name
+            .map(str::to_string)
+            .unwrap_or_else(|| ctx.to.local_part().to_string());
+        let hours = (self.ttl_secs / 3600).max(1).to_string();
+        let subject_text = ctx.original_subject.unwrap_or("(no subject)");
+        let vars = [
+            ("name", name.as_str()),
+            ("address", ctx.to.as_str()),
+            ("desk", ctx.desk.as_str()),
+            ("desk_name", desk_name.as_str()),
+            ("link", link.as_str()),
+            ("request", request.as_str()),
+            ("request_tag", request_tag.as_str()),
+            ("subject", subject_text),
+            ("reason", reason_sentence(ctx.about)),
+            ("expires_hours", hours.as_str()),
+        ];
+        // from_config inserts a template for every EmailKind, so the lookup cannot miss.
+        let t = &self.templates[ctx.kind.as_str()];
+        RenderedMail {
+            from: self
+                .desk_from
+                .get(ctx.desk)
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| self.fallback_from.clone()),
+            // Subjects are single lines: anything from inbound mail was flattened when it
+            // was parsed, and the template's own line breaks are removed here.
+            subject: crate::message::one_line(&fill(&t.subject, &vars), 300),
+            body_text: fill(&t.body, &vars),
+        }
+    }
+
+    fn message_id_domain(&self) -> &str {
+        &self.message_id_domain
+    }
+
+    fn token_ttl_secs(&self) -> i64 {
+        self.ttl_secs
+    }
+}
+
+/// Checks that the configured templates load (used by `check-config`).
+pub fn check(config: &Config) -> Result<(), TemplateError> {
+    Templates::from_config(config).map(|_| ())
+}

@@ -1,0 +1,360 @@
+//! parse → route → (ledger claim, facts, decide, apply) in one transaction per batch.
+//!
+//! Sources hand in [`Envelope`]s and acknowledge them only after
+//! [`Pipeline::process_batch`] returned, i.e. after the commit. Every message gets its own
+//! savepoint, so one that fails for a reason other than the database being unavailable is
+//! quarantined and the rest of the batch still commits. A transient database error fails
+//! the whole batch: nothing is acknowledged and the source retries it later.
+
+use std::sync::Arc;
+
+use sqlx::Connection;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::keys::DeskKey;
+use crate::message::{self, InboundMessage, ParseError};
+use crate::outbox::Templates;
+use crate::policy::{self, Decision, Reason};
+use crate::store::{
+    self, ApplyInput, ApplyResult, OrgIndex, QuarantineRecord, SourceRef, Store, StoreError,
+};
+
+/// One message as a source delivers it.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The message, or its first bytes when it is over the size limit.
+    pub raw: Vec<u8>,
+    /// The full size (may be larger than `raw` for oversized messages).
+    pub size: u64,
+    pub source: SourceRef,
+    /// The desk of the mailbox it arrived in (`None`: route by address).
+    pub desk: Option<DeskKey>,
+    /// Where the source will put it if it is quarantined.
+    pub quarantine_ref: String,
+}
+
+/// What happened to one message.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Decided and applied.
+    Decided {
+        decision: Box<Decision>,
+        applied: ApplyResult,
+    },
+    /// Already processed: nothing changed.
+    Duplicate { decision: Box<Decision> },
+    /// Kept aside with a ledger row saying why; the source moves it to quarantine.
+    Quarantined { reason: Reason, detail: String },
+}
+
+impl Outcome {
+    pub fn summary(&self) -> (&'static str, &'static str) {
+        match self {
+            Outcome::Decided { decision, .. } | Outcome::Duplicate { decision } => {
+                (decision.action.as_str(), decision.reason.code())
+            }
+            Outcome::Quarantined { reason, .. } => ("quarantine", reason.code()),
+        }
+    }
+
+    pub fn is_quarantined(&self) -> bool {
+        matches!(self, Outcome::Quarantined { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl PipelineError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Store(e) => e.is_transient(),
+        }
+    }
+}
+
+/// The message-processing core shared by every source.
+#[derive(Clone)]
+pub struct Pipeline {
+    store: Store,
+    config: Arc<Config>,
+    templates: Arc<Templates>,
+    /// Notified after a commit that queued mail, to wake the outbox worker.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
+}
+
+impl Pipeline {
+    pub fn new(store: Store, config: Arc<Config>, templates: Templates) -> Self {
+        Pipeline {
+            store,
+            config,
+            templates: Arc::new(templates),
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Picks the desk: the mailbox's, else the first desk address among Delivered-To /
+    /// X-Original-To, To and Cc, else the only desk if there is just one.
+    pub fn route(&self, msg: &InboundMessage, desk: Option<&DeskKey>) -> Option<DeskKey> {
+        if let Some(d) = desk {
+            return Some(d.clone());
+        }
+        let policy = &self.config.policy;
+        msg.delivered_to
+            .iter()
+            .chain(msg.to.iter().map(|m| &m.address))
+            .chain(msg.cc.iter().map(|m| &m.address))
+            .find_map(|a| policy.desk_for_address(a).map(|d| d.key.clone()))
+            .or_else(|| match policy.desks.as_slice() {
+                [only] => Some(only.key.clone()),
+                _ => None,
+            })
+    }
+
+    /// Decides without side effects (the `explain` command).
+    pub async fn explain(
+        &self,
+        raw: &[u8],
+        desk: Option<&DeskKey>,
+        now: i64,
+    ) -> Result<Decision, PipelineError> {
+        let msg = match message::parse(raw) {
+            Ok(m) => m,
+            Err(e) => return Ok(Decision::ignored(Reason::Unparseable, e.to_string())),
+        };
+        if raw.len() as u64 > self.config.max_message_size {
+            return Ok(oversized_decision(
+                raw.len() as u64,
+                self.config.max_message_size,
+            ));
+        }
+        let Some(desk) = self.route(&msg, desk) else {
+            return Ok(no_desk_decision());
+        };
+        let mut conn = self.store.acquire().await?;
+        let duplicate: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM ledger WHERE dedupe_key = $1")
+                .bind(store::dedupe_key(Some(&desk), &msg))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|source| StoreError::Query {
+                    context: "look up the ledger",
+                    source,
+                })?;
+        let orgs = OrgIndex::load(&mut conn).await?;
+        let facts =
+            store::gather_facts(&mut conn, &msg, &desk, &orgs, now, duplicate.is_some()).await?;
+        Ok(policy::decide(&facts, &self.config.policy))
+    }
+
+    /// Processes a batch in one transaction. The returned outcomes are in the order of
+    /// `batch`; nothing is committed when this returns an error.
+    pub async fn process_batch(
+        &self,
+        batch: &[Envelope],
+        now: i64,
+    ) -> Result<Vec<Outcome>, PipelineError> {
+        let mut wtx = self.store.begin_write().await?;
+        let orgs = OrgIndex::load(wtx.conn()).await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut queued_mail = false;
+        for env in batch {
+            let span = tracing::info_span!(
+                "message",
+                source = %env.source.source,
+                reference = %env.source.reference,
+                message_id = tracing::field::Empty
+            );
+            let outcome = async {
+                let outcome = self.process_one(wtx.conn(), env, &orgs, now).await;
+                match outcome {
+                    Ok(o) => Ok(o),
+                    Err(e) if e.is_transient() => Err(e),
+                    Err(e) => {
+                        let detail = crate::outbox::error_chain(&e);
+                        tracing::error!(error = %detail, "processing failed; quarantining");
+                        self.quarantine(
+                            wtx.conn(),
+                            env,
+                            None,
+                            Reason::ProcessingFailed,
+                            &detail,
+                            now,
+                        )
+                        .await
+                    }
+                }
+            }
+            .instrument(span)
+            .await?;
+            if let Outcome::Decided { applied, .. } = &outcome
+                && applied.emails_queued > 0
+            {
+                queued_mail = true;
+            }
+            outcomes.push(outcome);
+        }
+        wtx.commit().await?;
+        if queued_mail {
+            self.outbox_wake.notify_one();
+        }
+        for (env, o) in batch.iter().zip(&outcomes) {
+            let (action, reason) = o.summary();
+            tracing::info!(source = %env.source.source, reference = %env.source.reference, action, reason, "processed");
+        }
+        Ok(outcomes)
+    }
+
+    /// One message inside its own savepoint.
+    async fn process_one(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        env: &Envelope,
+        orgs: &OrgIndex,
+        now: i64,
+    ) -> Result<Outcome, PipelineError> {
+        if env.size > self.config.max_message_size {
+            let partial = message::parse(&env.raw).ok();
+            let detail = format!(
+                "{} bytes is over the limit of {} bytes",
+                env.size, self.config.max_message_size
+            );
+            return self
+                .quarantine(conn, env, partial.as_ref(), Reason::Oversized, &detail, now)
+                .await;
+        }
+        let msg = match message::parse(&env.raw) {
+            Ok(m) => m,
+            Err(e @ (ParseError::Empty | ParseError::NoHeaders)) => {
+                return self
+                    .quarantine(conn, env, None, Reason::Unparseable, &e.to_string(), now)
+                    .await;
+            }
+        };
+        if let Some(id) = &msg.message_id {
+            tracing::Span::current().record("message_id", id.as_str());
+        }
+        let desk = self.route(&msg, env.desk.as_ref());
+
+        let mut sp = conn.begin().await.map_err(|source| StoreError::Query {
+            context: "open a savepoint",
+            source,
+        })?;
+        let result = async {
+            let Some(ledger_id) =
+                store::claim_ledger(&mut sp, &env.source, &msg, desk.as_ref(), now).await?
+            else {
+                let decision = match &desk {
+                    Some(d) => {
+                        let facts = store::gather_facts(&mut sp, &msg, d, orgs, now, true).await?;
+                        policy::decide(&facts, &self.config.policy)
+                    }
+                    None => no_desk_decision(),
+                };
+                return Ok(Outcome::Duplicate {
+                    decision: Box::new(decision),
+                });
+            };
+            let decision = match &desk {
+                Some(d) => {
+                    let facts = store::gather_facts(&mut sp, &msg, d, orgs, now, false).await?;
+                    policy::decide(&facts, &self.config.policy)
+                }
+                None => no_desk_decision(),
+            };
+            let applied = store::apply(
+                &mut sp,
+                ApplyInput {
+                    msg: &msg,
+                    decision: &decision,
+                    ledger_id,
+                    now,
+                    orgs,
+                    renderer: self.templates.as_ref(),
+                },
+            )
+            .await?;
+            Ok::<_, StoreError>(Outcome::Decided {
+                decision: Box::new(decision),
+                applied,
+            })
+        }
+        .await;
+        match result {
+            Ok(outcome) => {
+                sp.commit().await.map_err(|source| StoreError::Query {
+                    context: "release a savepoint",
+                    source,
+                })?;
+                Ok(outcome)
+            }
+            Err(e) => {
+                // Roll back this message only; the caller decides between quarantine
+                // (a problem with this message) and failing the batch (database trouble).
+                let _ = sp.rollback().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn quarantine(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        env: &Envelope,
+        msg: Option<&InboundMessage>,
+        reason: Reason,
+        detail: &str,
+        now: i64,
+    ) -> Result<Outcome, PipelineError> {
+        let parsed;
+        let msg = match msg {
+            Some(m) => Some(m),
+            None => {
+                parsed = message::parse(&env.raw).ok();
+                parsed.as_ref()
+            }
+        };
+        let rec = QuarantineRecord {
+            source: env.source.clone(),
+            reason,
+            detail: detail.to_string(),
+            content_hash: message::content_hash(&env.raw),
+            size: env.size,
+            message_id: msg.and_then(|m| m.message_id.clone()),
+            sender: msg.and_then(|m| m.from_mailbox().map(|f| f.address.to_string())),
+            subject: msg.and_then(|m| m.subject.clone()),
+            quarantine_ref: env.quarantine_ref.clone(),
+        };
+        store::record_quarantine(conn, &rec, now).await?;
+        Ok(Outcome::Quarantined {
+            reason,
+            detail: detail.to_string(),
+        })
+    }
+}
+
+fn no_desk_decision() -> Decision {
+    Decision::ignored(
+        Reason::UnknownDesk,
+        "no desk address among Delivered-To, X-Original-To, To and Cc, and more than one desk is configured",
+    )
+}
+
+fn oversized_decision(size: u64, limit: u64) -> Decision {
+    Decision::ignored(
+        Reason::Oversized,
+        format!("{size} bytes is over the limit of {limit} bytes"),
+    )
+}

@@ -1,0 +1,175 @@
+//! Whether the From address is authenticated, from the receiving MTA's
+//! `Authentication-Results`.
+//!
+//! Anyone can write an `Authentication-Results` header, so only headers whose authserv-id
+//! is configured count, and of those only the topmost one (the one our MTA added last;
+//! RFC 8601 §5 asks MTAs to remove forged copies carrying their own id). The From domain
+//! is authenticated by DMARC pass, or by a DKIM or SPF pass whose domain is aligned with
+//! it (relaxed alignment: the same domain, or the From domain under the signing domain).
+
+use serde::Serialize;
+
+use crate::message::AuthResult;
+
+use super::model::Trust;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrustVerdict {
+    pub authenticated: bool,
+    /// `dmarc`, `dkim` or `spf` when authenticated.
+    pub method: Option<&'static str>,
+    /// A sentence for explanations.
+    pub detail: String,
+}
+
+pub fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> TrustVerdict {
+    let trusted = |r: &&AuthResult| trust.authserv_ids.iter().any(|id| id == &r.authserv_id);
+    let Some(top) = results.iter().filter(trusted).map(|r| r.header_index).min() else {
+        return TrustVerdict {
+            authenticated: false,
+            method: None,
+            detail: "no Authentication-Results header from a trusted authserv-id".into(),
+        };
+    };
+    let header: Vec<&AuthResult> = results
+        .iter()
+        .filter(|r| r.header_index == top && trusted(r))
+        .collect();
+    let pass = |method: &'static str| {
+        header
+            .iter()
+            .filter(move |r| r.method == method && r.result == "pass")
+    };
+    if pass("dmarc").any(|r| {
+        r.property("header.from")
+            .is_none_or(|d| d.eq_ignore_ascii_case(from_domain))
+    }) {
+        return ok("dmarc", "DMARC passed");
+    }
+    if let Some(r) = pass("dkim").find(|r| {
+        r.property("header.d")
+            .or_else(|| r.property("header.i").map(domain_of))
+            .is_some_and(|d| aligned(from_domain, d))
+    }) {
+        let d = r.property("header.d").unwrap_or_default();
+        return ok(
+            "dkim",
+            &format!("DKIM passed for {d}, aligned with {from_domain}"),
+        );
+    }
+    if let Some(r) = pass("spf").find(|r| {
+        r.property("smtp.mailfrom")
+            .map(domain_of)
+            .is_some_and(|d| aligned(from_domain, d))
+    }) {
+        let d = r
+            .property("smtp.mailfrom")
+            .map(domain_of)
+            .unwrap_or_default();
+        return ok(
+            "spf",
+            &format!("SPF passed for {d}, aligned with {from_domain}"),
+        );
+    }
+    let id = header
+        .first()
+        .map(|r| r.authserv_id.as_str())
+        .unwrap_or_default();
+    TrustVerdict {
+        authenticated: false,
+        method: None,
+        detail: format!(
+            "{id} reports no DMARC pass and no aligned DKIM or SPF pass for {from_domain}"
+        ),
+    }
+}
+
+fn ok(method: &'static str, detail: &str) -> TrustVerdict {
+    TrustVerdict {
+        authenticated: true,
+        method: Some(method),
+        detail: detail.to_string(),
+    }
+}
+
+fn domain_of(value: &str) -> &str {
+    value.rsplit_once('@').map(|(_, d)| d).unwrap_or(value)
+}
+
+/// Relaxed alignment without a public suffix list: equal, or `from` is a subdomain of
+/// `auth` where `auth` has at least two labels (so `com` never aligns with anything).
+fn aligned(from: &str, auth: &str) -> bool {
+    let from = from.trim_end_matches('.').to_ascii_lowercase();
+    let auth = auth.trim_end_matches('.').to_ascii_lowercase();
+    if auth.is_empty() {
+        return false;
+    }
+    from == auth
+        || (auth.contains('.')
+            && from.len() > auth.len()
+            && from.ends_with(&auth)
+            && from.as_bytes()[from.len() - auth.len() - 1] == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::auth::parse_header;
+
+    fn trust() -> Trust {
+        Trust {
+            authserv_ids: vec!["mx.desk.example".into()],
+            require_authentication: true,
+        }
+    }
+
+    fn results(headers: &[&str]) -> Vec<AuthResult> {
+        headers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, h)| parse_header(i, h))
+            .collect()
+    }
+
+    #[test]
+    fn dmarc_pass_from_trusted_id() {
+        let r = results(&["mx.desk.example; dmarc=pass header.from=corp.example"]);
+        let v = verdict(&trust(), "corp.example", &r);
+        assert!(v.authenticated);
+        assert_eq!(v.method, Some("dmarc"));
+    }
+
+    #[test]
+    fn untrusted_authserv_id_is_ignored() {
+        let r = results(&["evil.example; dmarc=pass header.from=corp.example"]);
+        assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+    }
+
+    #[test]
+    fn only_the_topmost_trusted_header_counts() {
+        // A forged header lower down (added before our MTA saw it) must not win.
+        let r = results(&[
+            "mx.desk.example; dmarc=fail header.from=corp.example",
+            "mx.desk.example; dmarc=pass header.from=corp.example",
+        ]);
+        assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+    }
+
+    #[test]
+    fn dkim_and_spf_need_alignment() {
+        let r = results(&["mx.desk.example; dkim=pass header.d=mailer.example"]);
+        assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+        let r = results(&["mx.desk.example; dkim=pass header.d=corp.example"]);
+        assert!(verdict(&trust(), "eu.corp.example", &r).authenticated);
+        let r = results(&["mx.desk.example; spf=pass smtp.mailfrom=bounce@corp.example"]);
+        assert_eq!(verdict(&trust(), "corp.example", &r).method, Some("spf"));
+        let r = results(&["mx.desk.example; dkim=pass header.d=example"]);
+        assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+    }
+
+    #[test]
+    fn dmarc_pass_for_another_domain_does_not_count() {
+        let r = results(&["mx.desk.example; dmarc=pass header.from=other.example"]);
+        assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+    }
+}

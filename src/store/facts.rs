@@ -1,0 +1,316 @@
+//! Gathering [`Facts`] for a message: what the directory knows about every address on it,
+//! and which request it may belong to.
+
+use std::collections::HashMap;
+
+use sqlx::{AnyConnection, Row};
+
+use crate::address::EmailAddress;
+use crate::keys::{DeskKey, RequestKey};
+use crate::message::InboundMessage;
+use crate::policy::{
+    AccountFacts, AccountKind, AccountStatus, Facts, Person, RequestStatus, Thread, ThreadMatch,
+};
+
+use super::directory::OrgIndex;
+use super::{Context, StoreError, placeholders};
+
+/// Builds the facts for `msg` on `desk`. `duplicate` comes from the ledger insert.
+pub async fn gather_facts(
+    conn: &mut AnyConnection,
+    msg: &InboundMessage,
+    desk: &DeskKey,
+    orgs: &OrgIndex,
+    now: i64,
+    duplicate: bool,
+) -> Result<Facts, StoreError> {
+    let sender_box = msg.from_mailbox();
+    let recipients = msg.recipients();
+    let mut addresses: Vec<&EmailAddress> = Vec::with_capacity(recipients.len() + 1);
+    if let Some(s) = sender_box {
+        addresses.push(&s.address);
+    }
+    for r in &recipients {
+        if !addresses.contains(&&r.address) {
+            addresses.push(&r.address);
+        }
+    }
+    let mut known = if duplicate {
+        HashMap::new()
+    } else {
+        lookup_people(conn, desk, &addresses, orgs).await?
+    };
+    let mut person = |address: &EmailAddress, display_name: &Option<String>| -> Person {
+        let mut p = known
+            .remove(address.as_str())
+            .unwrap_or_else(|| blank_person(address, desk, orgs));
+        p.display_name = display_name.clone();
+        p
+    };
+    let sender = sender_box.map(|s| person(&s.address, &s.display_name));
+    let recipients: Vec<Person> = recipients
+        .iter()
+        .map(|r| match &sender {
+            // The same address may be both sender and recipient; the lookup was shared.
+            Some(s) if s.address == r.address => {
+                let mut p = s.clone();
+                p.display_name = r.display_name.clone();
+                p
+            }
+            _ => person(&r.address, &r.display_name),
+        })
+        .collect();
+
+    let thread = if duplicate {
+        None
+    } else {
+        find_thread(conn, msg, desk).await?
+    };
+    let sender_recent_requests = match (&sender, duplicate) {
+        (Some(s), false) => {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM requests WHERE desk = $1 AND reporter_address = $2 AND created_at >= $3",
+            )
+            .bind(desk.as_str())
+            .bind(s.address.as_str())
+            .bind(now - 3600)
+            .fetch_one(&mut *conn)
+            .await
+            .ctx("count recent requests")?;
+            u32::try_from(n).unwrap_or(u32::MAX)
+        }
+        _ => 0,
+    };
+
+    Ok(Facts {
+        now,
+        desk: desk.clone(),
+        message_id: msg.message_id.clone(),
+        duplicate,
+        signals: msg.signals.clone(),
+        auth_results: msg.auth_results.clone(),
+        sender,
+        sender_recent_requests,
+        recipients,
+        invalid_recipients: msg.invalid_recipients.clone(),
+        thread,
+    })
+}
+
+/// A person the directory knows nothing about yet, with the organizations their domain
+/// would put them in.
+fn blank_person(address: &EmailAddress, desk: &DeskKey, orgs: &OrgIndex) -> Person {
+    let mut p = Person::new(address.clone());
+    for org in orgs.matching(address.domain()) {
+        p.domain_organizations.push(org.name.clone());
+        if org.desks.iter().any(|d| d == desk.as_str()) {
+            p.domain_desk_organizations.push(org.name.clone());
+        }
+    }
+    p
+}
+
+/// Looks up accounts, memberships, desk-customer links and agents for `addresses`.
+async fn lookup_people(
+    conn: &mut AnyConnection,
+    desk: &DeskKey,
+    addresses: &[&EmailAddress],
+    orgs: &OrgIndex,
+) -> Result<HashMap<String, Person>, StoreError> {
+    let mut out: HashMap<String, Person> = HashMap::with_capacity(addresses.len());
+    if addresses.is_empty() {
+        return Ok(out);
+    }
+    for a in addresses {
+        out.insert(a.as_str().to_string(), blank_person(a, desk, orgs));
+    }
+
+    let in_list = placeholders(2, addresses.len());
+    let sql = format!(
+        "SELECT a.id, a.address, a.kind, a.status, a.last_verification_sent_at, a.undeliverable_at, \
+           CASE WHEN EXISTS (SELECT 1 FROM desk_customers dc WHERE dc.account_id = a.id AND dc.desk = $1) \
+             OR EXISTS (SELECT 1 FROM organization_members m JOIN organization_desks od \
+                        ON od.organization_id = m.organization_id WHERE m.account_id = a.id AND od.desk = $1) \
+             OR EXISTS (SELECT 1 FROM group_members gm JOIN group_desks gd \
+                        ON gd.group_id = gm.group_id WHERE gm.account_id = a.id AND gd.desk = $1) \
+           THEN 1 ELSE 0 END AS desk_customer \
+         FROM accounts a WHERE a.address IN ({in_list})"
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(desk.as_str());
+    for a in addresses {
+        q = q.bind(a.as_str());
+    }
+    let rows = q.fetch_all(&mut *conn).await.ctx("look up accounts")?;
+    let mut by_id: HashMap<i64, String> = HashMap::new();
+    for row in rows {
+        let id: i64 = row.try_get(0).ctx("read account")?;
+        let address: String = row.try_get(1).ctx("read account")?;
+        let kind: String = row.try_get(2).ctx("read account")?;
+        let status: String = row.try_get(3).ctx("read account")?;
+        let last_sent: Option<i64> = row.try_get(4).ctx("read account")?;
+        let undeliverable: Option<i64> = row.try_get(5).ctx("read account")?;
+        let desk_customer: i64 = row.try_get(6).ctx("read account")?;
+        let kind = AccountKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("account {address} has kind {kind:?}")))?;
+        let status = AccountStatus::parse(&status).ok_or_else(|| {
+            StoreError::Corrupt(format!("account {address} has status {status:?}"))
+        })?;
+        if let Some(p) = out.get_mut(&address) {
+            p.undeliverable = undeliverable.is_some();
+            p.account = Some(AccountFacts {
+                kind,
+                status,
+                organizations: Vec::new(),
+                desk_customer: desk_customer != 0,
+                last_verification_sent_at: last_sent,
+            });
+            by_id.insert(id, address);
+        }
+    }
+
+    if !by_id.is_empty() {
+        let ids: Vec<i64> = by_id.keys().copied().collect();
+        let sql = format!(
+            "SELECT m.account_id, o.name FROM organization_members m \
+             JOIN organizations o ON o.id = m.organization_id \
+             WHERE m.account_id IN ({}) ORDER BY o.name",
+            placeholders(1, ids.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in &ids {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *conn).await.ctx("look up memberships")? {
+            let id: i64 = row.try_get(0).ctx("read membership")?;
+            let name: String = row.try_get(1).ctx("read membership")?;
+            if let Some(acc) = by_id
+                .get(&id)
+                .and_then(|a| out.get_mut(a))
+                .and_then(|p| p.account.as_mut())
+            {
+                acc.organizations.push(name);
+            }
+        }
+    }
+
+    let sql = format!(
+        "SELECT a.address FROM agents a JOIN agent_desks d ON d.agent_id = a.id \
+         WHERE d.desk = $1 AND a.address IN ({in_list})"
+    );
+    let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(desk.as_str());
+    for a in addresses {
+        q = q.bind(a.as_str());
+    }
+    for address in q.fetch_all(&mut *conn).await.ctx("look up agents")? {
+        if let Some(p) = out.get_mut(&address) {
+            p.agent = true;
+        }
+    }
+    Ok(out)
+}
+
+/// Finds the request a reply belongs to: by In-Reply-To/References first, then by a
+/// `[KEY-N]` in the subject (the policy checks the sender is on that request).
+async fn find_thread(
+    conn: &mut AnyConnection,
+    msg: &InboundMessage,
+    desk: &DeskKey,
+) -> Result<Option<Thread>, StoreError> {
+    let mut ids: Vec<&str> = msg.in_reply_to.iter().map(String::as_str).collect();
+    for r in msg.references.iter().rev() {
+        if !ids.contains(&r.as_str()) {
+            ids.push(r);
+        }
+    }
+    ids.truncate(50);
+    if !ids.is_empty() {
+        let sql = format!(
+            "SELECT t.request_id FROM thread_refs t WHERE t.desk = $1 AND t.message_id IN ({}) \
+             ORDER BY t.request_id DESC LIMIT 1",
+            placeholders(2, ids.len())
+        );
+        let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(desk.as_str());
+        for id in &ids {
+            q = q.bind(*id);
+        }
+        if let Some(request_id) = q.fetch_optional(&mut *conn).await.ctx("find thread")? {
+            return load_thread(conn, request_id, ThreadMatch::MessageId).await;
+        }
+    }
+    if let Some(subject) = &msg.subject {
+        for key in RequestKey::find_in_subject(subject) {
+            if key.desk() != desk {
+                continue;
+            }
+            let id: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM requests WHERE request_key = $1 AND status IN ('open', 'held')",
+            )
+            .bind(key.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .ctx("find request by key")?;
+            if let Some(id) = id {
+                return load_thread(conn, id, ThreadMatch::SubjectKey).await;
+            }
+        }
+    }
+    Ok(None)
+}
+
+async fn load_thread(
+    conn: &mut AnyConnection,
+    request_id: i64,
+    matched_by: ThreadMatch,
+) -> Result<Option<Thread>, StoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT request_key, status, reporter_address, reporter_account_id FROM requests WHERE id = $1",
+    )
+    .bind(request_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .ctx("load request")?
+    else {
+        return Ok(None);
+    };
+    let key: String = row.try_get(0).ctx("read request")?;
+    let status: String = row.try_get(1).ctx("read request")?;
+    let reporter: String = row.try_get(2).ctx("read request")?;
+    let reporter_account: Option<i64> = row.try_get(3).ctx("read request")?;
+    let Some(status) = RequestStatus::parse(&status) else {
+        // Expired held requests are not threaded into.
+        return Ok(None);
+    };
+    let key =
+        RequestKey::parse(&key).map_err(|_| StoreError::Corrupt(format!("request key {key:?}")))?;
+    let reporter = EmailAddress::parse(&reporter)
+        .map_err(|_| StoreError::Corrupt(format!("reporter address {reporter:?}")))?;
+    let participants: Vec<String> = sqlx::query_scalar(
+        "SELECT a.address FROM participants p JOIN accounts a ON a.id = p.account_id WHERE p.request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_all(&mut *conn)
+    .await
+    .ctx("load participants")?;
+    let reporter_organizations: Vec<String> = match reporter_account {
+        Some(id) => sqlx::query_scalar(
+            "SELECT o.name FROM organization_members m JOIN organizations o ON o.id = m.organization_id \
+             WHERE m.account_id = $1",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("load reporter organizations")?,
+        None => Vec::new(),
+    };
+    Ok(Some(Thread {
+        key,
+        status,
+        matched_by,
+        reporter,
+        reporter_organizations,
+        participants: participants
+            .iter()
+            .filter_map(|a| EmailAddress::parse(a).ok())
+            .collect(),
+    }))
+}

@@ -1,0 +1,290 @@
+//! All SQL lives here. One schema, two engines: SQLite (the embedded default, WAL) and
+//! PostgreSQL (scale-out), reached through sqlx's `Any` driver so that every query is
+//! written once. The SQL is the common subset of both (`$N` parameters, `RETURNING`,
+//! `ON CONFLICT`); the few places that differ ask [`Backend`].
+//!
+//! Times are unix seconds in BIGINT columns; enums are TEXT with CHECK constraints.
+
+mod apply;
+mod directory;
+mod facts;
+mod queries;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::config::DatabaseConfig;
+
+pub use apply::{
+    ApplyInput, ApplyResult, MailContext, MailRenderer, QuarantineRecord, RenderedMail, SourceRef,
+    apply, claim_ledger, dedupe_key, new_token, record_quarantine, token_hash,
+};
+pub use directory::{DirectorySync, OrgIndex};
+pub use facts::gather_facts;
+pub use queries::*;
+
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to database {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot migrate database")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("database error while trying to {context}")]
+    Query {
+        context: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("unexpected data in the database: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// True when retrying later may succeed (connection lost, database busy or restarting).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect { .. } => true,
+            StoreError::Query { source, .. } => is_transient_sqlx(source),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => is_transient_sqlx(e),
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn is_transient_sqlx(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            // SQLite: SQLITE_BUSY (5) and its extended codes, SQLITE_LOCKED (6).
+            // PostgreSQL: connection exceptions (08...), serialization failure, deadlock,
+            // admin/crash shutdown, cannot connect now.
+            matches!(code.as_str(), "5" | "6" | "261" | "517" | "262")
+                || code.starts_with("08")
+                || matches!(
+                    code.as_str(),
+                    "40001" | "40P01" | "57P01" | "57P02" | "57P03"
+                )
+        }
+        _ => false,
+    }
+}
+
+/// Adds what we were doing to a sqlx error.
+pub(crate) trait Context<T> {
+    fn ctx(self, context: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for Result<T, sqlx::Error> {
+    fn ctx(self, context: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Query { context, source })
+    }
+}
+
+/// The database handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    /// SQLite has one writer at a time; queueing writers here, in process, is fairer and
+    /// faster than letting them spin in SQLite's busy handler.
+    write_lock: Arc<Mutex<()>>,
+}
+
+/// A write transaction. On SQLite it holds the in-process write lock and was opened with
+/// `BEGIN IMMEDIATE`, so it can never fail to upgrade from reader to writer halfway.
+pub struct WriteTx {
+    pub tx: Transaction<'static, Any>,
+    _guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await.ctx("commit")
+    }
+
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        self.tx.rollback().await.ctx("roll back")
+    }
+
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+}
+
+impl Store {
+    /// Connects (creating a SQLite file and its directory when needed). Does not migrate.
+    pub async fn connect(db: &DatabaseConfig) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let raw_url = db.url.expose_secret();
+        let backend = if raw_url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
+        let url = match backend {
+            Backend::Sqlite => prepare_sqlite_url(raw_url).map_err(|e| StoreError::Connect {
+                url: db.redacted_url(),
+                source: sqlx::Error::Io(e),
+            })?,
+            Backend::Postgres => raw_url.to_string(),
+        };
+        let options: AnyConnectOptions = url.parse().map_err(|source| StoreError::Connect {
+            url: db.redacted_url(),
+            source,
+        })?;
+        let mut pool = AnyPoolOptions::new()
+            .max_connections(db.max_connections)
+            .acquire_timeout(Duration::from_secs(30));
+        if backend == Backend::Sqlite {
+            pool = pool.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // synchronous=FULL: a commit is on disk before we acknowledge a source.
+                    sqlx::raw_sql(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON;",
+                    )
+                    .execute(conn)
+                    .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: db.redacted_url(),
+                source,
+            })?;
+        Ok(Store {
+            pool,
+            backend,
+            write_lock: Arc::new(Mutex::new(())),
+        })
+    }
+
+    /// Connects and brings the schema up to date.
+    pub async fn open(db: &DatabaseConfig) -> Result<Store, StoreError> {
+        let store = Store::connect(db).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATOR,
+            Backend::Postgres => &POSTGRES_MIGRATOR,
+        };
+        migrator.run(&self.pool).await.map_err(StoreError::Migrate)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn acquire(&self) -> Result<PoolConnection<Any>, StoreError> {
+        self.pool.acquire().await.ctx("get a database connection")
+    }
+
+    /// Opens a write transaction (see [`WriteTx`]).
+    pub async fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        match self.backend {
+            Backend::Sqlite => {
+                let guard = self.write_lock.clone().lock_owned().await;
+                let tx = self
+                    .pool
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .ctx("begin a transaction")?;
+                Ok(WriteTx {
+                    tx,
+                    _guard: Some(guard),
+                })
+            }
+            Backend::Postgres => {
+                let tx = self.pool.begin().await.ctx("begin a transaction")?;
+                Ok(WriteTx { tx, _guard: None })
+            }
+        }
+    }
+
+    /// A cheap round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.acquire().await?;
+        conn.ping().await.ctx("ping the database")
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Makes sure the directory of a SQLite file exists and asks sqlx to create the file.
+fn prepare_sqlite_url(url: &str) -> std::io::Result<String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    if path != ":memory:"
+        && !path.is_empty()
+        && let Some(parent) = std::path::Path::new(path).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(match query {
+        Some(q) if q.contains("mode=") => url.to_string(),
+        Some(_) => format!("{url}&mode=rwc"),
+        None => format!("{url}?mode=rwc"),
+    })
+}
+
+/// `$start, $start+1, ...` placeholders for an IN list of `n` values.
+pub(crate) fn placeholders(start: usize, n: usize) -> String {
+    let mut s = String::with_capacity(n * 4);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('$');
+        s.push_str(&(start + i).to_string());
+    }
+    s
+}

@@ -1,0 +1,612 @@
+//! Read models for the CLI and the outbox worker's queue operations.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use super::{Backend, Context, Store, StoreError};
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RequestRow {
+    pub key: String,
+    pub desk: String,
+    pub status: String,
+    pub reporter: String,
+    pub subject: String,
+    pub created_at: i64,
+    pub participants: i64,
+    pub comments: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PersonRow {
+    pub address: String,
+    pub display_name: Option<String>,
+    pub kind: String,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CommentRow {
+    pub author: String,
+    pub body: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AttachmentRow {
+    pub filename: String,
+    pub content_type: String,
+    pub size: i64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RequestDetail {
+    #[serde(flatten)]
+    pub request: RequestRow,
+    pub description: String,
+    pub held_until: Option<i64>,
+    pub participant_list: Vec<PersonRow>,
+    pub comment_list: Vec<CommentRow>,
+    pub attachments: Vec<AttachmentRow>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AccountRow {
+    pub address: String,
+    pub display_name: Option<String>,
+    pub kind: String,
+    pub status: String,
+    pub origin: String,
+    pub created_at: i64,
+    pub organizations: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: i64,
+    pub desk: Option<String>,
+    pub action: String,
+    pub reason: String,
+    pub request: Option<String>,
+    pub role: String,
+    pub outcome: String,
+    pub address_reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AccountDetail {
+    #[serde(flatten)]
+    pub account: AccountRow,
+    pub verified_at: Option<i64>,
+    pub undeliverable_at: Option<i64>,
+    pub desks: Vec<String>,
+    pub reported: Vec<String>,
+    pub participating: Vec<String>,
+    pub history: Vec<AuditEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub id: i64,
+    pub source: String,
+    pub source_ref: String,
+    pub desk: Option<String>,
+    pub message_id: Option<String>,
+    pub action: String,
+    pub reason: String,
+    pub detail: Option<String>,
+    pub request: Option<String>,
+    pub sender: Option<String>,
+    pub subject: Option<String>,
+    pub processed_at: i64,
+    pub quarantine_ref: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub kind: String,
+    pub desk: Option<String>,
+    pub to: String,
+    pub from: String,
+    pub subject: String,
+    pub body_text: String,
+    pub message_id: String,
+    pub in_reply_to: Option<String>,
+    pub request: Option<String>,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RequestFilter {
+    pub desk: Option<String>,
+    pub status: Option<String>,
+    pub reporter: Option<String>,
+    pub limit: i64,
+}
+
+fn request_row(row: &AnyRow) -> Result<RequestRow, StoreError> {
+    Ok(RequestRow {
+        key: row.try_get(0).ctx("read request")?,
+        desk: row.try_get(1).ctx("read request")?,
+        status: row.try_get(2).ctx("read request")?,
+        reporter: row.try_get(3).ctx("read request")?,
+        subject: row.try_get(4).ctx("read request")?,
+        created_at: row.try_get(5).ctx("read request")?,
+        participants: row.try_get(6).ctx("read request")?,
+        comments: row.try_get(7).ctx("read request")?,
+    })
+}
+
+const REQUEST_COLUMNS: &str = "r.request_key, r.desk, r.status, r.reporter_address, r.subject, r.created_at, \
+     (SELECT COUNT(*) FROM participants p WHERE p.request_id = r.id), \
+     (SELECT COUNT(*) FROM comments c WHERE c.request_id = r.id)";
+
+fn ledger_row(row: &AnyRow) -> Result<LedgerRow, StoreError> {
+    Ok(LedgerRow {
+        id: row.try_get(0).ctx("read ledger")?,
+        source: row.try_get(1).ctx("read ledger")?,
+        source_ref: row.try_get(2).ctx("read ledger")?,
+        desk: row.try_get(3).ctx("read ledger")?,
+        message_id: row.try_get(4).ctx("read ledger")?,
+        action: row.try_get(5).ctx("read ledger")?,
+        reason: row.try_get(6).ctx("read ledger")?,
+        detail: row.try_get(7).ctx("read ledger")?,
+        request: row.try_get(8).ctx("read ledger")?,
+        sender: row.try_get(9).ctx("read ledger")?,
+        subject: row.try_get(10).ctx("read ledger")?,
+        processed_at: row.try_get(11).ctx("read ledger")?,
+        quarantine_ref: row.try_get(12).ctx("read ledger")?,
+    })
+}
+
+const LEDGER_COLUMNS: &str = "id, source, source_ref, desk, message_id, action, reason, detail, \
+     request_key, sender, subject, processed_at, quarantine_ref";
+
+fn outbox_row(row: &AnyRow) -> Result<OutboxRow, StoreError> {
+    Ok(OutboxRow {
+        id: row.try_get(0).ctx("read outbox")?,
+        kind: row.try_get(1).ctx("read outbox")?,
+        desk: row.try_get(2).ctx("read outbox")?,
+        to: row.try_get(3).ctx("read outbox")?,
+        from: row.try_get(4).ctx("read outbox")?,
+        subject: row.try_get(5).ctx("read outbox")?,
+        body_text: row.try_get(6).ctx("read outbox")?,
+        message_id: row.try_get(7).ctx("read outbox")?,
+        in_reply_to: row.try_get(8).ctx("read outbox")?,
+        request: row.try_get(9).ctx("read outbox")?,
+        status: row.try_get(10).ctx("read outbox")?,
+        attempts: row.try_get(11).ctx("read outbox")?,
+        next_attempt_at: row.try_get(12).ctx("read outbox")?,
+        last_error: row.try_get(13).ctx("read outbox")?,
+        created_at: row.try_get(14).ctx("read outbox")?,
+    })
+}
+
+const OUTBOX_COLUMNS: &str = "id, kind, desk, to_address, from_address, subject, body_text, message_id, \
+     in_reply_to, request_key, status, attempts, next_attempt_at, last_error, created_at";
+
+impl Store {
+    pub async fn list_requests(&self, f: &RequestFilter) -> Result<Vec<RequestRow>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS} FROM requests r \
+             WHERE ($1 = '' OR r.desk = $1) AND ($2 = '' OR r.status = $2) AND ($3 = '' OR r.reporter_address = $3) \
+             ORDER BY r.id DESC LIMIT $4"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(f.desk.clone().unwrap_or_default())
+            .bind(f.status.clone().unwrap_or_default())
+            .bind(f.reporter.clone().unwrap_or_default())
+            .bind(if f.limit > 0 { f.limit } else { 100 })
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("list requests")?;
+        rows.iter().map(request_row).collect()
+    }
+
+    pub async fn show_request(&self, key: &str) -> Result<RequestDetail, StoreError> {
+        let mut conn = self.acquire().await?;
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS}, r.id, r.description, r.held_until FROM requests r WHERE r.request_key = $1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await
+            .ctx("load a request")?
+            .ok_or_else(|| StoreError::NotFound(format!("no request {key}")))?;
+        let request = request_row(&row)?;
+        let id: i64 = row.try_get(8).ctx("read request")?;
+        let description: String = row.try_get(9).ctx("read request")?;
+        let held_until: Option<i64> = row.try_get(10).ctx("read request")?;
+        let participant_list = sqlx::query(
+            "SELECT a.address, a.display_name, a.kind, a.status FROM participants p \
+             JOIN accounts a ON a.id = p.account_id WHERE p.request_id = $1 ORDER BY a.address",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("load participants")?
+        .iter()
+        .map(|r| {
+            Ok(PersonRow {
+                address: r.try_get(0).ctx("read participant")?,
+                display_name: r.try_get(1).ctx("read participant")?,
+                kind: r.try_get(2).ctx("read participant")?,
+                status: r.try_get(3).ctx("read participant")?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        let comment_list = sqlx::query(
+            "SELECT author_address, body, created_at FROM comments WHERE request_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("load comments")?
+        .iter()
+        .map(|r| {
+            Ok(CommentRow {
+                author: r.try_get(0).ctx("read comment")?,
+                body: r.try_get(1).ctx("read comment")?,
+                created_at: r.try_get(2).ctx("read comment")?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        let attachments = sqlx::query(
+            "SELECT filename, content_type, size, sha256 FROM attachments WHERE request_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("load attachments")?
+        .iter()
+        .map(|r| {
+            Ok(AttachmentRow {
+                filename: r.try_get(0).ctx("read attachment")?,
+                content_type: r.try_get(1).ctx("read attachment")?,
+                size: r.try_get(2).ctx("read attachment")?,
+                sha256: r.try_get(3).ctx("read attachment")?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(RequestDetail {
+            request,
+            description,
+            held_until,
+            participant_list,
+            comment_list,
+            attachments,
+        })
+    }
+
+    pub async fn list_accounts(
+        &self,
+        kind: Option<&str>,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AccountRow>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let rows = sqlx::query(
+            "SELECT id, address, display_name, kind, status, origin, created_at FROM accounts \
+             WHERE ($1 = '' OR kind = $1) AND ($2 = '' OR status = $2) ORDER BY address LIMIT $3",
+        )
+        .bind(kind.unwrap_or_default())
+        .bind(status.unwrap_or_default())
+        .bind(if limit > 0 { limit } else { 1000 })
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("list accounts")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = row.try_get(0).ctx("read account")?;
+            out.push(account_row(&mut conn, id, row).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn show_account(&self, address: &str) -> Result<AccountDetail, StoreError> {
+        let mut conn = self.acquire().await?;
+        let row = sqlx::query(
+            "SELECT id, address, display_name, kind, status, origin, created_at, verified_at, undeliverable_at \
+             FROM accounts WHERE address = $1",
+        )
+        .bind(address)
+        .fetch_optional(&mut *conn)
+        .await
+        .ctx("load an account")?
+        .ok_or_else(|| StoreError::NotFound(format!("no account {address}")))?;
+        let id: i64 = row.try_get(0).ctx("read account")?;
+        let account = account_row(&mut conn, id, &row).await?;
+        let desks: Vec<String> = sqlx::query_scalar(
+            "SELECT desk FROM desk_customers WHERE account_id = $1 \
+             UNION SELECT od.desk FROM organization_desks od JOIN organization_members m \
+               ON m.organization_id = od.organization_id WHERE m.account_id = $1 \
+             UNION SELECT gd.desk FROM group_desks gd JOIN group_members gm \
+               ON gm.group_id = gd.group_id WHERE gm.account_id = $1 ORDER BY 1",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("load desks of an account")?;
+        let reported: Vec<String> = sqlx::query_scalar(
+            "SELECT request_key FROM requests WHERE reporter_address = $1 ORDER BY id",
+        )
+        .bind(address)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("load reported requests")?;
+        let participating: Vec<String> = sqlx::query_scalar(
+            "SELECT r.request_key FROM participants p JOIN requests r ON r.id = p.request_id \
+             WHERE p.account_id = $1 ORDER BY r.id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("load participations")?;
+        let history = audit_for(&mut conn, address).await?;
+        Ok(AccountDetail {
+            account,
+            verified_at: row.try_get(7).ctx("read account")?,
+            undeliverable_at: row.try_get(8).ctx("read account")?,
+            desks,
+            reported,
+            participating,
+            history,
+        })
+    }
+
+    /// Every decision that touched `address`, oldest first.
+    pub async fn audit_for_address(&self, address: &str) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut conn = self.acquire().await?;
+        audit_for(&mut conn, address).await
+    }
+
+    pub async fn list_ledger(
+        &self,
+        action: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let sql = format!(
+            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE ($1 = '' OR action = $1) ORDER BY id DESC LIMIT $2"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(action.unwrap_or_default())
+            .bind(if limit > 0 { limit } else { 100 })
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("list the ledger")?;
+        rows.iter().map(ledger_row).collect()
+    }
+
+    /// Quarantined messages not yet released.
+    pub async fn list_quarantine(&self) -> Result<Vec<LedgerRow>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let sql = format!(
+            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE action = 'quarantine' AND released_at IS NULL ORDER BY id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("list quarantine")?;
+        rows.iter().map(ledger_row).collect()
+    }
+
+    pub async fn mark_released(&self, ledger_id: i64, now: i64) -> Result<(), StoreError> {
+        let mut conn = self.acquire().await?;
+        sqlx::query("UPDATE ledger SET released_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(ledger_id)
+            .execute(&mut *conn)
+            .await
+            .ctx("mark a quarantined message released")?;
+        Ok(())
+    }
+
+    /// Counts of ledger rows by action and reason, for summaries.
+    pub async fn ledger_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let rows = sqlx::query(
+            "SELECT action, reason, COUNT(*) FROM ledger GROUP BY action, reason ORDER BY action, reason",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("count the ledger")?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).ctx("read counts")?,
+                    r.try_get(1).ctx("read counts")?,
+                    r.try_get(2).ctx("read counts")?,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn list_outbox(
+        &self,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let sql = format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE ($1 = '' OR status = $1) ORDER BY id DESC LIMIT $2"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(status.unwrap_or_default())
+            .bind(if limit > 0 { limit } else { 100 })
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("list the outbox")?;
+        rows.iter().map(outbox_row).collect()
+    }
+
+    /// Claims up to `limit` due outbox rows for sending: they are marked `sending` with a
+    /// lease (`next_attempt_at = now + lease_secs`), so a worker that dies mid-send leaves
+    /// them to be picked up again when the lease runs out. On PostgreSQL concurrent
+    /// workers skip each other's rows (`FOR UPDATE SKIP LOCKED`).
+    pub async fn claim_outbox(
+        &self,
+        limit: i64,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut wtx = self.begin_write().await?;
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE status IN ('pending', 'sending') \
+             AND next_attempt_at <= $1 ORDER BY next_attempt_at, id LIMIT $2{lock}"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(limit)
+            .fetch_all(wtx.conn())
+            .await
+            .ctx("find due outgoing mail")?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut r = outbox_row(row)?;
+            sqlx::query(
+                "UPDATE outbox SET status = 'sending', attempts = attempts + 1, next_attempt_at = $1 WHERE id = $2",
+            )
+            .bind(now + lease_secs)
+            .bind(r.id)
+            .execute(wtx.conn())
+            .await
+            .ctx("claim outgoing mail")?;
+            r.attempts += 1;
+            r.status = "sending".into();
+            out.push(r);
+        }
+        wtx.commit().await?;
+        Ok(out)
+    }
+
+    /// Marks a mail sent. The body of mail carrying a one-time link is cleared: the token
+    /// must not outlive its delivery in the database.
+    pub async fn outbox_sent(&self, id: i64, now: i64) -> Result<(), StoreError> {
+        let mut conn = self.acquire().await?;
+        sqlx::query(
+            "UPDATE outbox SET status = 'sent', sent_at = $1, last_error = NULL, \
+               body_text = CASE WHEN kind IN ('verification', 'invitation') \
+                 THEN '(sent; the one-time link is not kept)' ELSE body_text END \
+             WHERE id = $2",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .ctx("mark mail sent")?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: retried at `retry_at`, or `dead` when `retry_at` is None.
+    pub async fn outbox_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.acquire().await?;
+        let error: String = error.chars().take(1000).collect();
+        match retry_at {
+            Some(at) => sqlx::query(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = $1, last_error = $2 WHERE id = $3",
+            )
+            .bind(at)
+            .bind(&error)
+            .bind(id),
+            None => sqlx::query("UPDATE outbox SET status = 'dead', last_error = $1 WHERE id = $2")
+                .bind(&error)
+                .bind(id),
+        }
+        .execute(&mut *conn)
+        .await
+        .ctx("record a failed send")?;
+        Ok(())
+    }
+
+    /// Puts dead (or all failed) mail back in the queue. Returns how many rows changed.
+    pub async fn outbox_retry(&self, id: Option<i64>, now: i64) -> Result<u64, StoreError> {
+        let mut conn = self.acquire().await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $1 \
+             WHERE status = 'dead' AND ($2 < 0 OR id = $2)",
+        )
+        .bind(now)
+        .bind(id.unwrap_or(-1))
+        .execute(&mut *conn)
+        .await
+        .ctx("retry dead mail")?;
+        Ok(done.rows_affected())
+    }
+
+    /// Pending outbox rows (for metrics and shutdown).
+    pub async fn outbox_depth(&self) -> Result<i64, StoreError> {
+        let mut conn = self.acquire().await?;
+        sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE status IN ('pending', 'sending')")
+            .fetch_one(&mut *conn)
+            .await
+            .ctx("count the outbox")
+    }
+}
+
+async fn account_row(
+    conn: &mut AnyConnection,
+    id: i64,
+    row: &AnyRow,
+) -> Result<AccountRow, StoreError> {
+    let organizations: Vec<String> = sqlx::query_scalar(
+        "SELECT o.name FROM organization_members m JOIN organizations o ON o.id = m.organization_id \
+         WHERE m.account_id = $1 ORDER BY o.name",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await
+    .ctx("load organizations of an account")?;
+    Ok(AccountRow {
+        address: row.try_get(1).ctx("read account")?,
+        display_name: row.try_get(2).ctx("read account")?,
+        kind: row.try_get(3).ctx("read account")?,
+        status: row.try_get(4).ctx("read account")?,
+        origin: row.try_get(5).ctx("read account")?,
+        created_at: row.try_get(6).ctx("read account")?,
+        organizations,
+    })
+}
+
+async fn audit_for(conn: &mut AnyConnection, address: &str) -> Result<Vec<AuditEntry>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT a.created_at, a.desk, a.action, a.reason, a.request_key, x.role, x.outcome, x.reason \
+         FROM audit_addresses x JOIN audit a ON a.id = x.audit_id WHERE x.address = $1 ORDER BY a.id",
+    )
+    .bind(address)
+    .fetch_all(&mut *conn)
+    .await
+    .ctx("load the audit trail")?;
+    rows.iter()
+        .map(|r| {
+            Ok(AuditEntry {
+                at: r.try_get(0).ctx("read audit")?,
+                desk: r.try_get(1).ctx("read audit")?,
+                action: r.try_get(2).ctx("read audit")?,
+                reason: r.try_get(3).ctx("read audit")?,
+                request: r.try_get(4).ctx("read audit")?,
+                role: r.try_get(5).ctx("read audit")?,
+                outcome: r.try_get(6).ctx("read audit")?,
+                address_reason: r.try_get(7).ctx("read audit")?,
+            })
+        })
+        .collect()
+}
