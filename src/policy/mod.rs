@@ -22,3 +22,6 @@ pub use model::{
     AddressRule, ChannelAccess, Desk, Hygiene, Policy, Sharing, Signup, SiteAccess, Trust,
     UnknownParticipants,
 };
+
+#[cfg(test)]
+mod tests;
