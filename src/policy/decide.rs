@@ -37,6 +37,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     if facts.duplicate {
         return finish_passive(
             decision,
+            policy,
             facts,
             Action::Ignore,
             Reason::DuplicateMessage,
@@ -46,6 +47,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     let Some(sender) = &facts.sender else {
         return finish_passive(
             decision,
+            policy,
             facts,
             Action::Ignore,
             Reason::NoValidSender,
@@ -56,7 +58,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     decision.requester.display_name = sender.display_name.clone();
 
     if let Some((reason, text)) = hygiene(facts, policy, sender) {
-        return finish_passive(decision, facts, Action::Ignore, reason, text);
+        return finish_passive(decision, policy, facts, Action::Ignore, reason, text);
     }
 
     // Trust: internal identities must be authenticated when required.
@@ -75,6 +77,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
         };
         return finish_passive(
             decision,
+            policy,
             facts,
             Action::Reject,
             Reason::UnauthenticatedSender,
@@ -112,6 +115,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     {
         return finish_passive(
             decision,
+            policy,
             facts,
             Action::Reject,
             Reason::RateLimited,
@@ -129,7 +133,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
         Ok(r) => r,
         Err((reason, text)) => {
             let text = format!("{text}{agent_note}");
-            let mut d = finish_passive(decision, facts, Action::Reject, reason, text);
+            let mut d = finish_passive(decision, policy, facts, Action::Reject, reason, text);
             if policy.access.rejection_notices
                 && verdict.authenticated
                 && !sender.undeliverable
@@ -170,11 +174,13 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
             .recipients
             .iter()
             .map(|p| {
-                drop(
-                    p,
-                    Reason::RequestHeld,
-                    "decided when the held request is released".into(),
-                )
+                own_address(p, policy).unwrap_or_else(|| {
+                    drop(
+                        p,
+                        Reason::RequestHeld,
+                        "decided when the held request is released".into(),
+                    )
+                })
             })
             .collect();
         return decision;
@@ -251,6 +257,7 @@ fn reason_deserves_notice(reason: Reason) -> bool {
 /// is dropped, and no mail is sent.
 fn finish_passive(
     mut d: Decision,
+    policy: &Policy,
     facts: &Facts,
     action: Action,
     reason: Reason,
@@ -268,14 +275,28 @@ fn finish_passive(
         .recipients
         .iter()
         .map(|p| {
-            drop(
-                p,
-                Reason::MessageNotProcessed,
-                format!("the message was not processed ({})", reason.code()),
-            )
+            own_address(p, policy).unwrap_or_else(|| {
+                drop(
+                    p,
+                    Reason::MessageNotProcessed,
+                    format!("the message was not processed ({})", reason.code()),
+                )
+            })
         })
         .collect();
     d
+}
+
+/// Desk addresses are never people: on To/Cc they are dropped as `own_address`,
+/// whatever else happens to the message.
+fn own_address(p: &Person, policy: &Policy) -> Option<ParticipantDecision> {
+    policy.desk_for_address(&p.address).map(|d| {
+        drop(
+            p,
+            Reason::OwnAddress,
+            format!("{} is an address of desk {}", p.address, d.key),
+        )
+    })
 }
 
 fn hygiene(facts: &Facts, policy: &Policy, sender: &Person) -> Option<(Reason, String)> {

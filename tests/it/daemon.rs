@@ -1,0 +1,175 @@
+//! `intake run` as a real process: a Maildir watched, quarantine, outbox written, clean
+//! shutdown on SIGTERM, and re-delivery after a restart doing nothing twice.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn deliver_to_maildir(maildir: &Path, name: &str, fixture_name: &str) {
+    // Maildir delivery: write in tmp/, rename into new/.
+    std::fs::create_dir_all(maildir.join("tmp")).unwrap();
+    std::fs::create_dir_all(maildir.join("new")).unwrap();
+    let tmp = maildir.join("tmp").join(name);
+    std::fs::copy(fixture(fixture_name), &tmp).unwrap();
+    std::fs::rename(&tmp, maildir.join("new").join(name)).unwrap();
+}
+
+fn count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start(env: &Env) -> Child {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(&env.config)
+        .arg("run")
+        .current_dir(env.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start intake run")
+}
+
+fn stop(mut child: Child) -> String {
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let log = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(status.success(), "intake run exited with {status}:\n{log}");
+            return log;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "SIGTERM did not stop intake run"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn daemon_processes_a_maildir_and_stops_cleanly() {
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let maildir = env.path("maildir");
+        deliver_to_maildir(&maildir, "1.eml", "outsider-new.eml");
+        deliver_to_maildir(&maildir, "2.eml", "auto-reply.eml");
+        deliver_to_maildir(&maildir, "3.eml", "unparseable.eml");
+        let child = start(&env);
+        wait_for("the first messages", Duration::from_secs(20), || {
+            count(&maildir.join("new")) == 0
+        });
+        // A message arriving while it runs is picked up too.
+        deliver_to_maildir(&maildir, "4.eml", "reply-by-reporter.eml");
+        wait_for("the reply", Duration::from_secs(20), || {
+            count(&maildir.join("new")) == 0
+        });
+        wait_for("the invitation mail", Duration::from_secs(20), || {
+            !env.outbox_files().is_empty()
+        });
+        let log = stop(child);
+        assert!(log.contains("intake running"), "{log}");
+        assert!(log.contains("stopped"), "{log}");
+
+        assert_eq!(count(&maildir.join("cur")), 3, "processed mail is in cur/");
+        let quarantined: Vec<_> = std::fs::read_dir(maildir.join(".Quarantine/cur"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
+        assert_eq!(quarantined.len(), 1);
+        assert_eq!(
+            std::fs::read(quarantined[0].path()).unwrap(),
+            std::fs::read(fixture("unparseable.eml")).unwrap()
+        );
+        let requests = env.requests();
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(requests[0]["comments"], 1);
+        let q = env.json(&["quarantine", "list", "--json"]);
+        assert_eq!(q[0]["source"], "maildir:inbox");
+        assert_eq!(
+            q[0]["quarantine_ref"].as_str().unwrap(),
+            quarantined[0].path().display().to_string()
+        );
+
+        // The same message delivered again after a restart is a no-op.
+        deliver_to_maildir(&maildir, "5.eml", "outsider-new.eml");
+        let child = start(&env);
+        wait_for("the redelivery", Duration::from_secs(20), || {
+            count(&maildir.join("new")) == 0
+        });
+        stop(child);
+        assert_eq!(env.requests().len(), 1);
+        assert_eq!(env.outbox_files().len(), 1, "no second invitation");
+        let ledger = env.json(&["requests", "show", "IT-1", "--json"]);
+        assert_eq!(ledger["comments"], 1);
+    }
+}
+
+#[test]
+fn oversized_maildir_message_is_quarantined_unread() {
+    let env = Env::with_extra(
+        Backend::Sqlite,
+        &Site::default(),
+        &DeskSettings::default(),
+        "[limits]\nmax_message_size = 2000\n",
+    );
+    let maildir = env.path("maildir");
+    std::fs::create_dir_all(maildir.join("new")).unwrap();
+    let mut big = std::fs::read(fixture("outsider-new.eml")).unwrap();
+    big.extend(std::iter::repeat_n(b'x', 5000));
+    std::fs::write(maildir.join("new").join("big.eml"), &big).unwrap();
+    let child = start(&env);
+    wait_for("the big message", Duration::from_secs(20), || {
+        count(&maildir.join("new")) == 0
+    });
+    stop(child);
+    let q = env.json(&["quarantine", "list", "--json"]);
+    assert_eq!(q[0]["reason"], "oversized", "{q:#}");
+    assert_eq!(
+        q[0]["sender"], "olga@outside.example",
+        "headers were read: {q:#}"
+    );
+    let kept = q[0]["quarantine_ref"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read(kept).unwrap(),
+        big,
+        "the whole message is kept"
+    );
+    assert!(env.requests().is_empty());
+
+    // After raising the limit, releasing it processes it.
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("max_message_size = 2000", "max_message_size = 100000");
+    std::fs::write(&env.config, text).unwrap();
+    let id = q[0]["id"].as_i64().unwrap().to_string();
+    let out = env.intake(&["quarantine", "release", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("create_request"));
+    assert_eq!(env.requests().len(), 1);
+    assert!(
+        env.json(&["quarantine", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!Path::new(kept).exists());
+}

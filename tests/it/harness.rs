@@ -1,0 +1,512 @@
+//! Test harness: a throwaway PostgreSQL cluster (once per test process), a temp dir and
+//! config per test, and helpers to run the real `intake` binary.
+//!
+//! PostgreSQL: `INTAKE_TEST_DATABASE_URL` (a superuser URL) is used when set; otherwise
+//! the harness runs Debian's `initdb` and `pg_ctl` itself on a free loopback port (as the
+//! `postgres` user when we are root, since both refuse to run as root). A small reaper
+//! process stops the cluster when this test process exits. A missing PostgreSQL is a test
+//! failure, never a skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_intake");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/mail")
+        .join(name)
+}
+
+struct PgCluster {
+    /// Base URL without a database name, e.g. `postgres://postgres@127.0.0.1:5433`.
+    base: String,
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.retain(|p| p.exists());
+    versions.sort();
+    versions
+        .pop()
+        .unwrap_or_else(|| panic!("PostgreSQL's {name} not found under /usr/lib/postgresql: install the postgresql package (.ci/run does)"))
+}
+
+fn as_postgres(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn start_cluster() -> PgCluster {
+    if let Ok(url) = std::env::var("INTAKE_TEST_DATABASE_URL") {
+        let base = match url.rsplit_once('/') {
+            Some((b, _)) if b.contains("://") && b.len() > b.find("://").unwrap_or(0) + 3 => {
+                b.to_string()
+            }
+            _ => url,
+        };
+        return PgCluster { base };
+    }
+    let root = is_root();
+    let dir = std::env::temp_dir().join(format!("intake-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the cluster directory");
+    if root {
+        run_ok(
+            Command::new("chown").arg("postgres:postgres").arg(&dir),
+            "chown the cluster directory",
+        );
+    }
+    let data = dir.join("data");
+    run_ok(
+        as_postgres(root, &pg_bin("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .stdout(Stdio::null()),
+        "initdb",
+    );
+    let port = free_port();
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c max_connections=300",
+        dir.display()
+    );
+    run_ok(
+        as_postgres(root, &pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &opts, "-l"])
+            .arg(dir.join("log"))
+            .args(["-w", "start"])
+            .stdout(Stdio::null()),
+        "pg_ctl start",
+    );
+    // Reaper: stops the cluster and removes it once this test process is gone.
+    let script = format!(
+        "while [ -d /proc/{pid} ]; do sleep 0.5; done; {pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+        pid = std::process::id(),
+        pg_ctl = pg_bin("pg_ctl").display(),
+        data = data.display(),
+        dir = dir.display()
+    );
+    as_postgres(root, Path::new("/bin/sh"))
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the cluster reaper");
+    PgCluster {
+        base: format!("postgres://postgres@127.0.0.1:{port}"),
+    }
+}
+
+fn cluster() -> &'static PgCluster {
+    static PG: OnceLock<PgCluster> = OnceLock::new();
+    PG.get_or_init(start_cluster)
+}
+
+/// A fresh, empty PostgreSQL database; returns its URL.
+pub fn postgres_database() -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let pg = cluster();
+    let name = format!(
+        "intake_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    let psql = Command::new("psql")
+        .arg(format!("{}/postgres", pg.base))
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .output()
+        .expect("run psql");
+    assert!(
+        psql.status.success(),
+        "cannot create database {name}: {}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    format!("{}/{name}", pg.base)
+}
+
+/// Site-wide settings a test varies.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub signup: &'static str,
+    pub approved: &'static [&'static str],
+    pub portal_only: bool,
+    pub external: &'static [&'static str],
+    pub require_auth: bool,
+    pub rejection_notices: bool,
+}
+
+impl Default for Site {
+    fn default() -> Self {
+        Site {
+            signup: "open",
+            approved: &["corp.example"],
+            portal_only: true,
+            external: &[],
+            require_auth: true,
+            rejection_notices: false,
+        }
+    }
+}
+
+/// Settings of the IT desk a test varies (HR is always restricted, sharing none).
+#[derive(Debug, Clone)]
+pub struct DeskSettings {
+    pub channel_access: &'static str,
+    pub sharing: &'static str,
+    pub unknown: &'static str,
+    pub agents_may_add: bool,
+}
+
+impl Default for DeskSettings {
+    fn default() -> Self {
+        DeskSettings {
+            channel_access: "open",
+            sharing: "organization",
+            unknown: "drop",
+            agents_may_add: false,
+        }
+    }
+}
+
+fn list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// One test's world: a temp dir with a config, a database, a Maildir and an outbox dir.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub backend: Backend,
+    pub database_url: String,
+}
+
+impl Env {
+    pub fn new(backend: Backend, site: &Site, desk: &DeskSettings) -> Env {
+        Self::with_extra(backend, site, desk, "")
+    }
+
+    /// `extra` is appended to the generated configuration.
+    pub fn with_extra(backend: Backend, site: &Site, desk: &DeskSettings, extra: &str) -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database_url = match backend {
+            Backend::Sqlite => format!("sqlite://{}", dir.path().join("intake.db").display()),
+            Backend::Postgres => postgres_database(),
+        };
+        let d = dir.path().display();
+        let text = format!(
+            r#"
+[database]
+url = "{database_url}"
+max_connections = 4
+
+[customer_access]
+approved_domains = {approved}
+portal_only_accounts = {portal_only}
+external_domains = {external}
+signup = "{signup}"
+rejection_notices = {notices}
+
+[trust]
+authserv_ids = ["mx.desk.example"]
+require_authentication = {require_auth}
+
+[[desks]]
+key = "IT"
+name = "IT Service Desk"
+addresses = ["it@desk.example", "help@desk.example"]
+channel_access = "{access}"
+sharing = "{sharing}"
+unknown_participants = "{unknown}"
+agents_may_add_customers = {agents_may_add}
+
+[[desks]]
+key = "HR"
+name = "HR"
+addresses = ["hr@desk.example"]
+channel_access = "restricted"
+sharing = "any"
+unknown_participants = "create"
+
+[[mailboxes]]
+name = "inbox"
+kind = "maildir"
+path = "{d}/maildir"
+desk = "IT"
+poll_interval = "100ms"
+
+[outbox]
+dir = "{d}/outbox"
+message_id_domain = "intake.desk.example"
+poll_interval = "200ms"
+
+[quarantine]
+dir = "{d}/quarantine"
+
+[http]
+public_url = "https://desk.example"
+
+[[directory.organizations]]
+name = "Acme"
+domains = ["acme.example"]
+desks = ["IT"]
+
+[[directory.organizations]]
+name = "Other"
+domains = ["other.example"]
+
+[[directory.accounts]]
+address = "ann@acme.example"
+display_name = "Ann Acme"
+organizations = ["Acme"]
+
+[[directory.accounts]]
+address = "bea@acme.example"
+organizations = ["Acme"]
+
+[[directory.accounts]]
+address = "cy@other.example"
+organizations = ["Other"]
+
+[[directory.accounts]]
+address = "gone@ext.example"
+status = "deactivated"
+
+[[directory.accounts]]
+address = "vic@ext.example"
+desks = ["HR"]
+
+[[directory.agents]]
+address = "agnes@corp.example"
+display_name = "Agnes Agent"
+desks = ["IT", "HR"]
+{extra}
+"#,
+            approved = list(site.approved),
+            portal_only = site.portal_only,
+            external = list(site.external),
+            signup = site.signup,
+            notices = site.rejection_notices,
+            require_auth = site.require_auth,
+            access = desk.channel_access,
+            sharing = desk.sharing,
+            unknown = desk.unknown,
+            agents_may_add = desk.agents_may_add,
+        );
+        let config = dir.path().join("intake.toml");
+        std::fs::write(&config, text).expect("write config");
+        Env {
+            dir,
+            config,
+            backend,
+            database_url,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `intake --config FILE ARGS...` in the test dir.
+    pub fn intake(&self, args: &[&str]) -> Output {
+        self.intake_with_stdin(args, None)
+    }
+
+    pub fn intake_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("CONFIGURATION_DIRECTORY")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("INTAKE__") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd.spawn().expect("run intake");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(input).expect("write stdin");
+        }
+        child.wait_with_output().expect("wait for intake")
+    }
+
+    /// Runs a command that must succeed and returns its stdout as JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = self.intake(args);
+        assert!(
+            out.status.success(),
+            "intake {args:?} failed ({:?}):\n{}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "intake {args:?} printed no JSON ({e}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn explain(&self, fixture_name: &str) -> Value {
+        let path = fixture(fixture_name);
+        self.json(&[
+            "explain",
+            path.to_str().expect("utf-8 path"),
+            "--format",
+            "json",
+        ])
+    }
+
+    /// Processes fixtures with `intake process --json`.
+    pub fn process(&self, fixture_names: &[&str]) -> Value {
+        let paths: Vec<String> = fixture_names
+            .iter()
+            .map(|f| fixture(f).display().to_string())
+            .collect();
+        let mut args = vec!["process", "--json"];
+        args.extend(paths.iter().map(String::as_str));
+        self.json(&args)
+    }
+
+    pub fn requests(&self) -> Vec<Value> {
+        match self.json(&["requests", "list", "--json"]) {
+            Value::Array(a) => a,
+            other => panic!("requests list is not an array: {other}"),
+        }
+    }
+
+    pub fn request(&self, key: &str) -> Value {
+        self.json(&["requests", "show", key, "--json"])
+    }
+
+    pub fn accounts(&self) -> Vec<Value> {
+        match self.json(&["accounts", "list", "--json"]) {
+            Value::Array(a) => a,
+            other => panic!("accounts list is not an array: {other}"),
+        }
+    }
+
+    pub fn account_addresses(&self) -> Vec<String> {
+        self.accounts()
+            .iter()
+            .filter_map(|a| a["address"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// Files the file transport wrote.
+    pub fn outbox_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.path("outbox"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.retain(|p| p.extension().is_some_and(|e| e == "eml"));
+        v.sort();
+        v
+    }
+}
+
+/// `(address, outcome, reason)` of every participant in a decision.
+pub fn participants(decision: &Value) -> Vec<(String, String, String)> {
+    decision["participants"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p["address"].as_str().unwrap_or_default().to_string(),
+                        p["outcome"].as_str().unwrap_or_default().to_string(),
+                        p["reason"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `(to, kind)` of every mail a decision queues.
+pub fn emails(decision: &Value) -> Vec<(String, String)> {
+    decision["emails"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["to"].as_str().unwrap_or_default().to_string(),
+                        e["kind"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn strings(items: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    items
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect()
+}

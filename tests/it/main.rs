@@ -1,0 +1,7 @@
+//! One integration-test binary: the real `intake` binary against real SQLite and
+//! PostgreSQL databases, a real Maildir and the file transport.
+
+mod cli;
+mod daemon;
+mod harness;
+mod policy_paths;
