@@ -138,6 +138,8 @@ fn start_cluster() -> PgCluster {
         data = data.display(),
         dir = dir.display()
     );
+    // The reaper outlives us on purpose: it is reaped by init, not waited for here.
+    #[allow(clippy::zombie_processes)]
     as_postgres(root, Path::new("/bin/sh"))
         .args(["-c", &script])
         .stdin(Stdio::null())

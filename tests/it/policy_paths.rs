@@ -273,7 +273,8 @@ fn hygiene_ignores_automatic_mail() {
 
 #[test]
 fn sharing_and_unknown_participants() {
-    let cases: [(&str, &str, &[(&str, &str, &str)]); 4] = [
+    type Outcomes = &'static [(&'static str, &'static str, &'static str)];
+    let cases: [(&str, &str, Outcomes); 4] = [
         (
             "organization",
             "create",
