@@ -17,7 +17,8 @@ use crate::message::{self, InboundMessage, ParseError};
 use crate::outbox::Templates;
 use crate::policy::{self, Decision, Reason};
 use crate::store::{
-    self, ApplyInput, ApplyResult, OrgIndex, QuarantineRecord, SourceRef, Store, StoreError,
+    self, ApplyInput, ApplyResult, Deferred, DirectoryIndex, Known, QuarantineRecord, SourceRef,
+    Store, StoreError,
 };
 
 /// One message as a source delivers it.
@@ -130,7 +131,7 @@ impl Pipeline {
         desk: Option<&DeskKey>,
         now: i64,
     ) -> Result<Decision, PipelineError> {
-        let msg = match message::parse(raw) {
+        let msg = match message::parse_headers(raw) {
             Ok(m) => m,
             Err(e) => return Ok(Decision::ignored(Reason::Unparseable, e.to_string())),
         };
@@ -146,30 +147,75 @@ impl Pipeline {
         let mut conn = self.store.acquire().await?;
         let duplicate: Option<i64> =
             sqlx::query_scalar("SELECT id FROM ledger WHERE dedupe_key = $1")
-                .bind(store::dedupe_key(Some(&desk), &msg))
+                .bind(store::dedupe_key(
+                    Some(&desk),
+                    &msg,
+                    &message::content_hash(raw),
+                ))
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(|source| StoreError::Query {
                     context: "look up the ledger",
                     source,
                 })?;
-        let orgs = OrgIndex::load(&mut conn).await?;
-        let facts =
-            store::gather_facts(&mut conn, &msg, &desk, &orgs, now, duplicate.is_some()).await?;
-        Ok(policy::decide(&facts, &self.config.policy))
+        let orgs = DirectoryIndex::load(&mut conn).await?;
+        let facts = store::gather_facts(
+            &mut conn,
+            &msg,
+            &desk,
+            &orgs,
+            now,
+            duplicate.is_some(),
+            true,
+        )
+        .await?;
+        Ok(policy::decide(&facts.facts, &self.config.policy))
     }
 
     /// Processes a batch in one transaction. The returned outcomes are in the order of
     /// `batch`; nothing is committed when this returns an error.
+    ///
+    /// The batch first runs straight through. If one message fails for a reason of its
+    /// own, the whole transaction is rolled back and the batch runs again with a savepoint
+    /// per message, so that message is quarantined and the others commit. (Savepoints on
+    /// every message would cost two extra round trips each, for a rare case.)
     pub async fn process_batch(
         &self,
         batch: &[Envelope],
         now: i64,
     ) -> Result<Vec<Outcome>, PipelineError> {
+        let outcomes = match self.run_batch(batch, now, false).await {
+            Err(e) if !e.is_transient() => {
+                tracing::warn!(error = %crate::outbox::error_chain(&e), "a message failed; retrying the batch message by message");
+                self.run_batch(batch, now, true).await?
+            }
+            other => other?,
+        };
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Decided { applied, .. } if applied.emails_queued > 0))
+        {
+            self.outbox_wake.notify_one();
+        }
+        for (env, o) in batch.iter().zip(&outcomes) {
+            let (action, reason) = o.summary();
+            tracing::info!(source = %env.source.source, reference = %env.source.reference, action, reason, "processed");
+        }
+        Ok(outcomes)
+    }
+
+    /// One pass over the batch; with `careful`, each message in its own savepoint and a
+    /// message that fails is quarantined.
+    async fn run_batch(
+        &self,
+        batch: &[Envelope],
+        now: i64,
+        careful: bool,
+    ) -> Result<Vec<Outcome>, PipelineError> {
         let mut wtx = self.store.begin_write().await?;
-        let orgs = OrgIndex::load(wtx.conn()).await?;
+        let index = DirectoryIndex::load(wtx.conn()).await?;
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut queued_mail = false;
+        let mut deferred = Deferred::default();
         for env in batch {
             let span = tracing::info_span!(
                 "message",
@@ -178,11 +224,44 @@ impl Pipeline {
                 message_id = tracing::field::Empty
             );
             let outcome = async {
-                let outcome = self.process_one(wtx.conn(), env, &orgs, now).await;
-                match outcome {
-                    Ok(o) => Ok(o),
+                if !careful {
+                    return self
+                        .process_one(wtx.conn(), env, &index, now, &mut deferred)
+                        .await;
+                }
+                let mut sp = wtx
+                    .conn()
+                    .begin()
+                    .await
+                    .map_err(|source| StoreError::Query {
+                        context: "open a savepoint",
+                        source,
+                    })?;
+                // In careful mode the deferred rows are written inside the savepoint, so a
+                // message that fails leaves nothing behind.
+                let result = match self
+                    .process_one(&mut sp, env, &index, now, &mut deferred)
+                    .await
+                {
+                    Ok(o) => deferred
+                        .flush(&mut sp)
+                        .await
+                        .map(|()| o)
+                        .map_err(Into::into),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(o) => {
+                        sp.commit().await.map_err(|source| StoreError::Query {
+                            context: "release a savepoint",
+                            source,
+                        })?;
+                        Ok(o)
+                    }
                     Err(e) if e.is_transient() => Err(e),
                     Err(e) => {
+                        let _ = sp.rollback().await;
+                        deferred = Deferred::default();
                         let detail = crate::outbox::error_chain(&e);
                         tracing::error!(error = %detail, "processing failed; quarantining");
                         self.quarantine(
@@ -199,34 +278,24 @@ impl Pipeline {
             }
             .instrument(span)
             .await?;
-            if let Outcome::Decided { applied, .. } = &outcome
-                && applied.emails_queued > 0
-            {
-                queued_mail = true;
-            }
             outcomes.push(outcome);
         }
+        deferred.flush(wtx.conn()).await?;
         wtx.commit().await?;
-        if queued_mail {
-            self.outbox_wake.notify_one();
-        }
-        for (env, o) in batch.iter().zip(&outcomes) {
-            let (action, reason) = o.summary();
-            tracing::info!(source = %env.source.source, reference = %env.source.reference, action, reason, "processed");
-        }
         Ok(outcomes)
     }
 
-    /// One message inside its own savepoint.
+    /// One message, on the batch's transaction (or a savepoint of it).
     async fn process_one(
         &self,
         conn: &mut sqlx::AnyConnection,
         env: &Envelope,
-        orgs: &OrgIndex,
+        index: &DirectoryIndex,
         now: i64,
+        deferred: &mut Deferred,
     ) -> Result<Outcome, PipelineError> {
         if env.size > self.config.max_message_size {
-            let partial = message::parse(&env.raw).ok();
+            let partial = message::parse_headers(&env.raw).ok();
             let detail = format!(
                 "{} bytes is over the limit of {} bytes",
                 env.size, self.config.max_message_size
@@ -235,78 +304,63 @@ impl Pipeline {
                 .quarantine(conn, env, partial.as_ref(), Reason::Oversized, &detail, now)
                 .await;
         }
-        let msg = match message::parse(&env.raw) {
+        let mut msg = match message::parse_headers(&env.raw) {
             Ok(m) => m,
-            Err(e @ (ParseError::Empty | ParseError::NoHeaders)) => {
+            Err(e @ (ParseError::Empty | ParseError::NoHeaders | ParseError::ParserFailed)) => {
                 return self
                     .quarantine(conn, env, None, Reason::Unparseable, &e.to_string(), now)
                     .await;
             }
         };
+        let content_hash = message::content_hash(&env.raw);
         if let Some(id) = &msg.message_id {
             tracing::Span::current().record("message_id", id.as_str());
         }
         let desk = self.route(&msg, env.desk.as_ref());
-
-        let mut sp = conn.begin().await.map_err(|source| StoreError::Query {
-            context: "open a savepoint",
-            source,
-        })?;
-        let result = async {
-            let Some(ledger_id) =
-                store::claim_ledger(&mut sp, &env.source, &msg, desk.as_ref(), now).await?
-            else {
-                let decision = match &desk {
-                    Some(d) => {
-                        let facts = store::gather_facts(&mut sp, &msg, d, orgs, now, true).await?;
-                        policy::decide(&facts, &self.config.policy)
-                    }
-                    None => no_desk_decision(),
-                };
-                return Ok(Outcome::Duplicate {
-                    decision: Box::new(decision),
-                });
-            };
+        let count_recent = self.config.policy.hygiene.max_requests_per_sender_per_hour > 0;
+        let claimed =
+            store::claim_ledger(conn, &env.source, &msg, &content_hash, desk.as_ref(), now).await?;
+        let Some(ledger_id) = claimed else {
             let decision = match &desk {
                 Some(d) => {
-                    let facts = store::gather_facts(&mut sp, &msg, d, orgs, now, false).await?;
-                    policy::decide(&facts, &self.config.policy)
+                    let g = store::gather_facts(conn, &msg, d, index, now, true, false).await?;
+                    policy::decide(&g.facts, &self.config.policy)
                 }
                 None => no_desk_decision(),
             };
-            let applied = store::apply(
-                &mut sp,
-                ApplyInput {
-                    msg: &msg,
-                    decision: &decision,
-                    ledger_id,
-                    now,
-                    orgs,
-                    renderer: self.templates.as_ref(),
-                },
-            )
-            .await?;
-            Ok::<_, StoreError>(Outcome::Decided {
+            return Ok(Outcome::Duplicate {
                 decision: Box::new(decision),
-                applied,
-            })
-        }
-        .await;
-        match result {
-            Ok(outcome) => {
-                sp.commit().await.map_err(|source| StoreError::Query {
-                    context: "release a savepoint",
-                    source,
-                })?;
-                Ok(outcome)
+            });
+        };
+        let (decision, known) = match &desk {
+            Some(d) => {
+                let g = store::gather_facts(conn, &msg, d, index, now, false, count_recent).await?;
+                (policy::decide(&g.facts, &self.config.policy), g.known)
             }
-            Err(e) => {
-                // Roll back this message only; the caller decides between quarantine
-                // (a problem with this message) and failing the batch (database trouble).
-                let _ = sp.rollback().await;
-                Err(e.into())
-            }
+            None => (no_desk_decision(), Known::default()),
+        };
+        // Only messages that become (or join) a request need their body decoded.
+        if !decision.is_passive() {
+            msg.set_body(message::parse_body(&env.raw));
         }
+        let applied = store::apply(
+            conn,
+            ApplyInput {
+                msg: &msg,
+                decision: &decision,
+                known: &known,
+                ledger_id,
+                now,
+                orgs: index,
+                renderer: self.templates.as_ref(),
+            },
+            deferred,
+        )
+        .await?;
+        Ok(Outcome::Decided {
+            decision: Box::new(decision),
+            applied,
+        })
     }
 
     async fn quarantine(
@@ -322,7 +376,7 @@ impl Pipeline {
         let msg = match msg {
             Some(m) => Some(m),
             None => {
-                parsed = message::parse(&env.raw).ok();
+                parsed = message::parse_headers(&env.raw).ok();
                 parsed.as_ref()
             }
         };

@@ -16,7 +16,7 @@ use crate::store::SourceRef;
 use super::{Backoff, read_envelope};
 
 /// How many messages are committed together.
-pub const BATCH: usize = 100;
+pub const BATCH: usize = 250;
 
 #[derive(Debug, Clone)]
 pub struct MaildirSource {

@@ -6,8 +6,6 @@ pub mod maildir;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-
 use crate::keys::DeskKey;
 use crate::pipeline::Envelope;
 use crate::store::SourceRef;
@@ -17,7 +15,7 @@ use crate::store::SourceRef;
 const OVERSIZED_HEAD: u64 = 64 * 1024;
 
 /// Reads a message file into an envelope, without reading more than the head of a file
-/// over `max_size`. `None` when the file vanished.
+/// over `max_size`. `None` when the file vanished. One blocking-pool round trip per file.
 pub async fn read_envelope(
     path: &Path,
     max_size: u64,
@@ -25,26 +23,37 @@ pub async fn read_envelope(
     desk: Option<DeskKey>,
     quarantine_ref: String,
 ) -> std::io::Result<Option<Envelope>> {
-    let file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let size = file.metadata().await?.len();
-    let mut raw = Vec::with_capacity(size.min(max_size.saturating_add(1)) as usize);
-    if size > max_size {
-        file.take(OVERSIZED_HEAD).read_to_end(&mut raw).await?;
-    } else {
-        let mut file = file;
-        file.read_to_end(&mut raw).await?;
-    }
-    Ok(Some(Envelope {
-        size: size.max(raw.len() as u64),
+    let path = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || read_message_file(&path, max_size))
+        .await
+        .map_err(std::io::Error::other)??;
+    Ok(read.map(|(raw, size)| Envelope {
         raw,
+        size,
         source,
         desk,
         quarantine_ref,
     }))
+}
+
+/// The bytes of a message file (only its head when it is over `max_size`) and its size.
+fn read_message_file(path: &Path, max_size: u64) -> std::io::Result<Option<(Vec<u8>, u64)>> {
+    use std::io::Read;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let size = file.metadata()?.len();
+    let mut raw = Vec::with_capacity(size.min(max_size.saturating_add(1)) as usize);
+    if size > max_size {
+        file.take(OVERSIZED_HEAD).read_to_end(&mut raw)?;
+    } else {
+        let mut file = file;
+        file.read_to_end(&mut raw)?;
+    }
+    let size = size.max(raw.len() as u64);
+    Ok(Some((raw, size)))
 }
 
 /// Capped exponential backoff with jitter, for reconnects and retries.

@@ -7,7 +7,10 @@
 
 pub mod auth;
 
-use mail_parser::{Address, HeaderValue, MessageParser, MimeHeaders, PartType};
+use std::panic::AssertUnwindSafe;
+use std::sync::OnceLock;
+
+use mail_parser::{Address, HeaderName, HeaderValue, MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -22,6 +25,8 @@ pub enum ParseError {
     Empty,
     #[error("no RFC 5322 header fields found")]
     NoHeaders,
+    #[error("the MIME parser failed on this message")]
+    ParserFailed,
 }
 
 /// A name and a validated address from an address header.
@@ -91,14 +96,26 @@ pub struct InboundMessage {
     pub text_body: String,
     pub attachments: Vec<Attachment>,
     pub size: usize,
-    /// SHA-256 of the raw bytes, hex.
-    pub content_hash: String,
+}
+
+/// The content of a message: what a request or comment stores.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Body {
+    /// The text body; converted from HTML when the message has no text part.
+    pub text: String,
+    pub attachments: Vec<Attachment>,
 }
 
 impl InboundMessage {
     /// The requester candidate: the first valid `From` address.
     pub fn from_mailbox(&self) -> Option<&Mailbox> {
         self.from.first()
+    }
+
+    /// Fills in the body parsed by [`parse_body`].
+    pub fn set_body(&mut self, body: Body) {
+        self.text_body = body.text;
+        self.attachments = body.attachments;
     }
 
     /// To followed by Cc, deduplicated by canonical address, first occurrence wins.
@@ -118,14 +135,125 @@ pub fn content_hash(raw: &[u8]) -> String {
     hex::encode(Sha256::digest(raw))
 }
 
-/// Parses raw message bytes. Never panics.
+/// The parser: MIME, date, address, Message-ID and subject headers are parsed; all others
+/// stay raw (we read the few we need from the raw text, and never tokenize `Received`,
+/// which is costly).
+fn parser() -> &'static MessageParser {
+    static PARSER: OnceLock<MessageParser> = OnceLock::new();
+    PARSER.get_or_init(|| {
+        MessageParser::new()
+            .with_mime_headers()
+            .with_date_headers()
+            .with_address_headers()
+            .with_message_ids()
+            .header_text(HeaderName::Subject)
+    })
+}
+
+/// Skips leading lines that are blank or whitespace only; some MTAs and exports put
+/// them before the first header.
+fn trim_leading_blank_lines(raw: &[u8]) -> &[u8] {
+    let mut start = 0;
+    loop {
+        let rest = &raw[start..];
+        let line_end = rest.iter().position(|&b| b == b'\n');
+        let line = match line_end {
+            Some(i) => &rest[..i],
+            None => rest,
+        };
+        if line.is_empty() && line_end.is_none() {
+            return rest;
+        }
+        if !line.iter().all(|b| b.is_ascii_whitespace()) {
+            return rest;
+        }
+        match line_end {
+            Some(i) => start += i + 1,
+            None => return &raw[raw.len()..],
+        }
+    }
+}
+
+/// Runs mail-parser, turning a panic inside it into an error: our contract is that
+/// parsing never panics, whatever the input.
+fn run_parser<'x>(
+    raw: &'x [u8],
+    headers_only: bool,
+) -> Result<mail_parser::Message<'x>, ParseError> {
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        if headers_only {
+            parser().parse_headers(raw)
+        } else {
+            parser().parse(raw)
+        }
+    }));
+    match result {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(ParseError::NoHeaders),
+        Err(_) => Err(ParseError::ParserFailed),
+    }
+}
+
+/// Parses headers and body. Never panics.
 pub fn parse(raw: &[u8]) -> Result<InboundMessage, ParseError> {
+    let mut msg = parse_headers(raw)?;
+    msg.set_body(parse_body(raw));
+    Ok(msg)
+}
+
+/// Parses the body: text (HTML converted when there is no text part) and attachments.
+/// Never panics; a body the MIME parser cannot read is empty.
+pub fn parse_body(raw: &[u8]) -> Body {
+    let raw = trim_leading_blank_lines(raw);
+    let Ok(parsed) = run_parser(raw, false) else {
+        return Body::default();
+    };
+    let text = body_text(&parsed);
+    let attachments = parsed
+        .attachments()
+        .enumerate()
+        .filter_map(|(i, part)| {
+            let content = part.contents();
+            if content.is_empty() {
+                return None;
+            }
+            let content_type = part
+                .content_type()
+                .map(|ct| match ct.subtype() {
+                    Some(sub) => format!("{}/{}", ct.ctype(), sub),
+                    None => ct.ctype().to_string(),
+                })
+                .unwrap_or_else(|| match &part.body {
+                    PartType::Message(_) => "message/rfc822".to_string(),
+                    PartType::Text(_) => "text/plain".to_string(),
+                    _ => "application/octet-stream".to_string(),
+                })
+                .to_ascii_lowercase();
+            let filename = part
+                .attachment_name()
+                .map(sanitize_filename)
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| format!("attachment-{}", i + 1));
+            Some(Attachment {
+                filename,
+                content_type,
+                content: content.to_vec(),
+            })
+        })
+        .collect();
+    Body { text, attachments }
+}
+
+/// Parses the headers only: everything a decision needs, without decoding the body
+/// (the body is read only for messages that become requests or comments). The returned
+/// message has an empty body. Never panics.
+pub fn parse_headers(raw: &[u8]) -> Result<InboundMessage, ParseError> {
     if raw.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ParseError::Empty);
     }
-    let parsed = MessageParser::default()
-        .parse(raw)
-        .ok_or(ParseError::NoHeaders)?;
+    let size = raw.len();
+    let raw = trim_leading_blank_lines(raw);
+    let parsed = run_parser(raw, true)?;
     let root_headers = parsed.root_part().headers();
     let known_header = root_headers.iter().any(|h| {
         !matches!(h.name, mail_parser::HeaderName::Other(_))
@@ -210,40 +338,6 @@ pub fn parse(raw: &[u8]) -> Result<InboundMessage, ParseError> {
         .and_then(|m| m.rsplit_once('@'))
         .map(|(_, d)| d.to_ascii_lowercase());
 
-    let text_body = body_text(&parsed);
-    let attachments = parsed
-        .attachments()
-        .enumerate()
-        .filter_map(|(i, part)| {
-            let content = part.contents();
-            if content.is_empty() {
-                return None;
-            }
-            let content_type = part
-                .content_type()
-                .map(|ct| match ct.subtype() {
-                    Some(sub) => format!("{}/{}", ct.ctype(), sub),
-                    None => ct.ctype().to_string(),
-                })
-                .unwrap_or_else(|| match &part.body {
-                    PartType::Message(_) => "message/rfc822".to_string(),
-                    PartType::Text(_) => "text/plain".to_string(),
-                    _ => "application/octet-stream".to_string(),
-                })
-                .to_ascii_lowercase();
-            let filename = part
-                .attachment_name()
-                .map(sanitize_filename)
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| format!("attachment-{}", i + 1));
-            Some(Attachment {
-                filename,
-                content_type,
-                content: content.to_vec(),
-            })
-        })
-        .collect();
-
     Ok(InboundMessage {
         in_reply_to: message_ids(parsed.in_reply_to()),
         references: message_ids(parsed.references()),
@@ -261,10 +355,9 @@ pub fn parse(raw: &[u8]) -> Result<InboundMessage, ParseError> {
         return_path,
         signals,
         auth_results,
-        text_body,
-        attachments,
-        size: raw.len(),
-        content_hash: content_hash(raw),
+        text_body: String::new(),
+        attachments: Vec::new(),
+        size,
     })
 }
 
@@ -452,6 +545,22 @@ Hello\r\n";
         assert_eq!(parse(b"").unwrap_err(), ParseError::Empty);
         assert_eq!(parse(b" \r\n ").unwrap_err(), ParseError::Empty);
         assert!(parse(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1\x00\x00binary").is_err());
+    }
+
+    #[test]
+    fn leading_blank_lines_are_skipped() {
+        let m = parse(b"  \r\n\r\nFrom: a@example.com\r\nSubject: hi\r\n\r\nbody").unwrap();
+        assert_eq!(m.from[0].address.as_str(), "a@example.com");
+        assert_eq!(m.text_body.trim(), "body");
+    }
+
+    #[test]
+    fn headers_only_leaves_the_body_for_later() {
+        let raw = b"From: a@example.com\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n--b\r\n\r\ntext\r\n--b--\r\n";
+        let m = parse_headers(raw).unwrap();
+        assert!(m.text_body.is_empty());
+        assert_eq!(m.signals.report_type.as_deref(), Some("delivery-status"));
+        assert_eq!(parse_body(raw).text.trim(), "text");
     }
 
     #[test]

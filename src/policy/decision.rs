@@ -119,6 +119,15 @@ pub enum AccountOutcome {
 }
 
 impl AccountOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountOutcome::Existing => "existing",
+            AccountOutcome::CreateInternal => "create_internal",
+            AccountOutcome::CreatePortalOnly => "create_portal_only",
+            AccountOutcome::None => "none",
+        }
+    }
+
     pub fn created_kind(self) -> Option<AccountKind> {
         match self {
             AccountOutcome::CreateInternal => Some(AccountKind::Internal),

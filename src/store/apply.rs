@@ -2,6 +2,8 @@
 //! tokens, outbox rows, the audit row and the ledger outcome, all on the caller's
 //! transaction so they commit (or vanish) together.
 
+use std::collections::HashMap;
+
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::{AnyConnection, Row};
@@ -10,12 +12,13 @@ use crate::address::EmailAddress;
 use crate::keys::{DeskKey, RequestKey};
 use crate::message::InboundMessage;
 use crate::policy::{
-    AccountKind, AccountOutcome, AccountStatus, Action, Decision, EmailIntent, EmailKind,
-    ParticipantOutcome, Reason,
+    AccountKind, AccountStatus, Action, Decision, EmailIntent, EmailKind, ParticipantOutcome,
+    Reason,
 };
 
-use super::directory::OrgIndex;
-use super::{Context, StoreError};
+use super::directory::DirectoryIndex;
+use super::facts::Known;
+use super::{Context, StoreError, placeholders};
 
 /// Where a message came from: `maildir:inbox` + file name, `stdin` + a hash, ...
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,11 +85,11 @@ pub struct QuarantineRecord {
 
 /// The key that makes a message unique per desk: its Message-ID when it has one (the
 /// same message delivered twice differs in its Received headers), else its content.
-pub fn dedupe_key(desk: Option<&DeskKey>, msg: &InboundMessage) -> String {
+pub fn dedupe_key(desk: Option<&DeskKey>, msg: &InboundMessage, content_hash: &str) -> String {
     let desk = desk.map(DeskKey::as_str).unwrap_or("-");
     match &msg.message_id {
         Some(id) => format!("{desk}:mid:{id}"),
-        None => format!("{desk}:sha:{}", msg.content_hash),
+        None => format!("{desk}:sha:{content_hash}"),
     }
 }
 
@@ -96,6 +99,7 @@ pub async fn claim_ledger(
     conn: &mut AnyConnection,
     source: &SourceRef,
     msg: &InboundMessage,
+    content_hash: &str,
     desk: Option<&DeskKey>,
     now: i64,
 ) -> Result<Option<i64>, StoreError> {
@@ -109,8 +113,8 @@ pub async fn claim_ledger(
     .bind(&source.reference)
     .bind(desk.map(DeskKey::as_str))
     .bind(msg.message_id.as_deref())
-    .bind(&msg.content_hash)
-    .bind(dedupe_key(desk, msg))
+    .bind(content_hash)
+    .bind(dedupe_key(desk, msg, content_hash))
     .bind(msg.from_mailbox().map(|m| m.address.as_str()))
     .bind(msg.subject.as_deref())
     .bind(msg.size as i64)
@@ -158,305 +162,595 @@ pub async fn record_quarantine(
 pub struct ApplyInput<'a> {
     pub msg: &'a InboundMessage,
     pub decision: &'a Decision,
+    /// Ids found while gathering the facts.
+    pub known: &'a Known,
     pub ledger_id: i64,
     pub now: i64,
-    pub orgs: &'a OrgIndex,
+    pub orgs: &'a DirectoryIndex,
     pub renderer: &'a dyn MailRenderer,
 }
 
-/// Applies `decision` on the caller's transaction and records the outcome.
+/// `($1, $2, ...), (...)`: placeholders for a multi-row VALUES list of `rows` rows of
+/// `cols` columns, for a statement with no other parameters.
+///
+/// On SQLite they are plain `?`: sqlx looks up every *named* parameter by name, which is
+/// linear in the number of parameters, so a 1,000-parameter statement with `$N` spends
+/// most of its time in `sqlite3_bind_parameter_name`.
+fn values_list(conn: &AnyConnection, rows: usize, cols: usize) -> String {
+    let sqlite = conn.backend_name().eq_ignore_ascii_case("sqlite");
+    let mut s = String::with_capacity(rows * cols * 5);
+    let mut n = 1;
+    for r in 0..rows {
+        if r > 0 {
+            s.push_str(", ");
+        }
+        s.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                s.push_str(", ");
+            }
+            if sqlite {
+                s.push('?');
+            } else {
+                s.push('$');
+                s.push_str(&n.to_string());
+            }
+            n += 1;
+        }
+        s.push(')');
+    }
+    s
+}
+
+/// An account the decision creates.
+struct NewAccount<'a> {
+    address: &'a EmailAddress,
+    display_name: Option<&'a str>,
+    kind: AccountKind,
+    status: AccountStatus,
+}
+
+/// Rows every message produces that nothing later in the same batch reads — the ledger
+/// outcome, the audit row and outgoing mail — collected and written with one statement
+/// each per batch instead of per message.
+#[derive(Debug, Default)]
+pub struct Deferred {
+    /// Request numbers handed out in this batch: desk → (last number, row exists).
+    /// Read once per desk and batch (under the write lock, or `FOR UPDATE` on
+    /// PostgreSQL), written back at the flush.
+    counters: HashMap<String, (i64, bool)>,
+    outcomes: Vec<(i64, &'static str, &'static str, Option<String>, String)>,
+    /// Verification tokens: (hash, account, purpose, created, expires).
+    tokens: Vec<(String, i64, &'static str, i64, i64)>,
+    audits: Vec<AuditRow>,
+    outbox: Vec<OutboxRowInsert>,
+}
+
+/// One index entry of an audit row: address, role, outcome, reason.
+type AuditAddress = (String, &'static str, &'static str, &'static str);
+
+#[derive(Debug)]
+struct AuditRow {
+    ledger_id: i64,
+    created_at: i64,
+    desk: Option<String>,
+    action: &'static str,
+    reason: &'static str,
+    request_key: Option<String>,
+    decision: String,
+    addresses: Vec<AuditAddress>,
+}
+
+#[derive(Debug)]
+struct OutboxRowInsert {
+    kind: &'static str,
+    desk: String,
+    to: String,
+    from: String,
+    subject: String,
+    body: String,
+    message_id: String,
+    in_reply_to: Option<String>,
+    request_key: Option<String>,
+    now: i64,
+    ledger_id: i64,
+}
+
+/// Rows per multi-row statement, well under SQLite's and PostgreSQL's parameter limits.
+const CHUNK: usize = 400;
+
+impl Deferred {
+    pub fn is_empty(&self) -> bool {
+        self.outcomes.is_empty()
+            && self.tokens.is_empty()
+            && self.audits.is_empty()
+            && self.outbox.is_empty()
+    }
+
+    /// The next request number on `desk`.
+    async fn next_number(
+        &mut self,
+        conn: &mut AnyConnection,
+        desk: &DeskKey,
+    ) -> Result<i64, StoreError> {
+        if !self.counters.contains_key(desk.as_str()) {
+            let sql = if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+                "SELECT last_number FROM desk_counters WHERE desk = $1"
+            } else {
+                "SELECT last_number FROM desk_counters WHERE desk = $1 FOR UPDATE"
+            };
+            let last: Option<i64> = sqlx::query_scalar(sql)
+                .bind(desk.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .ctx("read the request counter")?;
+            self.counters
+                .insert(desk.to_string(), (last.unwrap_or(0), last.is_some()));
+        }
+        let entry = self
+            .counters
+            .get_mut(desk.as_str())
+            .ok_or_else(|| StoreError::Corrupt("request counter vanished".into()))?;
+        entry.0 += 1;
+        Ok(entry.0)
+    }
+
+    /// Writes everything collected so far.
+    pub async fn flush(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        for (desk, (last, exists)) in self.counters.iter_mut() {
+            // A row inserted by someone else meanwhile would make this fail loudly (and
+            // the batch retry), never hand out a number twice.
+            let sql = if *exists {
+                "UPDATE desk_counters SET last_number = $2 WHERE desk = $1"
+            } else {
+                "INSERT INTO desk_counters (desk, last_number) VALUES ($1, $2)"
+            };
+            sqlx::query(sql)
+                .bind(desk.as_str())
+                .bind(*last)
+                .execute(&mut *conn)
+                .await
+                .ctx("store the request counter")?;
+            *exists = true;
+        }
+        for chunk in std::mem::take(&mut self.outcomes).chunks(CHUNK) {
+            let sql = format!(
+                "UPDATE ledger SET action = v.column2, reason = v.column3, request_key = v.column4, \
+                 detail = v.column5 FROM (VALUES {}) AS v WHERE ledger.id = v.column1",
+                values_list(conn, chunk.len(), 5)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, action, reason, key, detail) in chunk {
+                q = q
+                    .bind(*id)
+                    .bind(*action)
+                    .bind(*reason)
+                    .bind(key.as_deref())
+                    .bind(detail.as_str());
+            }
+            q.execute(&mut *conn)
+                .await
+                .ctx("record outcomes in the ledger")?;
+        }
+        for chunk in std::mem::take(&mut self.tokens).chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO verification_tokens (token_hash, account_id, purpose, created_at, expires_at) VALUES {}",
+                values_list(conn, chunk.len(), 5)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (hash, account, purpose, created, expires) in chunk {
+                q = q
+                    .bind(hash.as_str())
+                    .bind(*account)
+                    .bind(*purpose)
+                    .bind(*created)
+                    .bind(*expires);
+            }
+            q.execute(&mut *conn)
+                .await
+                .ctx("store verification tokens")?;
+        }
+        for chunk in std::mem::take(&mut self.audits).chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO audit (ledger_id, created_at, desk, action, reason, request_key, decision) \
+                 VALUES {} RETURNING id, ledger_id",
+                values_list(conn, chunk.len(), 7)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for a in chunk {
+                q = q
+                    .bind(a.ledger_id)
+                    .bind(a.created_at)
+                    .bind(a.desk.as_deref())
+                    .bind(a.action)
+                    .bind(a.reason)
+                    .bind(a.request_key.as_deref())
+                    .bind(a.decision.as_str());
+            }
+            let mut audit_ids: HashMap<i64, i64> = HashMap::new();
+            for row in q.fetch_all(&mut *conn).await.ctx("write audit rows")? {
+                let id: i64 = row.try_get(0).ctx("read audit id")?;
+                let ledger: i64 = row.try_get(1).ctx("read audit id")?;
+                audit_ids.insert(ledger, id);
+            }
+            let rows: Vec<(i64, &AuditAddress)> = chunk
+                .iter()
+                .filter_map(|a| audit_ids.get(&a.ledger_id).map(|id| (*id, &a.addresses)))
+                .flat_map(|(id, addrs)| addrs.iter().map(move |x| (id, x)))
+                .collect();
+            for part in rows.chunks(CHUNK) {
+                let sql = format!(
+                    "INSERT INTO audit_addresses (audit_id, address, role, outcome, reason) VALUES {}",
+                    values_list(conn, part.len(), 5)
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for (id, (address, role, outcome, reason)) in part {
+                    q = q
+                        .bind(*id)
+                        .bind(address.as_str())
+                        .bind(*role)
+                        .bind(*outcome)
+                        .bind(*reason);
+                }
+                q.execute(&mut *conn).await.ctx("index audit rows")?;
+            }
+        }
+        for chunk in std::mem::take(&mut self.outbox).chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO outbox (kind, desk, to_address, from_address, subject, body_text, message_id, \
+                   in_reply_to, request_key, status, attempts, next_attempt_at, created_at, ledger_id) VALUES {}",
+                values_list(conn, chunk.len(), 14)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for o in chunk {
+                q = q
+                    .bind(o.kind)
+                    .bind(o.desk.as_str())
+                    .bind(o.to.as_str())
+                    .bind(o.from.as_str())
+                    .bind(o.subject.as_str())
+                    .bind(o.body.as_str())
+                    .bind(o.message_id.as_str())
+                    .bind(o.in_reply_to.as_deref())
+                    .bind(o.request_key.as_deref())
+                    .bind("pending")
+                    .bind(0i64)
+                    .bind(o.now)
+                    .bind(o.now)
+                    .bind(o.ledger_id);
+            }
+            q.execute(&mut *conn).await.ctx("queue outgoing mail")?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies `decision` on the caller's transaction. Ledger outcome, audit and outgoing
+/// mail go to `deferred`, which the caller flushes before committing.
+///
+/// Statements are batched (multi-row inserts; ids known from gathering the facts)
+/// because every statement is a round trip to the database.
 pub async fn apply(
     conn: &mut AnyConnection,
     input: ApplyInput<'_>,
+    deferred: &mut Deferred,
 ) -> Result<ApplyResult, StoreError> {
     let d = input.decision;
     let now = input.now;
     let mut result = ApplyResult::default();
     let mut request: Option<(i64, RequestKey)> = None;
+    let active = matches!(
+        d.action,
+        Action::CreateRequest | Action::AddComment | Action::HoldForVerification
+    );
+    let held = d.action == Action::HoldForVerification;
+    // Accounts that get a verification or invitation link: their "last sent" time is set.
+    let mailed: Vec<&EmailAddress> = d
+        .emails
+        .iter()
+        .filter(|e| e.kind != EmailKind::RejectionNotice)
+        .map(|e| &e.to)
+        .collect();
 
-    if let (Some(desk), Some(address)) = (&d.desk, &d.requester.address)
-        && matches!(
-            d.action,
-            Action::CreateRequest | Action::AddComment | Action::HoldForVerification
-        )
-    {
-        let requester_id = match d.requester.account {
-            AccountOutcome::Existing => {
-                touch_account(conn, address, d.requester.display_name.as_deref()).await?
-            }
-            AccountOutcome::CreateInternal | AccountOutcome::CreatePortalOnly => {
-                let kind = d
-                    .requester
-                    .account
-                    .created_kind()
-                    .unwrap_or(AccountKind::PortalOnly);
-                let status = d.requester.new_status.unwrap_or(AccountStatus::Active);
-                let (id, created) = create_account(
-                    conn,
-                    address,
-                    d.requester.display_name.as_deref(),
+    // Accounts: the ids of existing ones are known; create the new ones.
+    let mut ids: HashMap<String, i64> = input
+        .known
+        .accounts
+        .iter()
+        .map(|(a, (id, _))| (a.clone(), *id))
+        .collect();
+    let mut creates: Vec<NewAccount<'_>> = Vec::new();
+    let mut names: Vec<(&EmailAddress, &str)> = Vec::new();
+    if active && let Some(address) = &d.requester.address {
+        if let Some(kind) = d.requester.account.created_kind() {
+            creates.push(NewAccount {
+                address,
+                display_name: d.requester.display_name.as_deref(),
+                kind,
+                status: d.requester.new_status.unwrap_or(AccountStatus::Active),
+            });
+        } else if let Some(n) = &d.requester.display_name {
+            names.push((address, n));
+        }
+    }
+    if active && !held {
+        for p in &d.participants {
+            match p.outcome.created_kind() {
+                Some(kind) => creates.push(NewAccount {
+                    address: &p.address,
+                    display_name: p.display_name.as_deref(),
                     kind,
-                    status,
-                    now,
-                    input.orgs,
-                )
-                .await?;
-                if created {
-                    result.accounts_created.push((address.clone(), kind));
+                    status: p.new_status.unwrap_or(AccountStatus::Active),
+                }),
+                None if p.outcome == ParticipantOutcome::AddExisting => {
+                    if let Some(n) = &p.display_name {
+                        names.push((&p.address, n));
+                    }
                 }
-                Some(id)
+                None => {}
             }
-            AccountOutcome::None => None,
-        };
+        }
+    }
+    let created = create_accounts(conn, &creates, &mailed, now, input.orgs).await?;
+    for c in &creates {
+        if let Some(id) = created.get(c.address.as_str()) {
+            result.accounts_created.push((c.address.clone(), c.kind));
+            ids.insert(c.address.to_string(), *id);
+        }
+    }
+    // Someone else created one of them meanwhile (another instance): look it up.
+    let missing: Vec<&str> = creates
+        .iter()
+        .map(|c| c.address.as_str())
+        .filter(|a| !ids.contains_key(*a))
+        .collect();
+    if !missing.is_empty() {
+        let sql = format!(
+            "SELECT id, address FROM accounts WHERE address IN ({})",
+            placeholders(1, missing.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for a in &missing {
+            q = q.bind(*a);
+        }
+        for row in q.fetch_all(&mut *conn).await.ctx("look up account ids")? {
+            ids.insert(
+                row.try_get(1).ctx("read account")?,
+                row.try_get(0).ctx("read account")?,
+            );
+        }
+    }
+    // Existing accounts without a name take the one from the message header.
+    for (address, name) in names {
+        if let Some((id, false)) = input.known.accounts.get(address.as_str()) {
+            sqlx::query("UPDATE accounts SET display_name = $1 WHERE id = $2")
+                .bind(name)
+                .bind(*id)
+                .execute(&mut *conn)
+                .await
+                .ctx("set a display name")?;
+        }
+    }
+    // Existing (pending) accounts that are mailed a link again.
+    let resent: Vec<i64> = mailed
+        .iter()
+        .filter(|a| !created.contains_key(a.as_str()))
+        .filter_map(|a| input.known.accounts.get(a.as_str()).map(|(id, _)| *id))
+        .collect();
+    if !resent.is_empty() {
+        let sql = format!(
+            "UPDATE accounts SET last_verification_sent_at = $1 WHERE id IN ({})",
+            placeholders(2, resent.len())
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        for id in resent {
+            q = q.bind(id);
+        }
+        q.execute(&mut *conn)
+            .await
+            .ctx("note the verification mail")?;
+    }
 
-        let held = d.action == Action::HoldForVerification;
-        let (request_id, key) = match &d.request {
-            Some(key) => {
-                let id: i64 = sqlx::query_scalar("SELECT id FROM requests WHERE request_key = $1")
-                    .bind(key.to_string())
-                    .fetch_one(&mut *conn)
-                    .await
-                    .ctx("find the request to comment on")?;
+    if active && let (Some(desk), Some(address)) = (&d.desk, &d.requester.address) {
+        let requester_id = ids.get(address.as_str()).copied();
+        let (request_id, key) = match (&d.request, input.known.thread_request) {
+            (Some(key), Some(id)) => {
                 add_comment(conn, id, address, input.msg, now).await?;
                 (id, key.clone())
             }
-            None => {
+            (Some(key), None) => {
+                return Err(StoreError::Corrupt(format!(
+                    "the decision comments on {key} but its id is unknown"
+                )));
+            }
+            (None, _) => {
+                let number = deferred.next_number(conn, desk).await?;
                 create_request(
                     conn,
+                    number,
                     desk,
                     address,
                     requester_id,
                     input.msg,
-                    held,
-                    now + input.renderer.token_ttl_secs(),
+                    held.then_some(now + input.renderer.token_ttl_secs()),
                     now,
                 )
                 .await?
             }
         };
         store_attachments(conn, request_id, input.msg, now).await?;
-        if let Some(mid) = &input.msg.message_id {
-            sqlx::query(
-                "INSERT INTO thread_refs (desk, message_id, request_id, direction) \
-                 VALUES ($1, $2, $3, 'inbound') ON CONFLICT DO NOTHING",
-            )
-            .bind(desk.as_str())
-            .bind(mid)
-            .bind(request_id)
-            .execute(&mut *conn)
-            .await
-            .ctx("remember the Message-ID")?;
-        }
-
         if !held {
-            for p in &d.participants {
-                let account_id = match p.outcome {
-                    ParticipantOutcome::Drop => continue,
-                    ParticipantOutcome::AddExisting => {
-                        touch_account(conn, &p.address, p.display_name.as_deref()).await?
-                    }
-                    ParticipantOutcome::CreateInternal | ParticipantOutcome::CreatePortalOnly => {
-                        let kind = p.outcome.created_kind().unwrap_or(AccountKind::PortalOnly);
-                        let (id, created) = create_account(
-                            conn,
-                            &p.address,
-                            p.display_name.as_deref(),
-                            kind,
-                            p.new_status.unwrap_or(AccountStatus::Active),
-                            now,
-                            input.orgs,
-                        )
-                        .await?;
-                        if created {
-                            result.accounts_created.push((p.address.clone(), kind));
-                        }
-                        Some(id)
-                    }
-                };
-                if let Some(account_id) = account_id {
-                    let added = sqlx::query(
-                        "INSERT INTO participants (request_id, account_id, added_at) VALUES ($1, $2, $3) \
-                         ON CONFLICT DO NOTHING",
-                    )
-                    .bind(request_id)
-                    .bind(account_id)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await
-                    .ctx("add a participant")?;
-                    result.participants_added += added.rows_affected() as usize;
+            let members: Vec<i64> = d
+                .participants
+                .iter()
+                .filter(|p| p.outcome != ParticipantOutcome::Drop)
+                .filter_map(|p| ids.get(p.address.as_str()).copied())
+                .collect();
+            if !members.is_empty() {
+                let sql = format!(
+                    "INSERT INTO participants (request_id, account_id, added_at) VALUES {} \
+                     ON CONFLICT DO NOTHING",
+                    values_list(conn, members.len(), 3)
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for id in &members {
+                    q = q.bind(request_id).bind(*id).bind(now);
                 }
+                let added = q.execute(&mut *conn).await.ctx("add participants")?;
+                result.participants_added = added.rows_affected() as usize;
             }
         }
         request = Some((request_id, key));
     }
     result.request = request.as_ref().map(|(_, k)| k.clone());
 
-    for email in &d.emails {
-        queue_email(conn, &input, email, request.as_ref()).await?;
-        result.emails_queued += 1;
+    let outbound = queue_emails(&input, &ids, request.as_ref(), deferred);
+    result.emails_queued = d.emails.len();
+
+    // Message-IDs that thread into the request: this message's and the mail we send.
+    // Written now, not deferred: a later message in the same batch may reply to them.
+    if let (Some(desk), Some((request_id, _))) = (&d.desk, &request) {
+        let mut refs: Vec<(&str, &str)> =
+            outbound.iter().map(|m| (m.as_str(), "outbound")).collect();
+        if let Some(mid) = &input.msg.message_id {
+            refs.push((mid.as_str(), "inbound"));
+        }
+        if !refs.is_empty() {
+            let sql = format!(
+                "INSERT INTO thread_refs (desk, message_id, request_id, direction) VALUES {} \
+                 ON CONFLICT DO NOTHING",
+                values_list(conn, refs.len(), 4)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (mid, direction) in &refs {
+                q = q
+                    .bind(desk.as_str())
+                    .bind(*mid)
+                    .bind(*request_id)
+                    .bind(*direction);
+            }
+            q.execute(&mut *conn).await.ctx("remember Message-IDs")?;
+        }
     }
 
-    let audit_id: i64 = sqlx::query_scalar(
-        "INSERT INTO audit (ledger_id, created_at, desk, action, reason, request_key, decision) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-    )
-    .bind(input.ledger_id)
-    .bind(now)
-    .bind(d.desk.as_ref().map(DeskKey::as_str))
-    .bind(d.action.as_str())
-    .bind(d.reason.code())
-    .bind(result.request.as_ref().map(|k| k.to_string()))
-    .bind(serde_json::to_string(d).unwrap_or_default())
-    .fetch_one(&mut *conn)
-    .await
-    .ctx("write the audit row")?;
-    let mut touched: Vec<(&EmailAddress, &str, String, &str)> = Vec::new();
+    let request_key = result.request.as_ref().map(|k| k.to_string());
+    deferred.outcomes.push((
+        input.ledger_id,
+        d.action.as_str(),
+        d.reason.code(),
+        request_key.clone(),
+        d.explanation.clone(),
+    ));
+    deferred.audits.push(audit_row(&input, request_key));
+    Ok(result)
+}
+
+/// The audit row holding the whole decision, with one index entry per address it
+/// touched (for `intake audit ADDRESS`).
+fn audit_row(input: &ApplyInput<'_>, request_key: Option<String>) -> AuditRow {
+    let d = input.decision;
+    let mut addresses: Vec<AuditAddress> = Vec::new();
     if let Some(a) = &d.requester.address {
-        touched.push((
-            a,
+        addresses.push((
+            a.to_string(),
             "requester",
-            serde_plain(&d.requester.account),
+            d.requester.account.as_str(),
             d.requester.reason.code(),
         ));
     }
     for p in &d.participants {
-        touched.push((
-            &p.address,
+        addresses.push((
+            p.address.to_string(),
             "participant",
-            p.outcome.as_str().to_string(),
+            p.outcome.as_str(),
             p.reason.code(),
         ));
     }
     for e in &d.emails {
-        touched.push((&e.to, "email", e.kind.as_str().to_string(), "queued"));
+        addresses.push((e.to.to_string(), "email", e.kind.as_str(), "queued"));
     }
-    for (address, role, outcome, reason) in touched {
-        sqlx::query(
-            "INSERT INTO audit_addresses (audit_id, address, role, outcome, reason) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(audit_id)
-        .bind(address.as_str())
-        .bind(role)
-        .bind(outcome)
-        .bind(reason)
-        .execute(&mut *conn)
-        .await
-        .ctx("index the audit row")?;
-    }
-
-    sqlx::query(
-        "UPDATE ledger SET action = $1, reason = $2, request_key = $3, detail = $4 WHERE id = $5",
-    )
-    .bind(d.action.as_str())
-    .bind(d.reason.code())
-    .bind(result.request.as_ref().map(|k| k.to_string()))
-    .bind(&d.explanation)
-    .bind(input.ledger_id)
-    .execute(&mut *conn)
-    .await
-    .ctx("record the outcome in the ledger")?;
-    Ok(result)
-}
-
-fn serde_plain<T: serde::Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => String::new(),
+    // The primary key is (audit, address, role): keep the first of any repeats.
+    let mut seen = std::collections::HashSet::new();
+    addresses.retain(|(a, role, _, _)| seen.insert((a.clone(), *role)));
+    AuditRow {
+        ledger_id: input.ledger_id,
+        created_at: input.now,
+        desk: d.desk.as_ref().map(|k| k.to_string()),
+        action: d.action.as_str(),
+        reason: d.reason.code(),
+        request_key,
+        decision: serde_json::to_string(d).unwrap_or_default(),
+        addresses,
     }
 }
 
-/// Returns the id of an existing account, filling in its display name if it had none.
-async fn touch_account(
+/// Creates accounts in one statement (an address created meanwhile by someone else is
+/// left alone) and joins the new ones to the organizations of their domains. Returns the
+/// addresses actually created.
+async fn create_accounts(
     conn: &mut AnyConnection,
-    address: &EmailAddress,
-    display_name: Option<&str>,
-) -> Result<Option<i64>, StoreError> {
-    let row = sqlx::query("SELECT id, display_name FROM accounts WHERE address = $1")
-        .bind(address.as_str())
-        .fetch_optional(&mut *conn)
-        .await
-        .ctx("find an account")?;
-    let Some(row) = row else { return Ok(None) };
-    let id: i64 = row.try_get(0).ctx("read account")?;
-    let current: Option<String> = row.try_get(1).ctx("read account")?;
-    if current.is_none()
-        && let Some(name) = display_name
-    {
-        sqlx::query("UPDATE accounts SET display_name = $1 WHERE id = $2")
-            .bind(name)
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .ctx("set a display name")?;
-    }
-    Ok(Some(id))
-}
-
-/// Creates an account (or finds the one created meanwhile) and joins the organizations
-/// whose domains match its address. Returns the id and whether it was created.
-async fn create_account(
-    conn: &mut AnyConnection,
-    address: &EmailAddress,
-    display_name: Option<&str>,
-    kind: AccountKind,
-    status: AccountStatus,
+    accounts: &[NewAccount<'_>],
+    mailed: &[&EmailAddress],
     now: i64,
-    orgs: &OrgIndex,
-) -> Result<(i64, bool), StoreError> {
-    let inserted: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO accounts (address, display_name, kind, status, origin, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, 'mail', $5, $5) ON CONFLICT (address) DO NOTHING RETURNING id",
-    )
-    .bind(address.as_str())
-    .bind(display_name)
-    .bind(kind.as_str())
-    .bind(status.as_str())
-    .bind(now)
-    .fetch_optional(&mut *conn)
-    .await
-    .ctx("create an account")?;
-    let Some(id) = inserted else {
-        let id = touch_account(conn, address, display_name)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("account {address} vanished")))?;
-        return Ok((id, false));
-    };
-    for org in orgs.matching(address.domain()) {
-        sqlx::query(
-            "INSERT INTO organization_members (organization_id, account_id, origin) \
-             VALUES ($1, $2, 'mail') ON CONFLICT DO NOTHING",
-        )
-        .bind(org.id)
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .ctx("join an organization")?;
+    orgs: &DirectoryIndex,
+) -> Result<HashMap<String, i64>, StoreError> {
+    let mut created = HashMap::new();
+    if accounts.is_empty() {
+        return Ok(created);
     }
-    Ok((id, true))
+    let sql = format!(
+        "INSERT INTO accounts (address, display_name, kind, status, origin, created_at, updated_at, \
+           last_verification_sent_at) \
+         VALUES {} ON CONFLICT (address) DO NOTHING RETURNING id, address",
+        values_list(conn, accounts.len(), 8)
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for a in accounts {
+        q = q
+            .bind(a.address.as_str())
+            .bind(a.display_name)
+            .bind(a.kind.as_str())
+            .bind(a.status.as_str())
+            .bind("mail")
+            .bind(now)
+            .bind(now)
+            .bind(mailed.contains(&a.address).then_some(now));
+    }
+    let rows = q.fetch_all(&mut *conn).await.ctx("create accounts")?;
+    let mut joins: Vec<(i64, i64)> = Vec::new();
+    for row in rows {
+        let id: i64 = row.try_get(0).ctx("read new account")?;
+        let address: String = row.try_get(1).ctx("read new account")?;
+        let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
+        joins.extend(orgs.matching(domain).map(|o| (o.id, id)));
+        created.insert(address, id);
+    }
+    if !joins.is_empty() {
+        let sql = format!(
+            "INSERT INTO organization_members (organization_id, account_id, origin) VALUES {} \
+             ON CONFLICT DO NOTHING",
+            values_list(conn, joins.len(), 3)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (org, account) in joins {
+            q = q.bind(org).bind(account).bind("mail");
+        }
+        q.execute(&mut *conn).await.ctx("join organizations")?;
+    }
+    Ok(created)
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn create_request(
     conn: &mut AnyConnection,
+    number: i64,
     desk: &DeskKey,
     reporter: &EmailAddress,
     reporter_id: Option<i64>,
     msg: &InboundMessage,
-    held: bool,
-    held_until: i64,
+    held_until: Option<i64>,
     now: i64,
 ) -> Result<(i64, RequestKey), StoreError> {
-    let number: i64 = sqlx::query_scalar(
-        "INSERT INTO desk_counters (desk, last_number) VALUES ($1, 1) \
-         ON CONFLICT (desk) DO UPDATE SET last_number = desk_counters.last_number + 1 \
-         RETURNING last_number",
-    )
-    .bind(desk.as_str())
-    .fetch_one(&mut *conn)
-    .await
-    .ctx("number the request")?;
     let key = RequestKey::new(desk.clone(), number as u64);
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO requests (request_key, desk, number, reporter_address, reporter_account_id, \
@@ -470,9 +764,9 @@ async fn create_request(
     .bind(reporter_id)
     .bind(msg.subject.as_deref().unwrap_or("(no subject)"))
     .bind(&msg.text_body)
-    .bind(if held { "held" } else { "open" })
+    .bind(if held_until.is_some() { "held" } else { "open" })
     .bind(now)
-    .bind(held.then_some(held_until))
+    .bind(held_until)
     .fetch_one(&mut *conn)
     .await
     .ctx("create the request")?;
@@ -485,17 +779,17 @@ async fn add_comment(
     author: &EmailAddress,
     msg: &InboundMessage,
     now: i64,
-) -> Result<i64, StoreError> {
-    let id: i64 = sqlx::query_scalar(
+) -> Result<(), StoreError> {
+    sqlx::query(
         "INSERT INTO comments (request_id, author_address, body, message_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(request_id)
     .bind(author.as_str())
     .bind(&msg.text_body)
     .bind(msg.message_id.as_deref())
     .bind(now)
-    .fetch_one(&mut *conn)
+    .execute(&mut *conn)
     .await
     .ctx("add the comment")?;
     sqlx::query("UPDATE requests SET updated_at = $1 WHERE id = $2")
@@ -504,7 +798,7 @@ async fn add_comment(
         .execute(&mut *conn)
         .await
         .ctx("touch the request")?;
-    Ok(id)
+    Ok(())
 }
 
 /// Attachments are stored in the database, content-addressed by SHA-256 so the same file
@@ -556,108 +850,82 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-async fn queue_email(
-    conn: &mut AnyConnection,
+/// Renders and queues the decision's mail: tokens (hashed) for verification and
+/// invitation links, then the outbox rows, each in one statement. Returns the
+/// Message-IDs of the queued mail.
+fn queue_emails(
     input: &ApplyInput<'_>,
-    email: &EmailIntent,
+    ids: &HashMap<String, i64>,
     request: Option<&(i64, RequestKey)>,
-) -> Result<(), StoreError> {
+    deferred: &mut Deferred,
+) -> Vec<String> {
     let d = input.decision;
     let now = input.now;
-    let Some(desk) = &d.desk else { return Ok(()) };
-    let token = match email.kind {
-        EmailKind::Verification | EmailKind::Invitation => {
-            let account_id: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM accounts WHERE address = $1")
-                    .bind(email.to.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .ctx("find the account to verify")?;
-            match account_id {
-                Some(account_id) => {
-                    let (token, hash) = new_token();
-                    sqlx::query(
-                        "INSERT INTO verification_tokens (token_hash, account_id, purpose, created_at, expires_at) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(&hash)
-                    .bind(account_id)
-                    .bind(email.kind.as_str())
-                    .bind(now)
-                    .bind(now + input.renderer.token_ttl_secs())
-                    .execute(&mut *conn)
-                    .await
-                    .ctx("store a verification token")?;
-                    sqlx::query("UPDATE accounts SET last_verification_sent_at = $1 WHERE id = $2")
-                        .bind(now)
-                        .bind(account_id)
-                        .execute(&mut *conn)
-                        .await
-                        .ctx("note the verification mail")?;
-                    Some(token)
-                }
-                None => None,
+    let Some(desk) = &d.desk else {
+        return Vec::new();
+    };
+    let ttl = input.renderer.token_ttl_secs();
+    let mut tokens: Vec<(String, i64, &'static str)> = Vec::new();
+    let mut rows: Vec<(&EmailIntent, RenderedMail, String)> = Vec::new();
+    for email in &d.emails {
+        let account = ids.get(email.to.as_str()).copied();
+        let token = match (email.kind, account) {
+            (EmailKind::Verification | EmailKind::Invitation, Some(account_id)) => {
+                let (token, hash) = new_token();
+                tokens.push((hash, account_id, email.kind.as_str()));
+                Some(token)
             }
-        }
-        EmailKind::RejectionNotice => None,
-    };
-    let display_name = if Some(&email.to) == d.requester.address.as_ref() {
-        d.requester.display_name.as_deref()
-    } else {
-        d.participants
-            .iter()
-            .find(|p| p.address == email.to)
-            .and_then(|p| p.display_name.as_deref())
-    };
-    let ctx = MailContext {
-        kind: email.kind,
-        desk,
-        to: &email.to,
-        display_name,
-        request: request.map(|(_, k)| k),
-        original_subject: input.msg.subject.as_deref(),
-        token: token.as_deref(),
-        about: email.about,
-    };
-    let mail = input.renderer.render(&ctx);
-    let mut rnd = [0u8; 12];
-    rand::rng().fill_bytes(&mut rnd);
-    let message_id = format!(
-        "{}.{}@{}",
-        email.kind.as_str(),
-        hex::encode(rnd),
-        input.renderer.message_id_domain()
-    );
-    sqlx::query(
-        "INSERT INTO outbox (kind, desk, to_address, from_address, subject, body_text, message_id, \
-           in_reply_to, request_key, status, attempts, next_attempt_at, created_at, ledger_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $10, $10, $11)",
-    )
-    .bind(email.kind.as_str())
-    .bind(desk.as_str())
-    .bind(email.to.as_str())
-    .bind(&mail.from)
-    .bind(&mail.subject)
-    .bind(&mail.body_text)
-    .bind(&message_id)
-    .bind(input.msg.message_id.as_deref())
-    .bind(request.map(|(_, k)| k.to_string()))
-    .bind(now)
-    .bind(input.ledger_id)
-    .execute(&mut *conn)
-    .await
-    .ctx("queue outgoing mail")?;
-    if let Some((request_id, _)) = request {
-        sqlx::query(
-            "INSERT INTO thread_refs (desk, message_id, request_id, direction) \
-             VALUES ($1, $2, $3, 'outbound') ON CONFLICT DO NOTHING",
-        )
-        .bind(desk.as_str())
-        .bind(&message_id)
-        .bind(*request_id)
-        .execute(&mut *conn)
-        .await
-        .ctx("remember the outgoing Message-ID")?;
+            _ => None,
+        };
+        let display_name = if Some(&email.to) == d.requester.address.as_ref() {
+            d.requester.display_name.as_deref()
+        } else {
+            d.participants
+                .iter()
+                .find(|p| p.address == email.to)
+                .and_then(|p| p.display_name.as_deref())
+        };
+        let mail = input.renderer.render(&MailContext {
+            kind: email.kind,
+            desk,
+            to: &email.to,
+            display_name,
+            request: request.map(|(_, k)| k),
+            original_subject: input.msg.subject.as_deref(),
+            token: token.as_deref(),
+            about: email.about,
+        });
+        let mut rnd = [0u8; 12];
+        rand::rng().fill_bytes(&mut rnd);
+        let message_id = format!(
+            "{}.{}@{}",
+            email.kind.as_str(),
+            hex::encode(rnd),
+            input.renderer.message_id_domain()
+        );
+        rows.push((email, mail, message_id));
     }
-    Ok(())
+    for (hash, account, purpose) in tokens {
+        deferred
+            .tokens
+            .push((hash, account, purpose, now, now + ttl));
+    }
+    let mut message_ids = Vec::with_capacity(rows.len());
+    for (email, mail, message_id) in rows {
+        deferred.outbox.push(OutboxRowInsert {
+            kind: email.kind.as_str(),
+            desk: desk.to_string(),
+            to: email.to.to_string(),
+            from: mail.from,
+            subject: mail.subject,
+            body: mail.body_text,
+            message_id: message_id.clone(),
+            in_reply_to: input.msg.message_id.clone(),
+            request_key: request.map(|(_, k)| k.to_string()),
+            now,
+            ledger_id: input.ledger_id,
+        });
+        message_ids.push(message_id);
+    }
+    message_ids
 }

@@ -31,14 +31,17 @@ pub struct OrgInfo {
     pub desks: Vec<String>,
 }
 
-/// All organizations, loaded once per batch: small, and read for every address.
+/// The small, rarely changing part of the directory — organizations with their domains,
+/// and agents — loaded once per batch instead of queried for every address.
 #[derive(Debug, Clone, Default)]
-pub struct OrgIndex {
+pub struct DirectoryIndex {
     pub orgs: Vec<OrgInfo>,
+    /// `(address, desk)` of every agent.
+    pub agents: std::collections::HashSet<(String, String)>,
 }
 
-impl OrgIndex {
-    pub async fn load(conn: &mut AnyConnection) -> Result<OrgIndex, StoreError> {
+impl DirectoryIndex {
+    pub async fn load(conn: &mut AnyConnection) -> Result<DirectoryIndex, StoreError> {
         let rows = sqlx::query(
             "SELECT o.id, o.name, d.pattern FROM organizations o \
              LEFT JOIN organization_domains d ON d.organization_id = o.id ORDER BY o.name",
@@ -76,7 +79,27 @@ impl OrgIndex {
                 o.desks.push(desk);
             }
         }
-        Ok(OrgIndex { orgs })
+        let agents = sqlx::query(
+            "SELECT a.address, d.desk FROM agents a JOIN agent_desks d ON d.agent_id = a.id",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("load agents")?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get(0).ctx("read agent")?,
+                row.try_get(1).ctx("read agent")?,
+            ))
+        })
+        .collect::<Result<_, StoreError>>()?;
+        Ok(DirectoryIndex { orgs, agents })
+    }
+
+    /// True when `address` is an agent of `desk`.
+    pub fn is_agent(&self, address: &str, desk: &str) -> bool {
+        self.agents
+            .contains(&(address.to_string(), desk.to_string()))
     }
 
     /// Organizations whose domains match `domain`.

@@ -12,34 +12,85 @@ use crate::policy::{
     AccountFacts, AccountKind, AccountStatus, Facts, Person, RequestStatus, Thread, ThreadMatch,
 };
 
-use super::directory::OrgIndex;
+use super::directory::DirectoryIndex;
 use super::{Context, StoreError, placeholders};
 
-/// Builds the facts for `msg` on `desk`. `duplicate` comes from the ledger insert.
+/// Database ids found while gathering facts, so applying the decision need not look
+/// them up again.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Existing accounts by canonical address: id, and whether it has a display name.
+    pub accounts: HashMap<String, (i64, bool)>,
+    /// The id of the request in `Facts::thread`.
+    pub thread_request: Option<i64>,
+}
+
+/// Facts plus the ids behind them.
+#[derive(Debug, Clone)]
+pub struct Gathered {
+    pub facts: Facts,
+    pub known: Known,
+}
+
+/// Builds the facts for `msg` on `desk`. `duplicate` comes from the ledger insert; a
+/// duplicate needs no directory lookups (it will be ignored whatever they say).
 pub async fn gather_facts(
     conn: &mut AnyConnection,
     msg: &InboundMessage,
     desk: &DeskKey,
-    orgs: &OrgIndex,
+    orgs: &DirectoryIndex,
     now: i64,
     duplicate: bool,
-) -> Result<Facts, StoreError> {
-    let sender_box = msg.from_mailbox();
-    let recipients = msg.recipients();
-    let mut addresses: Vec<&EmailAddress> = Vec::with_capacity(recipients.len() + 1);
-    if let Some(s) = sender_box {
-        addresses.push(&s.address);
+    count_recent: bool,
+) -> Result<Gathered, StoreError> {
+    let mut known = Known::default();
+    if duplicate {
+        let mut facts = assemble_facts(msg, desk, orgs, now, HashMap::new());
+        facts.duplicate = true;
+        return Ok(Gathered { facts, known });
     }
-    for r in &recipients {
-        if !addresses.contains(&&r.address) {
-            addresses.push(&r.address);
+    let mut addresses: Vec<&EmailAddress> = Vec::new();
+    for a in msg
+        .from_mailbox()
+        .into_iter()
+        .chain(msg.recipients())
+        .map(|m| &m.address)
+    {
+        if !addresses.contains(&a) {
+            addresses.push(a);
         }
     }
-    let mut known = if duplicate {
-        HashMap::new()
-    } else {
-        lookup_people(conn, desk, &addresses, orgs).await?
-    };
+    let people = lookup_people(conn, desk, &addresses, orgs, &mut known).await?;
+    let mut facts = assemble_facts(msg, desk, orgs, now, people);
+    if let Some((id, thread)) = find_thread(conn, msg, desk).await? {
+        known.thread_request = Some(id);
+        facts.thread = Some(thread);
+    }
+    if count_recent && let Some(s) = &facts.sender {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM requests WHERE desk = $1 AND reporter_address = $2 AND created_at >= $3",
+        )
+        .bind(desk.as_str())
+        .bind(s.address.as_str())
+        .bind(now - 3600)
+        .fetch_one(&mut *conn)
+        .await
+        .ctx("count recent requests")?;
+        facts.sender_recent_requests = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+    Ok(Gathered { facts, known })
+}
+
+/// Facts from the message and what is `known` about its addresses (anyone not in
+/// `known` is a stranger to the directory), without a thread and without counts. Pure:
+/// also what the decision-path benchmark uses.
+pub fn assemble_facts(
+    msg: &InboundMessage,
+    desk: &DeskKey,
+    orgs: &DirectoryIndex,
+    now: i64,
+    mut known: HashMap<String, Person>,
+) -> Facts {
     let mut person = |address: &EmailAddress, display_name: &Option<String>| -> Person {
         let mut p = known
             .remove(address.as_str())
@@ -47,8 +98,11 @@ pub async fn gather_facts(
         p.display_name = display_name.clone();
         p
     };
-    let sender = sender_box.map(|s| person(&s.address, &s.display_name));
-    let recipients: Vec<Person> = recipients
+    let sender = msg
+        .from_mailbox()
+        .map(|s| person(&s.address, &s.display_name));
+    let recipients: Vec<Person> = msg
+        .recipients()
         .iter()
         .map(|r| match &sender {
             // The same address may be both sender and recipient; the lookup was shared.
@@ -60,47 +114,26 @@ pub async fn gather_facts(
             _ => person(&r.address, &r.display_name),
         })
         .collect();
-
-    let thread = if duplicate {
-        None
-    } else {
-        find_thread(conn, msg, desk).await?
-    };
-    let sender_recent_requests = match (&sender, duplicate) {
-        (Some(s), false) => {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM requests WHERE desk = $1 AND reporter_address = $2 AND created_at >= $3",
-            )
-            .bind(desk.as_str())
-            .bind(s.address.as_str())
-            .bind(now - 3600)
-            .fetch_one(&mut *conn)
-            .await
-            .ctx("count recent requests")?;
-            u32::try_from(n).unwrap_or(u32::MAX)
-        }
-        _ => 0,
-    };
-
-    Ok(Facts {
+    Facts {
         now,
         desk: desk.clone(),
         message_id: msg.message_id.clone(),
-        duplicate,
+        duplicate: false,
         signals: msg.signals.clone(),
         auth_results: msg.auth_results.clone(),
         sender,
-        sender_recent_requests,
+        sender_recent_requests: 0,
         recipients,
         invalid_recipients: msg.invalid_recipients.clone(),
-        thread,
-    })
+        thread: None,
+    }
 }
 
 /// A person the directory knows nothing about yet, with the organizations their domain
 /// would put them in.
-fn blank_person(address: &EmailAddress, desk: &DeskKey, orgs: &OrgIndex) -> Person {
+fn blank_person(address: &EmailAddress, desk: &DeskKey, orgs: &DirectoryIndex) -> Person {
     let mut p = Person::new(address.clone());
+    p.agent = orgs.is_agent(address.as_str(), desk.as_str());
     for org in orgs.matching(address.domain()) {
         p.domain_organizations.push(org.name.clone());
         if org.desks.iter().any(|d| d == desk.as_str()) {
@@ -115,7 +148,8 @@ async fn lookup_people(
     conn: &mut AnyConnection,
     desk: &DeskKey,
     addresses: &[&EmailAddress],
-    orgs: &OrgIndex,
+    orgs: &DirectoryIndex,
+    known: &mut Known,
 ) -> Result<HashMap<String, Person>, StoreError> {
     let mut out: HashMap<String, Person> = HashMap::with_capacity(addresses.len());
     if addresses.is_empty() {
@@ -125,37 +159,49 @@ async fn lookup_people(
         out.insert(a.as_str().to_string(), blank_person(a, desk, orgs));
     }
 
-    let in_list = placeholders(2, addresses.len());
+    // One query for accounts, their organizations and whether they are customers of
+    // this desk (explicitly, or through an organization or group linked to it).
     let sql = format!(
         "SELECT a.id, a.address, a.kind, a.status, a.last_verification_sent_at, a.undeliverable_at, \
            CASE WHEN EXISTS (SELECT 1 FROM desk_customers dc WHERE dc.account_id = a.id AND dc.desk = $1) \
-             OR EXISTS (SELECT 1 FROM organization_members m JOIN organization_desks od \
-                        ON od.organization_id = m.organization_id WHERE m.account_id = a.id AND od.desk = $1) \
+             OR EXISTS (SELECT 1 FROM organization_members m2 JOIN organization_desks od \
+                        ON od.organization_id = m2.organization_id WHERE m2.account_id = a.id AND od.desk = $1) \
              OR EXISTS (SELECT 1 FROM group_members gm JOIN group_desks gd \
                         ON gd.group_id = gm.group_id WHERE gm.account_id = a.id AND gd.desk = $1) \
-           THEN 1 ELSE 0 END AS desk_customer \
-         FROM accounts a WHERE a.address IN ({in_list})"
+           THEN 1 ELSE 0 END AS desk_customer, o.name, \
+           CASE WHEN a.display_name IS NULL THEN 0 ELSE 1 END AS named \
+         FROM accounts a \
+         LEFT JOIN organization_members m ON m.account_id = a.id \
+         LEFT JOIN organizations o ON o.id = m.organization_id \
+         WHERE a.address IN ({})",
+        placeholders(2, addresses.len())
     );
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(desk.as_str());
     for a in addresses {
         q = q.bind(a.as_str());
     }
     let rows = q.fetch_all(&mut *conn).await.ctx("look up accounts")?;
-    let mut by_id: HashMap<i64, String> = HashMap::new();
     for row in rows {
-        let id: i64 = row.try_get(0).ctx("read account")?;
         let address: String = row.try_get(1).ctx("read account")?;
-        let kind: String = row.try_get(2).ctx("read account")?;
-        let status: String = row.try_get(3).ctx("read account")?;
-        let last_sent: Option<i64> = row.try_get(4).ctx("read account")?;
-        let undeliverable: Option<i64> = row.try_get(5).ctx("read account")?;
-        let desk_customer: i64 = row.try_get(6).ctx("read account")?;
-        let kind = AccountKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("account {address} has kind {kind:?}")))?;
-        let status = AccountStatus::parse(&status).ok_or_else(|| {
-            StoreError::Corrupt(format!("account {address} has status {status:?}"))
-        })?;
-        if let Some(p) = out.get_mut(&address) {
+        let org: Option<String> = row.try_get(7).ctx("read account")?;
+        let Some(p) = out.get_mut(&address) else {
+            continue;
+        };
+        if p.account.is_none() {
+            let id: i64 = row.try_get(0).ctx("read account")?;
+            let named: i64 = row.try_get(8).ctx("read account")?;
+            known.accounts.insert(address.clone(), (id, named != 0));
+            let kind: String = row.try_get(2).ctx("read account")?;
+            let status: String = row.try_get(3).ctx("read account")?;
+            let last_sent: Option<i64> = row.try_get(4).ctx("read account")?;
+            let undeliverable: Option<i64> = row.try_get(5).ctx("read account")?;
+            let desk_customer: i64 = row.try_get(6).ctx("read account")?;
+            let kind = AccountKind::parse(&kind).ok_or_else(|| {
+                StoreError::Corrupt(format!("account {address} has kind {kind:?}"))
+            })?;
+            let status = AccountStatus::parse(&status).ok_or_else(|| {
+                StoreError::Corrupt(format!("account {address} has status {status:?}"))
+            })?;
             p.undeliverable = undeliverable.is_some();
             p.account = Some(AccountFacts {
                 kind,
@@ -164,46 +210,9 @@ async fn lookup_people(
                 desk_customer: desk_customer != 0,
                 last_verification_sent_at: last_sent,
             });
-            by_id.insert(id, address);
         }
-    }
-
-    if !by_id.is_empty() {
-        let ids: Vec<i64> = by_id.keys().copied().collect();
-        let sql = format!(
-            "SELECT m.account_id, o.name FROM organization_members m \
-             JOIN organizations o ON o.id = m.organization_id \
-             WHERE m.account_id IN ({}) ORDER BY o.name",
-            placeholders(1, ids.len())
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for id in &ids {
-            q = q.bind(*id);
-        }
-        for row in q.fetch_all(&mut *conn).await.ctx("look up memberships")? {
-            let id: i64 = row.try_get(0).ctx("read membership")?;
-            let name: String = row.try_get(1).ctx("read membership")?;
-            if let Some(acc) = by_id
-                .get(&id)
-                .and_then(|a| out.get_mut(a))
-                .and_then(|p| p.account.as_mut())
-            {
-                acc.organizations.push(name);
-            }
-        }
-    }
-
-    let sql = format!(
-        "SELECT a.address FROM agents a JOIN agent_desks d ON d.agent_id = a.id \
-         WHERE d.desk = $1 AND a.address IN ({in_list})"
-    );
-    let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(desk.as_str());
-    for a in addresses {
-        q = q.bind(a.as_str());
-    }
-    for address in q.fetch_all(&mut *conn).await.ctx("look up agents")? {
-        if let Some(p) = out.get_mut(&address) {
-            p.agent = true;
+        if let (Some(org), Some(acc)) = (org, p.account.as_mut()) {
+            acc.organizations.push(org);
         }
     }
     Ok(out)
@@ -215,7 +224,7 @@ async fn find_thread(
     conn: &mut AnyConnection,
     msg: &InboundMessage,
     desk: &DeskKey,
-) -> Result<Option<Thread>, StoreError> {
+) -> Result<Option<(i64, Thread)>, StoreError> {
     let mut ids: Vec<&str> = msg.in_reply_to.iter().map(String::as_str).collect();
     for r in msg.references.iter().rev() {
         if !ids.contains(&r.as_str()) {
@@ -261,7 +270,7 @@ async fn load_thread(
     conn: &mut AnyConnection,
     request_id: i64,
     matched_by: ThreadMatch,
-) -> Result<Option<Thread>, StoreError> {
+) -> Result<Option<(i64, Thread)>, StoreError> {
     let Some(row) = sqlx::query(
         "SELECT request_key, status, reporter_address, reporter_account_id FROM requests WHERE id = $1",
     )
@@ -302,15 +311,18 @@ async fn load_thread(
         .ctx("load reporter organizations")?,
         None => Vec::new(),
     };
-    Ok(Some(Thread {
-        key,
-        status,
-        matched_by,
-        reporter,
-        reporter_organizations,
-        participants: participants
-            .iter()
-            .filter_map(|a| EmailAddress::parse(a).ok())
-            .collect(),
-    }))
+    Ok(Some((
+        request_id,
+        Thread {
+            key,
+            status,
+            matched_by,
+            reporter,
+            reporter_organizations,
+            participants: participants
+                .iter()
+                .filter_map(|a| EmailAddress::parse(a).ok())
+                .collect(),
+        },
+    )))
 }

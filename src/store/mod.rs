@@ -22,11 +22,11 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use crate::config::DatabaseConfig;
 
 pub use apply::{
-    ApplyInput, ApplyResult, MailContext, MailRenderer, QuarantineRecord, RenderedMail, SourceRef,
-    apply, claim_ledger, dedupe_key, new_token, record_quarantine, token_hash,
+    ApplyInput, ApplyResult, Deferred, MailContext, MailRenderer, QuarantineRecord, RenderedMail,
+    SourceRef, apply, claim_ledger, dedupe_key, new_token, record_quarantine, token_hash,
 };
-pub use directory::{DirectorySync, OrgIndex};
-pub use facts::gather_facts;
+pub use directory::{DirectoryIndex, DirectorySync};
+pub use facts::{Gathered, Known, assemble_facts, gather_facts};
 pub use queries::*;
 
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -170,7 +170,8 @@ impl Store {
                     // synchronous=FULL: a commit is on disk before we acknowledge a source.
                     sqlx::raw_sql(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                         PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON;",
+                         PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON; \
+                         PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;",
                     )
                     .execute(conn)
                     .await?;
