@@ -215,10 +215,9 @@ struct NewAccount<'a> {
 /// each per batch instead of per message.
 #[derive(Debug, Default)]
 pub struct Deferred {
-    /// Request numbers handed out in this batch: desk → (last number, row exists).
-    /// Read once per desk and batch (under the write lock, or `FOR UPDATE` on
-    /// PostgreSQL), written back at the flush.
-    counters: HashMap<String, (i64, bool)>,
+    /// Request numbers handed out in this batch: desk → last number. Read once per desk
+    /// and batch, written back at the flush.
+    counters: HashMap<String, i64>,
     outcomes: Vec<(i64, &'static str, &'static str, Option<String>, String)>,
     /// Verification tokens: (hash, account, purpose, created, expires).
     tokens: Vec<(String, i64, &'static str, i64, i64)>,
@@ -260,58 +259,51 @@ struct OutboxRowInsert {
 const CHUNK: usize = 400;
 
 impl Deferred {
-    pub fn is_empty(&self) -> bool {
-        self.outcomes.is_empty()
-            && self.tokens.is_empty()
-            && self.audits.is_empty()
-            && self.outbox.is_empty()
-    }
-
-    /// The next request number on `desk`.
+    /// The next request number on `desk`. The counter row is created if missing and
+    /// locked for the rest of the transaction (SQLite: we hold the write lock already;
+    /// PostgreSQL: `FOR UPDATE`), so concurrent instances never hand out a number twice.
     async fn next_number(
         &mut self,
         conn: &mut AnyConnection,
         desk: &DeskKey,
     ) -> Result<i64, StoreError> {
         if !self.counters.contains_key(desk.as_str()) {
+            sqlx::query(
+                "INSERT INTO desk_counters (desk, last_number) VALUES ($1, 0) ON CONFLICT (desk) DO NOTHING",
+            )
+            .bind(desk.as_str())
+            .execute(&mut *conn)
+            .await
+            .ctx("create the request counter")?;
             let sql = if conn.backend_name().eq_ignore_ascii_case("sqlite") {
                 "SELECT last_number FROM desk_counters WHERE desk = $1"
             } else {
                 "SELECT last_number FROM desk_counters WHERE desk = $1 FOR UPDATE"
             };
-            let last: Option<i64> = sqlx::query_scalar(sql)
+            let last: i64 = sqlx::query_scalar(sql)
                 .bind(desk.as_str())
-                .fetch_optional(&mut *conn)
+                .fetch_one(&mut *conn)
                 .await
                 .ctx("read the request counter")?;
-            self.counters
-                .insert(desk.to_string(), (last.unwrap_or(0), last.is_some()));
+            self.counters.insert(desk.to_string(), last);
         }
-        let entry = self
+        let last = self
             .counters
             .get_mut(desk.as_str())
             .ok_or_else(|| StoreError::Corrupt("request counter vanished".into()))?;
-        entry.0 += 1;
-        Ok(entry.0)
+        *last += 1;
+        Ok(*last)
     }
 
     /// Writes everything collected so far.
     pub async fn flush(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
-        for (desk, (last, exists)) in self.counters.iter_mut() {
-            // A row inserted by someone else meanwhile would make this fail loudly (and
-            // the batch retry), never hand out a number twice.
-            let sql = if *exists {
-                "UPDATE desk_counters SET last_number = $2 WHERE desk = $1"
-            } else {
-                "INSERT INTO desk_counters (desk, last_number) VALUES ($1, $2)"
-            };
-            sqlx::query(sql)
+        for (desk, last) in &self.counters {
+            sqlx::query("UPDATE desk_counters SET last_number = $2 WHERE desk = $1")
                 .bind(desk.as_str())
                 .bind(*last)
                 .execute(&mut *conn)
                 .await
                 .ctx("store the request counter")?;
-            *exists = true;
         }
         for chunk in std::mem::take(&mut self.outcomes).chunks(CHUNK) {
             let sql = format!(

@@ -117,6 +117,8 @@ pub struct Store {
     /// SQLite has one writer at a time; queueing writers here, in process, is fairer and
     /// faster than letting them spin in SQLite's busy handler.
     write_lock: Arc<Mutex<()>>,
+    /// The SQLite file, if any (for the migration lock).
+    sqlite_path: Option<std::path::PathBuf>,
 }
 
 /// A write transaction. On SQLite it holds the in-process write lock and was opened with
@@ -150,12 +152,12 @@ impl Store {
         } else {
             Backend::Postgres
         };
-        let url = match backend {
+        let (url, sqlite_path) = match backend {
             Backend::Sqlite => prepare_sqlite_url(raw_url).map_err(|e| StoreError::Connect {
                 url: db.redacted_url(),
                 source: sqlx::Error::Io(e),
             })?,
-            Backend::Postgres => raw_url.to_string(),
+            Backend::Postgres => (raw_url.to_string(), None),
         };
         let options: AnyConnectOptions = url.parse().map_err(|source| StoreError::Connect {
             url: db.redacted_url(),
@@ -190,6 +192,7 @@ impl Store {
             pool,
             backend,
             write_lock: Arc::new(Mutex::new(())),
+            sqlite_path,
         })
     }
 
@@ -200,10 +203,35 @@ impl Store {
         Ok(store)
     }
 
+    /// Brings the schema up to date. Several processes may start at once (the daemon and
+    /// `intake deliver`, or several instances): PostgreSQL migrations take an advisory
+    /// lock; for SQLite we hold an exclusive lock on `<database>.migrate-lock`.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let migrator = match self.backend {
             Backend::Sqlite => &SQLITE_MIGRATOR,
             Backend::Postgres => &POSTGRES_MIGRATOR,
+        };
+        let _lock = match &self.sqlite_path {
+            Some(path) => {
+                let lock_path = path.with_extension("migrate-lock");
+                let file =
+                    tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                        let f = std::fs::OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&lock_path)?;
+                        f.lock()?;
+                        Ok(f)
+                    })
+                    .await
+                    .map_err(|e| StoreError::Invalid(format!("migration lock task failed: {e}")))?
+                    .map_err(|e| {
+                        StoreError::Invalid(format!("cannot lock the database for migration: {e}"))
+                    })?;
+                Some(file)
+            }
+            None => None,
         };
         migrator.run(&self.pool).await.map_err(StoreError::Migrate)
     }
@@ -254,7 +282,8 @@ impl Store {
 }
 
 /// Makes sure the directory of a SQLite file exists and asks sqlx to create the file.
-fn prepare_sqlite_url(url: &str) -> std::io::Result<String> {
+/// Returns the URL to connect with and the file's path.
+fn prepare_sqlite_url(url: &str) -> std::io::Result<(String, Option<std::path::PathBuf>)> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
@@ -270,11 +299,13 @@ fn prepare_sqlite_url(url: &str) -> std::io::Result<String> {
     {
         std::fs::create_dir_all(parent)?;
     }
-    Ok(match query {
+    let file = (path != ":memory:" && !path.is_empty()).then(|| std::path::PathBuf::from(path));
+    let url = match query {
         Some(q) if q.contains("mode=") => url.to_string(),
         Some(_) => format!("{url}&mode=rwc"),
         None => format!("{url}?mode=rwc"),
-    })
+    };
+    Ok((url, file))
 }
 
 /// `$start, $start+1, ...` placeholders for an IN list of `n` values.

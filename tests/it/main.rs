@@ -2,6 +2,7 @@
 //! PostgreSQL databases, a real Maildir and the file transport.
 
 mod cli;
+mod concurrency;
 mod daemon;
 mod harness;
 mod policy_paths;
