@@ -154,12 +154,14 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MaildirAfter {
-    /// Move to `cur/` with the Seen flag, as a mail client would.
+/// What happens to a message in its mailbox once its outcome is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum After {
+    /// Flag it Seen (Maildir: move to `cur/` with the S flag).
     Seen,
-    /// Move into a Maildir++ subfolder (`.NAME/cur`).
-    Move,
+    /// Move it into this folder (Maildir: a Maildir++ subfolder `.NAME`).
+    Move(String),
+    /// Delete it (IMAP: `\Deleted` and UID EXPUNGE).
     Delete,
 }
 
@@ -167,16 +169,87 @@ pub enum MaildirAfter {
 pub struct MaildirConfig {
     pub path: PathBuf,
     pub poll_interval: Duration,
-    pub after: MaildirAfter,
-    /// Maildir++ folder for processed mail when `after = "move:NAME"`.
-    pub processed_folder: String,
+    pub after: After,
     /// Maildir++ folder for quarantined mail.
     pub quarantine_folder: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImapTls {
+    /// TLS from the first byte (port 993).
+    Implicit,
+    /// Plain connection upgraded with STARTTLS (port 143).
+    StartTls,
+    /// No TLS: only for loopback, or with `allow_plaintext = true`.
+    None,
+}
+
+/// Where an OAuth2 access token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// Read from this file at every (re)connect; something else keeps it fresh.
+    File(PathBuf),
+    /// Printed by this command (run with `sh -c`); cached for `lifetime`, then run again.
+    Command { command: String, lifetime: Duration },
+}
+
+#[derive(Clone)]
+pub enum ImapAuth {
+    Password(SecretString),
+    XOAuth2(TokenSource),
+}
+
+impl fmt::Debug for ImapAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImapAuth::Password(_) => f.write_str("Password(***)"),
+            ImapAuth::XOAuth2(t) => f.debug_tuple("XOAuth2").field(t).finish(),
+        }
+    }
+}
+
+/// Which messages a mailbox seen for the first time starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// Everything already in the folder.
+    All,
+    /// Only mail that arrives from now on.
+    New,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImapConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: ImapTls,
+    /// Extra CA certificates (PEM) trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    pub username: String,
+    pub auth: ImapAuth,
+    pub folder: String,
+    pub after: After,
+    pub quarantine_folder: String,
+    /// Use IDLE when the server offers it.
+    pub idle: bool,
+    /// IDLE is re-issued after this long (RFC 2177: well inside 29 minutes).
+    pub idle_timeout: Duration,
+    /// Polling interval when IDLE is off or not offered.
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+    pub start: StartAt,
+    pub connect_timeout: Duration,
+}
+
+impl ImapConfig {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
 }
 
 #[derive(Debug, Clone)]
 pub enum MailboxKind {
     Maildir(MaildirConfig),
+    Imap(Box<ImapConfig>),
 }
 
 #[derive(Debug, Clone)]
@@ -502,6 +575,25 @@ struct RawMailbox {
     poll_interval: Option<String>,
     after: Option<String>,
     quarantine_folder: Option<String>,
+    // IMAP
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<String>,
+    allow_plaintext: Option<bool>,
+    ca_file: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<String>,
+    auth: Option<String>,
+    token_file: Option<String>,
+    token_command: Option<String>,
+    token_lifetime: Option<String>,
+    folder: Option<String>,
+    idle: Option<bool>,
+    idle_timeout: Option<String>,
+    batch_size: Option<usize>,
+    start: Option<String>,
+    connect_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -862,6 +954,7 @@ impl Validator<'_> {
         let mut mailbox_names = HashSet::new();
         for (i, m) in raw.mailboxes.into_iter().enumerate() {
             let k = format!("mailboxes[{i}]");
+            let name = m.name.clone();
             if m.name.trim().is_empty() {
                 self.issue(&format!("{k}.name"), "a mailbox needs a name");
             } else if !mailbox_names.insert(m.name.clone()) {
@@ -876,6 +969,32 @@ impl Validator<'_> {
                 self.issue(&format!("{k}.desk"), format!("unknown desk {:?}", m.desk));
                 None
             };
+            let after = match m.after.as_deref() {
+                None | Some("seen") => After::Seen,
+                Some("delete") => After::Delete,
+                Some(other) => match other.strip_prefix("move:") {
+                    Some(folder) if valid_folder(folder) => After::Move(folder.to_string()),
+                    _ => {
+                        self.issue(
+                            &format!("{k}.after"),
+                            format!(
+                                "{other:?} is not one of \"seen\", \"delete\", \"move:FOLDER\""
+                            ),
+                        );
+                        After::Seen
+                    }
+                },
+            };
+            let quarantine_folder = m
+                .quarantine_folder
+                .clone()
+                .unwrap_or_else(|| "Quarantine".into());
+            if !valid_folder(&quarantine_folder) {
+                self.issue(
+                    &format!("{k}.quarantine_folder"),
+                    format!("{quarantine_folder:?} is not a folder name"),
+                );
+            }
             let kind = match m.kind.as_str() {
                 "maildir" => {
                     let path = match m.path.as_deref().map(str::trim) {
@@ -890,54 +1009,30 @@ impl Validator<'_> {
                         m.poll_interval.as_deref(),
                         Duration::from_secs(2),
                     );
-                    let (after, processed_folder) = match m.after.as_deref() {
-                        None | Some("seen") => (MaildirAfter::Seen, String::new()),
-                        Some("delete") => (MaildirAfter::Delete, String::new()),
-                        Some(other) => match other.strip_prefix("move:") {
-                            Some(folder) if valid_folder(folder) => {
-                                (MaildirAfter::Move, folder.to_string())
-                            }
-                            _ => {
-                                self.issue(
-                                    &format!("{k}.after"),
-                                    format!("{other:?} is not one of \"seen\", \"delete\", \"move:FOLDER\""),
-                                );
-                                (MaildirAfter::Seen, String::new())
-                            }
-                        },
-                    };
-                    let quarantine_folder =
-                        m.quarantine_folder.unwrap_or_else(|| "Quarantine".into());
-                    if !valid_folder(&quarantine_folder) {
-                        self.issue(
-                            &format!("{k}.quarantine_folder"),
-                            format!("{quarantine_folder:?} is not a folder name"),
-                        );
-                    }
                     path.map(|path| {
                         MailboxKind::Maildir(MaildirConfig {
                             path,
                             poll_interval,
                             after,
-                            processed_folder,
                             quarantine_folder,
                         })
                     })
                 }
+                "imap" => self
+                    .imap(&k, m, after, quarantine_folder)
+                    .map(|c| MailboxKind::Imap(Box::new(c))),
                 other => {
                     self.issue(
                         &format!("{k}.kind"),
-                        format!("{other:?} is not a supported mailbox kind (\"maildir\")"),
+                        format!(
+                            "{other:?} is not a supported mailbox kind (\"maildir\", \"imap\")"
+                        ),
                     );
                     None
                 }
             };
             if let (Some(desk), Some(kind)) = (desk, kind) {
-                mailboxes.push(MailboxConfig {
-                    name: m.name,
-                    desk,
-                    kind,
-                });
+                mailboxes.push(MailboxConfig { name, desk, kind });
             }
         }
 
@@ -1065,6 +1160,161 @@ impl Validator<'_> {
             outbox,
             http: HttpConfig { listen, public_url },
             directory,
+        })
+    }
+
+    fn imap(
+        &mut self,
+        k: &str,
+        m: RawMailbox,
+        after: After,
+        quarantine_folder: String,
+    ) -> Option<ImapConfig> {
+        let host = match m.host.as_deref().map(str::trim) {
+            Some(h) if !h.is_empty() => h.to_string(),
+            _ => {
+                self.issue(&format!("{k}.host"), "an imap mailbox needs a host");
+                return None;
+            }
+        };
+        let tls = self.choice(
+            &format!("{k}.tls"),
+            m.tls.as_deref(),
+            ImapTls::Implicit,
+            &[
+                ("implicit", ImapTls::Implicit),
+                ("starttls", ImapTls::StartTls),
+                ("none", ImapTls::None),
+            ],
+        );
+        let loopback = matches!(host.as_str(), "localhost" | "::1")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if tls == ImapTls::None && !loopback && !m.allow_plaintext.unwrap_or(false) {
+            self.issue(
+                &format!("{k}.tls"),
+                format!(
+                    "\"none\" would send the password in clear to {host}; use \"implicit\" or \"starttls\", or set allow_plaintext = true"
+                ),
+            );
+        }
+        let port = m.port.unwrap_or(match tls {
+            ImapTls::Implicit => 993,
+            ImapTls::StartTls | ImapTls::None => 143,
+        });
+        let username = match m.username {
+            Some(u) if !u.trim().is_empty() => u,
+            _ => {
+                self.issue(&format!("{k}.username"), "an imap mailbox needs a username");
+                String::new()
+            }
+        };
+        let auth = match m.auth.as_deref().unwrap_or("password") {
+            "password" => {
+                match self.secret(&format!("{k}.password"), m.password, m.password_file) {
+                    Some(p) => Some(ImapAuth::Password(SecretString::from(p))),
+                    None => {
+                        self.issue(
+                            &format!("{k}.password_file"),
+                            "auth = \"password\" needs password_file (or password)",
+                        );
+                        None
+                    }
+                }
+            }
+            "xoauth2" => match (m.token_file, m.token_command) {
+                (Some(f), None) => Some(ImapAuth::XOAuth2(TokenSource::File(PathBuf::from(f)))),
+                (None, Some(c)) => {
+                    let lifetime = self.duration(
+                        &format!("{k}.token_lifetime"),
+                        m.token_lifetime.as_deref(),
+                        Duration::from_secs(45 * 60),
+                    );
+                    Some(ImapAuth::XOAuth2(TokenSource::Command {
+                        command: c,
+                        lifetime,
+                    }))
+                }
+                _ => {
+                    self.issue(
+                        &format!("{k}.token_file"),
+                        "auth = \"xoauth2\" needs exactly one of token_file and token_command",
+                    );
+                    None
+                }
+            },
+            other => {
+                self.issue(
+                    &format!("{k}.auth"),
+                    format!("{other:?} is not one of \"password\", \"xoauth2\""),
+                );
+                None
+            }
+        };
+        let folder = m.folder.unwrap_or_else(|| "INBOX".into());
+        if folder.trim().is_empty() || folder.contains(['\r', '\n', '"']) {
+            self.issue(
+                &format!("{k}.folder"),
+                format!("{folder:?} is not a folder name"),
+            );
+        }
+        let idle_timeout = self.duration(
+            &format!("{k}.idle_timeout"),
+            m.idle_timeout.as_deref(),
+            Duration::from_secs(25 * 60),
+        );
+        if idle_timeout >= Duration::from_secs(29 * 60) || idle_timeout < Duration::from_secs(1) {
+            self.issue(
+                &format!("{k}.idle_timeout"),
+                "must be between 1s and 29m: servers may drop an IDLE after 30 minutes (RFC 2177)",
+            );
+        }
+        let poll_interval = self.duration(
+            &format!("{k}.poll_interval"),
+            m.poll_interval.as_deref(),
+            Duration::from_secs(60),
+        );
+        let batch_size = m.batch_size.unwrap_or(250);
+        if batch_size == 0 || batch_size > 5000 {
+            self.issue(&format!("{k}.batch_size"), "must be between 1 and 5000");
+        }
+        let start = self.choice(
+            &format!("{k}.start"),
+            m.start.as_deref(),
+            StartAt::All,
+            &[("all", StartAt::All), ("new", StartAt::New)],
+        );
+        let ca_file = m.ca_file.map(PathBuf::from);
+        if let Some(f) = &ca_file
+            && !f.is_file()
+        {
+            self.issue(
+                &format!("{k}.ca_file"),
+                format!("cannot read {}", f.display()),
+            );
+        }
+        let connect_timeout = self.duration(
+            &format!("{k}.connect_timeout"),
+            m.connect_timeout.as_deref(),
+            Duration::from_secs(30),
+        );
+        Some(ImapConfig {
+            host,
+            port,
+            tls,
+            ca_file,
+            username,
+            auth: auth?,
+            folder,
+            after,
+            quarantine_folder,
+            idle: m.idle.unwrap_or(true),
+            idle_timeout,
+            poll_interval,
+            batch_size: batch_size.clamp(1, 5000),
+            start,
+            connect_timeout,
         })
     }
 

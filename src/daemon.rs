@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, MailboxKind};
+use crate::mailbox::imap::ImapSource;
 use crate::mailbox::maildir::MaildirSource;
 use crate::outbox::{FileTransport, Stamp, Templates, Worker};
 use crate::pipeline::Pipeline;
@@ -75,6 +76,13 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
                 let pipeline = pipeline.clone();
                 let token = shutdown.child_token();
                 tracing::info!(mailbox = %mb.name, path = %cfg.path.display(), desk = %mb.desk, "watching maildir");
+                tracker.spawn(async move { source.run(pipeline, token).await });
+            }
+            MailboxKind::Imap(cfg) => {
+                let source = ImapSource::new(mb.name.clone(), mb.desk.clone(), (**cfg).clone());
+                let pipeline = pipeline.clone();
+                let token = shutdown.child_token();
+                tracing::info!(mailbox = %mb.name, address = %cfg.address(), folder = %cfg.folder, desk = %mb.desk, "watching imap folder");
                 tracker.spawn(async move { source.run(pipeline, token).await });
             }
         }

@@ -35,6 +35,14 @@ pub struct Envelope {
     pub quarantine_ref: String,
 }
 
+/// How far a source got, committed with the batch (IMAP: UIDVALIDITY and the last UID).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub mailbox: String,
+    pub uidvalidity: i64,
+    pub last_uid: i64,
+}
+
 /// What happened to one message.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -46,7 +54,12 @@ pub enum Outcome {
     /// Already processed: nothing changed.
     Duplicate { decision: Box<Decision> },
     /// Kept aside with a ledger row saying why; the source moves it to quarantine.
-    Quarantined { reason: Reason, detail: String },
+    Quarantined {
+        reason: Reason,
+        detail: String,
+        /// The ledger row, so a source can record where it put the message.
+        ledger_id: i64,
+    },
 }
 
 impl Outcome {
@@ -184,10 +197,21 @@ impl Pipeline {
         batch: &[Envelope],
         now: i64,
     ) -> Result<Vec<Outcome>, PipelineError> {
-        let outcomes = match self.run_batch(batch, now, false).await {
+        self.process_batch_with_progress(batch, now, None).await
+    }
+
+    /// [`Pipeline::process_batch`], also committing the source's `progress` in the same
+    /// transaction.
+    pub async fn process_batch_with_progress(
+        &self,
+        batch: &[Envelope],
+        now: i64,
+        progress: Option<&Progress>,
+    ) -> Result<Vec<Outcome>, PipelineError> {
+        let outcomes = match self.run_batch(batch, now, false, progress).await {
             Err(e) if !e.is_transient() => {
                 tracing::warn!(error = %crate::outbox::error_chain(&e), "a message failed; retrying the batch message by message");
-                self.run_batch(batch, now, true).await?
+                self.run_batch(batch, now, true, progress).await?
             }
             other => other?,
         };
@@ -211,6 +235,7 @@ impl Pipeline {
         batch: &[Envelope],
         now: i64,
         careful: bool,
+        progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
         let mut wtx = self.store.begin_write().await?;
         let index = DirectoryIndex::load(wtx.conn()).await?;
@@ -281,6 +306,10 @@ impl Pipeline {
             outcomes.push(outcome);
         }
         deferred.flush(wtx.conn()).await?;
+        if let Some(p) = progress {
+            store::save_mailbox_state(wtx.conn(), &p.mailbox, p.uidvalidity, p.last_uid, now)
+                .await?;
+        }
         wtx.commit().await?;
         Ok(outcomes)
     }
@@ -391,10 +420,11 @@ impl Pipeline {
             subject: msg.and_then(|m| m.subject.clone()),
             quarantine_ref: env.quarantine_ref.clone(),
         };
-        store::record_quarantine(conn, &rec, now).await?;
+        let ledger_id = store::record_quarantine(conn, &rec, now).await?;
         Ok(Outcome::Quarantined {
             reason,
             detail: detail.to_string(),
+            ledger_id,
         })
     }
 }

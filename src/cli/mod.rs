@@ -260,8 +260,10 @@ fn init_tracing(format: LogFormat, daemon: bool) {
     // Commands other than `run` print results on stdout; keep stderr to warnings.
     let default = if daemon { "info" } else { "warn" };
     let filter = EnvFilter::try_from_env("INTAKE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -790,16 +792,39 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
                 eprintln!("intake: no quarantined message {id}");
                 return Ok(69);
             };
-            let path = PathBuf::from(row.quarantine_ref.clone().unwrap_or_default());
-            let raw = std::fs::read(&path).with_context(|| {
-                format!("cannot read the quarantined message {}", path.display())
-            })?;
+            let reference = row.quarantine_ref.clone().unwrap_or_default();
             // A message from a mailbox goes back to that mailbox's desk.
-            let desk = row
+            let mailbox = row
                 .source
-                .strip_prefix("maildir:")
-                .and_then(|name| config.mailboxes.iter().find(|m| m.name == name))
-                .map(|m| m.desk.clone());
+                .split_once(':')
+                .and_then(|(_, name)| config.mailboxes.iter().find(|m| m.name == name));
+            let desk = mailbox.map(|m| m.desk.clone());
+            let imap = match mailbox {
+                Some(m) if reference.starts_with("imap:") => match &m.kind {
+                    crate::config::MailboxKind::Imap(cfg) => {
+                        Some(crate::mailbox::imap::ImapSource::new(
+                            m.name.clone(),
+                            m.desk.clone(),
+                            (**cfg).clone(),
+                        ))
+                    }
+                    crate::config::MailboxKind::Maildir(_) => None,
+                },
+                _ => None,
+            };
+            let raw = match &imap {
+                Some(source) => {
+                    match crate::mailbox::imap::fetch_quarantined(source, &reference).await? {
+                        Some((_, raw)) => raw,
+                        None => {
+                            eprintln!("intake: message {id} is not in {reference} any more");
+                            return Ok(69);
+                        }
+                    }
+                }
+                None => std::fs::read(&reference)
+                    .with_context(|| format!("cannot read the quarantined message {reference}"))?,
+            };
             let env = Envelope {
                 size: raw.len() as u64,
                 raw,
@@ -808,7 +833,7 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
                     reference: row.source_ref.clone(),
                 },
                 desk,
-                quarantine_ref: path.display().to_string(),
+                quarantine_ref: reference.clone(),
             };
             let now = crate::now();
             let outcomes = pipeline
@@ -817,7 +842,7 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
             let Some(o) = outcomes.first() else {
                 return Ok(EX_SOFTWARE);
             };
-            if let Outcome::Quarantined { reason, detail } = o {
+            if let Outcome::Quarantined { reason, detail, .. } = o {
                 println!(
                     "message {id} is still quarantined: {} ({detail})",
                     reason.code()
@@ -825,8 +850,18 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
                 return Ok(EX_DATAERR);
             }
             pipeline.store().mark_released(id, now).await?;
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove released message");
+            match &imap {
+                Some(source) => {
+                    if let Err(e) = crate::mailbox::imap::finish_released(source, &reference).await
+                    {
+                        tracing::warn!(error = %crate::outbox::error_chain(&e), "cannot move the released message out of quarantine");
+                    }
+                }
+                None => {
+                    if let Err(e) = std::fs::remove_file(&reference) {
+                        tracing::warn!(path = %reference, error = %e, "cannot remove released message");
+                    }
+                }
             }
             let (action, reason) = o.summary();
             println!("message {id} released: {action} ({reason})");

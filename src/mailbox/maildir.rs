@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{MaildirAfter, MaildirConfig};
+use crate::config::{After, MaildirConfig};
 use crate::keys::DeskKey;
 use crate::pipeline::{Envelope, Outcome, Pipeline};
 use crate::store::SourceRef;
@@ -40,8 +40,8 @@ impl MaildirSource {
             self.cfg.path.clone(),
             self.folder(&self.cfg.quarantine_folder),
         ];
-        if self.cfg.after == MaildirAfter::Move {
-            roots.push(self.folder(&self.cfg.processed_folder));
+        if let After::Move(folder) = &self.cfg.after {
+            roots.push(self.folder(folder));
         }
         for root in roots {
             for sub in ["new", "cur", "tmp"] {
@@ -116,19 +116,16 @@ impl MaildirSource {
         if outcome.is_quarantined() {
             return tokio::fs::rename(path, self.quarantine_path(path)).await;
         }
-        match self.cfg.after {
-            MaildirAfter::Seen => {
+        match &self.cfg.after {
+            After::Seen => {
                 let dest = self.cfg.path.join("cur").join(format!("{base}:2,S"));
                 tokio::fs::rename(path, dest).await
             }
-            MaildirAfter::Move => {
-                let dest = self
-                    .folder(&self.cfg.processed_folder)
-                    .join("cur")
-                    .join(format!("{base}:2,S"));
+            After::Move(folder) => {
+                let dest = self.folder(folder).join("cur").join(format!("{base}:2,S"));
                 tokio::fs::rename(path, dest).await
             }
-            MaildirAfter::Delete => tokio::fs::remove_file(path).await,
+            After::Delete => tokio::fs::remove_file(path).await,
         }
     }
 

@@ -1,7 +1,9 @@
 //! Message sources: a Maildir watched by the daemon, files and folders for backfill
 //! (`intake process`), and standard input for MTA pipe delivery (`intake deliver`).
 
+pub mod imap;
 pub mod maildir;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -400,6 +400,90 @@ impl Store {
         rows.iter().map(ledger_row).collect()
     }
 
+    /// Where a source put a quarantined message (e.g. the IMAP folder and UID it was
+    /// moved to).
+    pub async fn set_quarantine_ref(
+        &self,
+        ledger_id: i64,
+        reference: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.acquire().await?;
+        sqlx::query("UPDATE ledger SET quarantine_ref = $1 WHERE id = $2")
+            .bind(reference)
+            .bind(ledger_id)
+            .execute(&mut *conn)
+            .await
+            .ctx("record where a quarantined message is")?;
+        Ok(())
+    }
+
+    /// Of the given source references, those whose message is in quarantine, with their
+    /// ledger ids.
+    pub async fn quarantined_refs(
+        &self,
+        source: &str,
+        references: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        let mut out = std::collections::HashMap::new();
+        if references.is_empty() {
+            return Ok(out);
+        }
+        let mut conn = self.acquire().await?;
+        for chunk in references.chunks(500) {
+            let sql = format!(
+                "SELECT source_ref, id FROM ledger WHERE source = $1 AND action = 'quarantine' \
+                 AND released_at IS NULL AND source_ref IN ({})",
+                super::placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(source);
+            for r in chunk {
+                q = q.bind(r.as_str());
+            }
+            for row in q
+                .fetch_all(&mut *conn)
+                .await
+                .ctx("find quarantined messages")?
+            {
+                out.insert(
+                    row.try_get(0).ctx("read ledger")?,
+                    row.try_get(1).ctx("read ledger")?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// UIDVALIDITY and the last UID committed for an IMAP mailbox.
+    pub async fn mailbox_state(&self, mailbox: &str) -> Result<Option<(i64, i64)>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let row = sqlx::query("SELECT uidvalidity, last_uid FROM mailbox_state WHERE mailbox = $1")
+            .bind(mailbox)
+            .fetch_optional(&mut *conn)
+            .await
+            .ctx("read mailbox progress")?;
+        match row {
+            Some(r) => {
+                let v: Option<i64> = r.try_get(0).ctx("read mailbox progress")?;
+                let u: Option<i64> = r.try_get(1).ctx("read mailbox progress")?;
+                Ok(v.map(|v| (v, u.unwrap_or(0))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Sets a mailbox's progress outside a batch (first contact, UIDVALIDITY change).
+    pub async fn set_mailbox_state(
+        &self,
+        mailbox: &str,
+        uidvalidity: i64,
+        last_uid: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut wtx = self.begin_write().await?;
+        save_mailbox_state(wtx.conn(), mailbox, uidvalidity, last_uid, now).await?;
+        wtx.commit().await
+    }
+
     pub async fn mark_released(&self, ledger_id: i64, now: i64) -> Result<(), StoreError> {
         let mut conn = self.acquire().await?;
         sqlx::query("UPDATE ledger SET released_at = $1 WHERE id = $2")
@@ -609,4 +693,27 @@ async fn audit_for(conn: &mut AnyConnection, address: &str) -> Result<Vec<AuditE
             })
         })
         .collect()
+}
+
+/// Records a mailbox's progress on the caller's transaction.
+pub async fn save_mailbox_state(
+    conn: &mut AnyConnection,
+    mailbox: &str,
+    uidvalidity: i64,
+    last_uid: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO mailbox_state (mailbox, uidvalidity, last_uid, updated_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (mailbox) DO UPDATE SET uidvalidity = excluded.uidvalidity, \
+           last_uid = excluded.last_uid, updated_at = excluded.updated_at",
+    )
+    .bind(mailbox)
+    .bind(uidvalidity)
+    .bind(last_uid)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .ctx("record mailbox progress")?;
+    Ok(())
 }

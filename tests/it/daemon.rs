@@ -2,7 +2,6 @@
 //! shutdown on SIGTERM, and re-delivery after a restart doing nothing twice.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -28,39 +27,6 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn start(env: &Env) -> Child {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(&env.config)
-        .arg("run")
-        .current_dir(env.dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start intake run")
-}
-
-fn stop(mut child: Child) -> String {
-    let pid = child.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(status.success());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
-            let log = String::from_utf8_lossy(&out.stderr).to_string();
-            assert!(status.success(), "intake run exited with {status}:\n{log}");
-            return log;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "SIGTERM did not stop intake run"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn daemon_processes_a_maildir_and_stops_cleanly() {
     for backend in BACKENDS {
@@ -69,7 +35,7 @@ fn daemon_processes_a_maildir_and_stops_cleanly() {
         deliver_to_maildir(&maildir, "1.eml", "outsider-new.eml");
         deliver_to_maildir(&maildir, "2.eml", "auto-reply.eml");
         deliver_to_maildir(&maildir, "3.eml", "unparseable.eml");
-        let child = start(&env);
+        let daemon = start_daemon(&env);
         wait_for("the first messages", Duration::from_secs(20), || {
             count(&maildir.join("new")) == 0
         });
@@ -81,7 +47,7 @@ fn daemon_processes_a_maildir_and_stops_cleanly() {
         wait_for("the invitation mail", Duration::from_secs(20), || {
             !env.outbox_files().is_empty()
         });
-        let log = stop(child);
+        let log = daemon.stop();
         assert!(log.contains("intake running"), "{log}");
         assert!(log.contains("stopped"), "{log}");
 
@@ -107,11 +73,11 @@ fn daemon_processes_a_maildir_and_stops_cleanly() {
 
         // The same message delivered again after a restart is a no-op.
         deliver_to_maildir(&maildir, "5.eml", "outsider-new.eml");
-        let child = start(&env);
+        let daemon = start_daemon(&env);
         wait_for("the redelivery", Duration::from_secs(20), || {
             count(&maildir.join("new")) == 0
         });
-        stop(child);
+        daemon.stop();
         assert_eq!(env.requests().len(), 1);
         assert_eq!(env.outbox_files().len(), 1, "no second invitation");
         let ledger = env.json(&["requests", "show", "IT-1", "--json"]);
@@ -132,11 +98,11 @@ fn oversized_maildir_message_is_quarantined_unread() {
     let mut big = std::fs::read(fixture("outsider-new.eml")).unwrap();
     big.extend(std::iter::repeat_n(b'x', 5000));
     std::fs::write(maildir.join("new").join("big.eml"), &big).unwrap();
-    let child = start(&env);
+    let daemon = start_daemon(&env);
     wait_for("the big message", Duration::from_secs(20), || {
         count(&maildir.join("new")) == 0
     });
-    stop(child);
+    daemon.stop();
     let q = env.json(&["quarantine", "list", "--json"]);
     assert_eq!(q[0]["reason"], "oversized", "{q:#}");
     assert_eq!(

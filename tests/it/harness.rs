@@ -512,3 +512,89 @@ pub fn strings(items: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
         .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
         .collect()
 }
+
+/// A running `intake run`; its log goes to a file in the test's directory.
+pub struct Daemon {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds; on timeout the panic shows the daemon's log.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: std::time::Duration,
+        mut done: impl FnMut() -> bool,
+    ) {
+        let start = std::time::Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}; intake's log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM, waits for a clean exit (within 15 s) and returns the log.
+    pub fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let log = self.log();
+                assert!(status.success(), "intake run exited with {status}:\n{log}");
+                return log;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(15),
+                "SIGTERM did not stop intake run:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A test that failed halfway must not leave the daemon running.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts `intake run` for `env`.
+pub fn start_daemon(env: &Env) -> Daemon {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let log = env.path(&format!(
+        "intake-{}.log",
+        RUNS.fetch_add(1, Ordering::SeqCst)
+    ));
+    let file = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&env.config)
+        .arg("run")
+        .current_dir(env.dir.path())
+        .env("INTAKE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("start intake run");
+    Daemon { child, log }
+}

@@ -4,5 +4,7 @@
 mod cli;
 mod concurrency;
 mod daemon;
+mod dovecot;
 mod harness;
+mod imap;
 mod policy_paths;

@@ -1,0 +1,1058 @@
+//! An IMAP folder as a source. The only module that knows async-imap.
+//!
+//! - **UID progress.** UIDVALIDITY and the last committed UID are stored per mailbox and
+//!   committed in the same transaction as the batch they cover. A UIDVALIDITY change
+//!   rescans the folder; the ledger (Message-ID, content hash) makes what was already
+//!   processed a no-op.
+//! - **Acknowledge after commit.** `after = seen | move:FOLDER | delete` is applied only
+//!   once the batch committed. If that fails (connection lost), the next connection finds
+//!   the messages at or below the stored UID still in the folder and acknowledges them
+//!   then — quarantined ones back into quarantine, never deleted.
+//! - **Size first.** `RFC822.SIZE` is fetched before any body; a message over
+//!   `max_message_size` is quarantined from its headers alone and moved to the quarantine
+//!   folder without being downloaded.
+//! - **Push.** IDLE when the server offers it, re-issued every `idle_timeout` (25 min,
+//!   inside RFC 2177's 29); polling otherwise. Errors reconnect with capped exponential
+//!   backoff and jitter; one mailbox's trouble never touches another's task.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_imap::extensions::idle::IdleResponse;
+use async_imap::imap_proto::rfc4315::UidSetMember;
+use async_imap::imap_proto::{Response, ResponseCode, Status};
+use async_imap::{Client, Session};
+use futures_util::TryStreamExt;
+use secrecy::ExposeSecret;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{After, ImapAuth, ImapConfig, ImapTls, StartAt, TokenSource};
+use crate::keys::DeskKey;
+use crate::pipeline::{Envelope, Outcome, Pipeline, Progress};
+use crate::store::SourceRef;
+
+use super::Backoff;
+use super::tls::{self, ImapStream};
+
+type ImapSession = Session<ImapStream>;
+
+/// At most this many bytes of message bodies are held for one batch.
+const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// A message whose body the server keeps failing to return is quarantined after this many
+/// tries.
+const FETCH_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImapError {
+    #[error("mailbox {mailbox}: cannot connect to {address}")]
+    Connect {
+        mailbox: String,
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mailbox {mailbox}: TLS with {address} failed")]
+    Tls {
+        mailbox: String,
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mailbox {mailbox}: TLS configuration")]
+    TlsConfig {
+        mailbox: String,
+        #[source]
+        source: tls::TlsError,
+    },
+    #[error("mailbox {mailbox}: {address} refused the login for {username}: {message}")]
+    LoginRefused {
+        mailbox: String,
+        address: String,
+        username: String,
+        message: String,
+    },
+    #[error("mailbox {mailbox}: cannot get an OAuth2 access token: {message}")]
+    Token { mailbox: String, message: String },
+    #[error("mailbox {mailbox}: IMAP error with {address} while trying to {action}")]
+    Protocol {
+        mailbox: String,
+        address: String,
+        action: &'static str,
+        #[source]
+        source: async_imap::error::Error,
+    },
+    #[error("mailbox {mailbox}: processing failed")]
+    Pipeline {
+        mailbox: String,
+        #[source]
+        source: crate::pipeline::PipelineError,
+    },
+    #[error("mailbox {mailbox}: cannot read or record mailbox progress")]
+    Store {
+        mailbox: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
+}
+
+/// One IMAP mailbox.
+pub struct ImapSource {
+    pub name: String,
+    pub desk: DeskKey,
+    pub cfg: ImapConfig,
+    token_cache: Mutex<Option<(String, Instant)>>,
+    /// Failed body fetches per UID (reset on reconnect).
+    fetch_failures: Mutex<HashMap<u32, u32>>,
+}
+
+/// UIDs as an IMAP sequence set: `1:5,7,9:12`.
+pub fn uid_set(uids: &[u32]) -> String {
+    let mut sorted: Vec<u32> = uids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The SASL XOAUTH2 initial response (Gmail, Microsoft 365).
+struct XOAuth2 {
+    user: String,
+    token: String,
+}
+
+impl async_imap::Authenticator for XOAuth2 {
+    type Response = String;
+    fn process(&mut self, _challenge: &[u8]) -> String {
+        format!("user={}\x01auth=Bearer {}\x01\x01", self.user, self.token)
+    }
+}
+
+fn quote(folder: &str) -> String {
+    format!("\"{}\"", folder.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+impl ImapSource {
+    pub fn new(name: String, desk: DeskKey, cfg: ImapConfig) -> Self {
+        ImapSource {
+            name,
+            desk,
+            cfg,
+            token_cache: Mutex::new(None),
+            fetch_failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn address(&self) -> String {
+        self.cfg.address()
+    }
+
+    fn protocol(
+        &self,
+        action: &'static str,
+    ) -> impl FnOnce(async_imap::error::Error) -> ImapError + '_ {
+        move |source| ImapError::Protocol {
+            mailbox: self.name.clone(),
+            address: self.address(),
+            action,
+            source,
+        }
+    }
+
+    fn source_name(&self) -> String {
+        format!("imap:{}", self.name)
+    }
+
+    async fn token(&self) -> Result<String, ImapError> {
+        let err = |message: String| ImapError::Token {
+            mailbox: self.name.clone(),
+            message,
+        };
+        match &self.cfg.auth {
+            ImapAuth::Password(_) => Err(err("not an OAuth2 mailbox".into())),
+            ImapAuth::XOAuth2(TokenSource::File(path)) => tokio::fs::read_to_string(path)
+                .await
+                .map(|t| t.trim().to_string())
+                .map_err(|e| err(format!("cannot read {}: {e}", path.display()))),
+            ImapAuth::XOAuth2(TokenSource::Command { command, lifetime }) => {
+                let mut cache = self.token_cache.lock().await;
+                if let Some((token, at)) = cache.as_ref()
+                    && at.elapsed() < *lifetime
+                {
+                    return Ok(token.clone());
+                }
+                let out = tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(command)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await
+                    .map_err(|e| err(format!("cannot run token_command: {e}")))?;
+                if !out.status.success() {
+                    return Err(err(format!(
+                        "token_command exited with {}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if token.is_empty() {
+                    return Err(err("token_command printed nothing".into()));
+                }
+                *cache = Some((token.clone(), Instant::now()));
+                Ok(token)
+            }
+        }
+    }
+
+    /// Connects, negotiates TLS and logs in.
+    pub async fn connect(&self) -> Result<ImapSession, ImapError> {
+        let address = self.address();
+        let connect_err = |source: std::io::Error| ImapError::Connect {
+            mailbox: self.name.clone(),
+            address: address.clone(),
+            source,
+        };
+        let tcp = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            TcpStream::connect((self.cfg.host.as_str(), self.cfg.port)),
+        )
+        .await
+        .map_err(|_| {
+            connect_err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            ))
+        })?
+        .map_err(connect_err)?;
+        let _ = tcp.set_nodelay(true);
+        let tls_config = || {
+            tls::client_config(self.cfg.ca_file.as_deref()).map_err(|source| ImapError::TlsConfig {
+                mailbox: self.name.clone(),
+                source,
+            })
+        };
+        let tls_err = |source: std::io::Error| ImapError::Tls {
+            mailbox: self.name.clone(),
+            address: address.clone(),
+            source,
+        };
+        let client = match self.cfg.tls {
+            ImapTls::Implicit => {
+                let stream = tls::connect(tls_config()?, &self.cfg.host, tcp)
+                    .await
+                    .map_err(tls_err)?;
+                let mut client = Client::new(ImapStream::Tls(Box::new(stream)));
+                self.greeting(&mut client).await?;
+                client
+            }
+            ImapTls::StartTls => {
+                let mut client = Client::new(ImapStream::Plain(tcp));
+                self.greeting(&mut client).await?;
+                client
+                    .run_command_and_check_ok("STARTTLS", None)
+                    .await
+                    .map_err(self.protocol("start TLS"))?;
+                let ImapStream::Plain(tcp) = client.into_inner() else {
+                    // We built it plain two lines up.
+                    return Err(tls_err(std::io::Error::other("STARTTLS on a TLS stream")));
+                };
+                let stream = tls::connect(tls_config()?, &self.cfg.host, tcp)
+                    .await
+                    .map_err(tls_err)?;
+                Client::new(ImapStream::Tls(Box::new(stream)))
+            }
+            ImapTls::None => {
+                let mut client = Client::new(ImapStream::Plain(tcp));
+                self.greeting(&mut client).await?;
+                client
+            }
+        };
+        let refused = |e: async_imap::error::Error| match e {
+            async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => {
+                ImapError::LoginRefused {
+                    mailbox: self.name.clone(),
+                    address: address.clone(),
+                    username: self.cfg.username.clone(),
+                    message: m,
+                }
+            }
+            other => (self.protocol("log in"))(other),
+        };
+        match &self.cfg.auth {
+            ImapAuth::Password(p) => client
+                .login(&self.cfg.username, p.expose_secret())
+                .await
+                .map_err(|(e, _)| refused(e)),
+            ImapAuth::XOAuth2(_) => {
+                let token = self.token().await?;
+                let result = client
+                    .authenticate(
+                        "XOAUTH2",
+                        XOAuth2 {
+                            user: self.cfg.username.clone(),
+                            token,
+                        },
+                    )
+                    .await
+                    .map_err(|(e, _)| refused(e));
+                if result.is_err() {
+                    // A refused token may be stale: ask the command again next time.
+                    *self.token_cache.lock().await = None;
+                }
+                result
+            }
+        }
+    }
+
+    async fn greeting(&self, client: &mut Client<ImapStream>) -> Result<(), ImapError> {
+        match client.read_response().await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ImapError::Connect {
+                mailbox: self.name.clone(),
+                address: self.address(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed before the greeting",
+                ),
+            }),
+            Err(source) => Err(ImapError::Connect {
+                mailbox: self.name.clone(),
+                address: self.address(),
+                source,
+            }),
+        }
+    }
+
+    /// Creates the quarantine folder and the processed folder when they are missing.
+    async fn ensure_folders(&self, session: &mut ImapSession) -> Result<(), ImapError> {
+        let mut wanted = vec![self.cfg.quarantine_folder.clone()];
+        if let After::Move(f) = &self.cfg.after {
+            wanted.push(f.clone());
+        }
+        for folder in wanted {
+            let names: Vec<_> = session
+                .list(Some(""), Some(&folder))
+                .await
+                .map_err(self.protocol("list folders"))?
+                .try_collect()
+                .await
+                .map_err(self.protocol("list folders"))?;
+            if names.is_empty() {
+                session
+                    .create(&folder)
+                    .await
+                    .map_err(self.protocol("create a folder"))?;
+                tracing::info!(mailbox = %self.name, folder = %folder, "created folder");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown`: connect, drain, wait (IDLE or poll), reconnect on errors.
+    pub async fn run(&self, pipeline: Pipeline, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match self.session(&pipeline, &shutdown, &mut backoff).await {
+                Ok(()) => return,
+                Err(e) => {
+                    let pause = backoff.next_pause();
+                    tracing::warn!(
+                        mailbox = %self.name,
+                        address = %self.address(),
+                        error = %crate::outbox::error_chain(&e),
+                        retry_in = ?pause,
+                        "mailbox connection failed"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection's life. Returns Ok only on shutdown.
+    async fn session(
+        &self,
+        pipeline: &Pipeline,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), ImapError> {
+        let mut session = self.connect().await?;
+        let caps = session
+            .capabilities()
+            .await
+            .map_err(self.protocol("read capabilities"))?;
+        let idle = self.cfg.idle && caps.has_str("IDLE");
+        let can_move = caps.has_str("MOVE");
+        let uidplus = caps.has_str("UIDPLUS");
+        self.ensure_folders(&mut session).await?;
+        let mailbox = session
+            .select(&self.cfg.folder)
+            .await
+            .map_err(self.protocol("select the folder"))?;
+        let uidvalidity = i64::from(mailbox.uid_validity.unwrap_or(0));
+        let mut last_uid = self
+            .starting_uid(pipeline, uidvalidity, mailbox.uid_next)
+            .await?;
+        self.fetch_failures.lock().await.clear();
+        backoff.reset();
+        tracing::info!(
+            mailbox = %self.name,
+            address = %self.address(),
+            folder = %self.cfg.folder,
+            idle, uidvalidity, last_uid,
+            "connected"
+        );
+        let ops = Ops { can_move, uidplus };
+        self.acknowledge_leftovers(&mut session, pipeline, uidvalidity, last_uid, ops)
+            .await?;
+        loop {
+            // Drain everything that is there, batch by batch.
+            loop {
+                if shutdown.is_cancelled() {
+                    let _ = session.logout().await;
+                    return Ok(());
+                }
+                let n = self
+                    .process_new(&mut session, pipeline, uidvalidity, &mut last_uid, ops)
+                    .await?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if idle {
+                let mut handle = session.idle();
+                handle.init().await.map_err(self.protocol("start IDLE"))?;
+                let stopped = {
+                    let (wait, stop) = handle.wait_with_timeout(self.cfg.idle_timeout);
+                    tokio::pin!(wait);
+                    tokio::select! {
+                        r = &mut wait => {
+                            match r.map_err(self.protocol("wait in IDLE"))? {
+                                IdleResponse::NewData(_) | IdleResponse::Timeout
+                                | IdleResponse::ManualInterrupt => false,
+                            }
+                        }
+                        _ = shutdown.cancelled() => {
+                            drop(stop);
+                            let _ = wait.await;
+                            true
+                        }
+                    }
+                };
+                session = handle.done().await.map_err(self.protocol("end IDLE"))?;
+                if stopped {
+                    let _ = session.logout().await;
+                    return Ok(());
+                }
+            } else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = session.logout().await;
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                }
+            }
+        }
+    }
+
+    /// The last UID already handled: from the database, or — on first contact or after a
+    /// UIDVALIDITY change — 0 (everything) or `uidnext - 1` (`start = "new"`).
+    async fn starting_uid(
+        &self,
+        pipeline: &Pipeline,
+        uidvalidity: i64,
+        uid_next: Option<u32>,
+    ) -> Result<i64, ImapError> {
+        let store_err = |source| ImapError::Store {
+            mailbox: self.name.clone(),
+            source,
+        };
+        let store = pipeline.store();
+        match store.mailbox_state(&self.name).await.map_err(store_err)? {
+            Some((v, last)) if v == uidvalidity => Ok(last),
+            previous => {
+                let start = match (previous, self.cfg.start) {
+                    (None, StartAt::New) => i64::from(uid_next.unwrap_or(1)).saturating_sub(1),
+                    _ => 0,
+                };
+                if let Some((old, _)) = previous {
+                    tracing::warn!(
+                        mailbox = %self.name,
+                        old_uidvalidity = old,
+                        uidvalidity,
+                        "UIDVALIDITY changed: rescanning the folder (the ledger skips what was processed)"
+                    );
+                }
+                store
+                    .set_mailbox_state(&self.name, uidvalidity, start, crate::now())
+                    .await
+                    .map_err(store_err)?;
+                Ok(start)
+            }
+        }
+    }
+
+    /// UID and size of every message above `last_uid`.
+    async fn list_new(
+        &self,
+        session: &mut ImapSession,
+        last_uid: i64,
+    ) -> Result<Vec<(u32, u64)>, ImapError> {
+        let from = u32::try_from(last_uid + 1).unwrap_or(u32::MAX);
+        let fetches: Vec<_> = session
+            .uid_fetch(format!("{from}:*"), "(UID RFC822.SIZE)")
+            .await
+            .map_err(self.protocol("list new messages"))?
+            .try_collect()
+            .await
+            .map_err(self.protocol("list new messages"))?;
+        let mut out: Vec<(u32, u64)> = fetches
+            .iter()
+            .filter_map(|f| Some((f.uid?, u64::from(f.size.unwrap_or(0)))))
+            // "N:*" always includes the highest UID, even when it is below N.
+            .filter(|(uid, _)| i64::from(*uid) > last_uid)
+            .collect();
+        out.sort_unstable();
+        out.dedup_by_key(|(u, _)| *u);
+        Ok(out)
+    }
+
+    /// Processes one batch of new messages. Returns how many were handled.
+    async fn process_new(
+        &self,
+        session: &mut ImapSession,
+        pipeline: &Pipeline,
+        uidvalidity: i64,
+        last_uid: &mut i64,
+        ops: Ops,
+    ) -> Result<usize, ImapError> {
+        let new = self.list_new(session, *last_uid).await?;
+        if new.is_empty() {
+            return Ok(0);
+        }
+        let max = pipeline.config().max_message_size;
+        let mut batch: Vec<(u32, u64)> = Vec::new();
+        let mut bytes = 0u64;
+        for (uid, size) in new {
+            let counted = size.min(max);
+            if !batch.is_empty()
+                && (batch.len() >= self.cfg.batch_size || bytes + counted > BATCH_BYTES)
+            {
+                break;
+            }
+            bytes += counted;
+            batch.push((uid, size));
+        }
+        let small: Vec<u32> = batch
+            .iter()
+            .filter(|(_, s)| *s <= max)
+            .map(|(u, _)| *u)
+            .collect();
+        let big: Vec<u32> = batch
+            .iter()
+            .filter(|(_, s)| *s > max)
+            .map(|(u, _)| *u)
+            .collect();
+        let mut raw: HashMap<u32, Vec<u8>> = HashMap::new();
+        if !small.is_empty() {
+            let fetched: Vec<_> = session
+                .uid_fetch(uid_set(&small), "(UID BODY.PEEK[])")
+                .await
+                .map_err(self.protocol("fetch messages"))?
+                .try_collect()
+                .await
+                .map_err(self.protocol("fetch messages"))?;
+            for f in &fetched {
+                if let (Some(uid), Some(body)) = (f.uid, f.body()) {
+                    raw.insert(uid, body.to_vec());
+                }
+            }
+        }
+        if !big.is_empty() {
+            // Headers only: enough to say who sent it in the quarantine list.
+            let fetched: Vec<_> = session
+                .uid_fetch(uid_set(&big), "(UID BODY.PEEK[HEADER])")
+                .await
+                .map_err(self.protocol("fetch headers"))?
+                .try_collect()
+                .await
+                .map_err(self.protocol("fetch headers"))?;
+            for f in &fetched {
+                if let (Some(uid), Some(h)) = (f.uid, f.header()) {
+                    raw.insert(uid, h.to_vec());
+                }
+            }
+        }
+        // Build envelopes in UID order; stop at a message whose body did not come (the
+        // progress can only move past UIDs that were handled), unless it failed too often.
+        let mut envelopes = Vec::with_capacity(batch.len());
+        let mut uids = Vec::with_capacity(batch.len());
+        let mut failures = self.fetch_failures.lock().await;
+        for (uid, size) in &batch {
+            let body = match raw.remove(uid) {
+                Some(b) => b,
+                None => {
+                    let n = failures.entry(*uid).or_insert(0);
+                    *n += 1;
+                    if *n < FETCH_ATTEMPTS {
+                        tracing::warn!(mailbox = %self.name, uid, attempt = *n, "server returned no body; will retry");
+                        break;
+                    }
+                    tracing::error!(mailbox = %self.name, uid, "server keeps returning no body; quarantining");
+                    Vec::new()
+                }
+            };
+            envelopes.push(Envelope {
+                size: (*size).max(body.len() as u64),
+                raw: body,
+                source: SourceRef {
+                    source: self.source_name(),
+                    reference: format!("{uidvalidity}:{uid}"),
+                },
+                desk: Some(self.desk.clone()),
+                quarantine_ref: format!("imap:{}:{}", self.name, self.cfg.quarantine_folder),
+            });
+            uids.push(*uid);
+        }
+        drop(failures);
+        let Some(&highest) = uids.last() else {
+            return Ok(0);
+        };
+        let progress = Progress {
+            mailbox: self.name.clone(),
+            uidvalidity,
+            last_uid: i64::from(highest),
+        };
+        let outcomes = pipeline
+            .process_batch_with_progress(&envelopes, crate::now(), Some(&progress))
+            .await
+            .map_err(|source| ImapError::Pipeline {
+                mailbox: self.name.clone(),
+                source,
+            })?;
+        *last_uid = progress.last_uid;
+        let mut done = Vec::new();
+        let mut quarantined = Vec::new();
+        for (uid, outcome) in uids.iter().zip(&outcomes) {
+            match outcome {
+                Outcome::Quarantined { ledger_id, .. } => quarantined.push((*uid, *ledger_id)),
+                _ => done.push(*uid),
+            }
+        }
+        self.acknowledge(session, pipeline, uidvalidity, &done, &quarantined, ops)
+            .await?;
+        Ok(uids.len())
+    }
+
+    /// Applies `after` to processed messages and moves quarantined ones away.
+    async fn acknowledge(
+        &self,
+        session: &mut ImapSession,
+        pipeline: &Pipeline,
+        uidvalidity: i64,
+        done: &[u32],
+        quarantined: &[(u32, i64)],
+        ops: Ops,
+    ) -> Result<(), ImapError> {
+        if !quarantined.is_empty() {
+            let uids: Vec<u32> = quarantined.iter().map(|(u, _)| *u).collect();
+            let mapping = self
+                .move_messages(session, &uids, &self.cfg.quarantine_folder, ops)
+                .await?;
+            for (uid, ledger_id) in quarantined {
+                let reference = match mapping
+                    .as_ref()
+                    .and_then(|(v, m)| m.get(uid).map(|n| (v, n)))
+                {
+                    Some((v, new_uid)) => format!(
+                        "imap:{}:{}:{}:{}",
+                        self.name, self.cfg.quarantine_folder, v, new_uid
+                    ),
+                    None => format!(
+                        "imap:{}:{}:?:{uidvalidity}:{uid}",
+                        self.name, self.cfg.quarantine_folder
+                    ),
+                };
+                if let Err(e) = pipeline
+                    .store()
+                    .set_quarantine_ref(*ledger_id, &reference)
+                    .await
+                {
+                    tracing::warn!(mailbox = %self.name, error = %e, "cannot record where a quarantined message went");
+                }
+                tracing::warn!(mailbox = %self.name, uid, to = %reference, "message quarantined");
+            }
+        }
+        if done.is_empty() {
+            return Ok(());
+        }
+        match &self.cfg.after {
+            After::Seen => {
+                self.store_flags(session, done, "+FLAGS.SILENT (\\Seen)")
+                    .await?;
+            }
+            After::Move(folder) => {
+                // Flagged Seen first, as processed mail is everywhere else.
+                self.store_flags(session, done, "+FLAGS.SILENT (\\Seen)")
+                    .await?;
+                self.move_messages(session, done, folder, ops).await?;
+            }
+            After::Delete => {
+                self.store_flags(session, done, "+FLAGS.SILENT (\\Deleted)")
+                    .await?;
+                self.expunge(session, done, ops).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn store_flags(
+        &self,
+        session: &mut ImapSession,
+        uids: &[u32],
+        flags: &str,
+    ) -> Result<(), ImapError> {
+        let _: Vec<_> = session
+            .uid_store(uid_set(uids), flags)
+            .await
+            .map_err(self.protocol("set flags"))?
+            .try_collect()
+            .await
+            .map_err(self.protocol("set flags"))?;
+        Ok(())
+    }
+
+    async fn expunge(
+        &self,
+        session: &mut ImapSession,
+        uids: &[u32],
+        ops: Ops,
+    ) -> Result<(), ImapError> {
+        if ops.uidplus {
+            let _: Vec<_> = session
+                .uid_expunge(uid_set(uids))
+                .await
+                .map_err(self.protocol("expunge"))?
+                .try_collect()
+                .await
+                .map_err(self.protocol("expunge"))?;
+        } else {
+            // Without UIDPLUS only a plain EXPUNGE exists; it also removes other
+            // messages someone flagged \Deleted.
+            let _: Vec<_> = session
+                .expunge()
+                .await
+                .map_err(self.protocol("expunge"))?
+                .try_collect()
+                .await
+                .map_err(self.protocol("expunge"))?;
+        }
+        Ok(())
+    }
+
+    /// Moves messages (MOVE, or COPY + delete without it). Returns the destination's
+    /// UIDVALIDITY and the new UIDs when the server reports them (COPYUID, RFC 4315).
+    async fn move_messages(
+        &self,
+        session: &mut ImapSession,
+        uids: &[u32],
+        folder: &str,
+        ops: Ops,
+    ) -> Result<Option<(u32, HashMap<u32, u32>)>, ImapError> {
+        let set = uid_set(uids);
+        let command = if ops.can_move {
+            format!("UID MOVE {set} {}", quote(folder))
+        } else {
+            format!("UID COPY {set} {}", quote(folder))
+        };
+        let copyuid = self.command_with_copyuid(session, &command).await?;
+        if !ops.can_move {
+            self.store_flags(session, uids, "+FLAGS.SILENT (\\Deleted)")
+                .await?;
+            self.expunge(session, uids, ops).await?;
+        }
+        Ok(copyuid)
+    }
+
+    /// Runs a command, returning a COPYUID response code if one came (tagged or not).
+    async fn command_with_copyuid(
+        &self,
+        session: &mut ImapSession,
+        command: &str,
+    ) -> Result<Option<(u32, HashMap<u32, u32>)>, ImapError> {
+        let id = session
+            .run_command(command)
+            .await
+            .map_err(self.protocol("move messages"))?;
+        let mut copyuid = None;
+        loop {
+            let Some(response) = session
+                .read_response()
+                .await
+                .map_err(|e| (self.protocol("move messages"))(e.into()))?
+            else {
+                return Err((self.protocol("move messages"))(
+                    async_imap::error::Error::ConnectionLost,
+                ));
+            };
+            let (status, outcome, tagged) = match response.parsed() {
+                Response::Done {
+                    tag,
+                    status,
+                    outcome,
+                } => (Some(status), Some(outcome), tag == &id),
+                Response::Data { status, outcome } => (Some(status), Some(outcome), false),
+                _ => (None, None, false),
+            };
+            if let Some(ResponseCode::CopyUid(validity, from, to)) =
+                outcome.and_then(|o| o.code.as_ref())
+            {
+                let from = expand(from);
+                let to = expand(to);
+                if from.len() == to.len() {
+                    copyuid = Some((*validity, from.into_iter().zip(to).collect()));
+                }
+            }
+            if tagged {
+                return match status {
+                    Some(Status::Ok) => Ok(copyuid),
+                    _ => Err((self.protocol("move messages"))(
+                        async_imap::error::Error::No(
+                            outcome
+                                .and_then(|o| o.information.as_ref())
+                                .map(|s| s.to_string())
+                                .unwrap_or_default(),
+                        ),
+                    )),
+                };
+            }
+        }
+    }
+
+    /// After a reconnect: messages at or below the committed UID that are still in the
+    /// folder were committed but not acknowledged (the connection dropped in between).
+    /// Acknowledge them now, sending quarantined ones to quarantine.
+    async fn acknowledge_leftovers(
+        &self,
+        session: &mut ImapSession,
+        pipeline: &Pipeline,
+        uidvalidity: i64,
+        last_uid: i64,
+        ops: Ops,
+    ) -> Result<(), ImapError> {
+        if last_uid <= 0 {
+            return Ok(());
+        }
+        let query = match self.cfg.after {
+            After::Seen => format!("UID 1:{last_uid} UNSEEN"),
+            _ => format!("UID 1:{last_uid}"),
+        };
+        let found: HashSet<u32> = session
+            .uid_search(&query)
+            .await
+            .map_err(self.protocol("search leftovers"))?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        let mut uids: Vec<u32> = found.into_iter().collect();
+        uids.sort_unstable();
+        let references: Vec<String> = uids.iter().map(|u| format!("{uidvalidity}:{u}")).collect();
+        let quarantined = pipeline
+            .store()
+            .quarantined_refs(&self.source_name(), &references)
+            .await
+            .map_err(|source| ImapError::Store {
+                mailbox: self.name.clone(),
+                source,
+            })?;
+        let mut done = Vec::new();
+        let mut to_quarantine = Vec::new();
+        for uid in uids {
+            match quarantined.get(&format!("{uidvalidity}:{uid}")) {
+                Some(ledger_id) => to_quarantine.push((uid, *ledger_id)),
+                None => done.push(uid),
+            }
+        }
+        tracing::info!(
+            mailbox = %self.name,
+            processed = done.len(),
+            quarantined = to_quarantine.len(),
+            "acknowledging messages committed before the last disconnect"
+        );
+        self.acknowledge(session, pipeline, uidvalidity, &done, &to_quarantine, ops)
+            .await
+    }
+}
+
+/// What the server can do.
+#[derive(Debug, Clone, Copy)]
+struct Ops {
+    can_move: bool,
+    uidplus: bool,
+}
+
+fn expand(set: &[UidSetMember]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for m in set {
+        match m {
+            UidSetMember::Uid(u) => out.push(*u),
+            UidSetMember::UidRange(r) => out.extend(r.clone()),
+        }
+    }
+    out
+}
+
+/// Fetches one quarantined message for `intake quarantine release`: the folder and UID
+/// are in its reference (`imap:NAME:FOLDER:UIDVALIDITY:UID`).
+pub async fn fetch_quarantined(
+    source: &ImapSource,
+    reference: &str,
+) -> Result<Option<(u32, Vec<u8>)>, ImapError> {
+    let Some((folder, uid)) = parse_quarantine_ref(reference) else {
+        return Ok(None);
+    };
+    let mut session = source.connect().await?;
+    session
+        .select(&folder)
+        .await
+        .map_err(source.protocol("select the quarantine folder"))?;
+    let fetched: Vec<_> = session
+        .uid_fetch(uid.to_string(), "(UID BODY.PEEK[])")
+        .await
+        .map_err(source.protocol("fetch the quarantined message"))?
+        .try_collect()
+        .await
+        .map_err(source.protocol("fetch the quarantined message"))?;
+    let body = fetched
+        .iter()
+        .find(|f| f.uid == Some(uid))
+        .and_then(|f| f.body())
+        .map(<[u8]>::to_vec);
+    let _ = session.logout().await;
+    Ok(body.map(|b| (uid, b)))
+}
+
+/// After a released message was processed, treat it as the mailbox treats processed
+/// mail: back into the folder flagged Seen, into the `move:` folder, or deleted.
+pub async fn finish_released(source: &ImapSource, reference: &str) -> Result<(), ImapError> {
+    let Some((folder, uid)) = parse_quarantine_ref(reference) else {
+        return Ok(());
+    };
+    let mut session = source.connect().await?;
+    let caps = session
+        .capabilities()
+        .await
+        .map_err(source.protocol("read capabilities"))?;
+    let ops = Ops {
+        can_move: caps.has_str("MOVE"),
+        uidplus: caps.has_str("UIDPLUS"),
+    };
+    session
+        .select(&folder)
+        .await
+        .map_err(source.protocol("select the quarantine folder"))?;
+    match &source.cfg.after {
+        After::Seen => {
+            source
+                .store_flags(&mut session, &[uid], "+FLAGS.SILENT (\\Seen)")
+                .await?;
+            source
+                .move_messages(&mut session, &[uid], &source.cfg.folder, ops)
+                .await?;
+        }
+        After::Move(dest) => {
+            source
+                .move_messages(&mut session, &[uid], dest, ops)
+                .await?;
+        }
+        After::Delete => {
+            source
+                .store_flags(&mut session, &[uid], "+FLAGS.SILENT (\\Deleted)")
+                .await?;
+            source.expunge(&mut session, &[uid], ops).await?;
+        }
+    }
+    let _ = session.logout().await;
+    Ok(())
+}
+
+/// `imap:NAME:FOLDER:UIDVALIDITY:UID` → (FOLDER, UID).
+pub fn parse_quarantine_ref(reference: &str) -> Option<(String, u32)> {
+    let rest = reference.strip_prefix("imap:")?;
+    let mut parts = rest.rsplitn(3, ':');
+    let uid: u32 = parts.next()?.parse().ok()?;
+    let _validity: u32 = parts.next()?.parse().ok()?;
+    let name_and_folder = parts.next()?;
+    let (_, folder) = name_and_folder.split_once(':')?;
+    Some((folder.to_string(), uid))
+}
+
+/// A shared handle so the daemon can hold sources behind `Arc`.
+pub type SharedImapSource = Arc<ImapSource>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_sets_are_compact() {
+        assert_eq!(uid_set(&[5, 1, 2, 3, 9, 7, 8, 3]), "1:3,5,7:9");
+        assert_eq!(uid_set(&[42]), "42");
+        assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn quarantine_refs_round_trip() {
+        assert_eq!(
+            parse_quarantine_ref("imap:support:Quarantine:1795456189:17"),
+            Some(("Quarantine".to_string(), 17))
+        );
+        assert_eq!(
+            parse_quarantine_ref("imap:support:Lists:Quarantine:1795456189:17"),
+            Some(("Lists:Quarantine".to_string(), 17))
+        );
+        assert_eq!(parse_quarantine_ref("imap:support:Quarantine:?:1:17"), None);
+        assert_eq!(parse_quarantine_ref("/var/quarantine/x.eml"), None);
+    }
+
+    #[test]
+    fn xoauth2_initial_response() {
+        let mut a = XOAuth2 {
+            user: "desk@example.com".into(),
+            token: "ya29.token".into(),
+        };
+        use async_imap::Authenticator;
+        assert_eq!(
+            a.process(b""),
+            "user=desk@example.com\x01auth=Bearer ya29.token\x01\x01"
+        );
+    }
+}

@@ -1,0 +1,477 @@
+//! A real Dovecot for tests: started per test on free loopback ports (plain IMAP and
+//! implicit TLS, STARTTLS offered on the plain port), with its own config, base_dir and
+//! instance name, a passwd-file user and a Maildir under a temp dir. Also a small
+//! synchronous IMAP client to put mail in and look at folders.
+//!
+//! Settings that matter (see DESIGN.md): mail processes run as uid/gid 65534 when we are
+//! root (Dovecot refuses uid 0), `mail_max_userip_connections` is raised, TLS uses a CA
+//! and a leaf certificate with `CA:FALSE` and SAN `localhost, 127.0.0.1` (rustls rejects
+//! a self-signed certificate that is its own CA).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const USER: &str = "desk";
+pub const PASSWORD: &str = "s3cret-pass";
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+fn ids() -> (u32, u32, String) {
+    let uid = String::from_utf8_lossy(&Command::new("id").arg("-u").output().expect("id").stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    if uid == 0 {
+        (65534, 65534, "nobody".into())
+    } else {
+        let gid =
+            String::from_utf8_lossy(&Command::new("id").arg("-g").output().expect("id").stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0);
+        let name =
+            String::from_utf8_lossy(&Command::new("id").arg("-un").output().expect("id").stdout)
+                .trim()
+                .to_string();
+        (uid, gid, name)
+    }
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1, as PEM files in `dir`.
+/// Returns the CA file's path.
+pub fn make_certs(dir: &Path) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "intake test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let mut leaf_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("leaf params");
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf = leaf_params
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf cert");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca");
+    std::fs::write(dir.join("cert.pem"), leaf.pem()).expect("write cert");
+    std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).expect("write key");
+    dir.join("ca.pem")
+}
+
+pub struct Dovecot {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub tls_port: u16,
+    pub ca_file: PathBuf,
+    conf: PathBuf,
+}
+
+impl Dovecot {
+    pub fn start() -> Dovecot {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        // Login and mail processes run unprivileged: they must reach the files.
+        Command::new("chmod")
+            .arg("755")
+            .arg(root)
+            .status()
+            .expect("chmod");
+        let (uid, gid, user) = ids();
+        let mail = root.join("mail");
+        std::fs::create_dir_all(&mail).expect("mail dir");
+        Command::new("chown")
+            .arg(format!("{uid}:{gid}"))
+            .arg(&mail)
+            .status()
+            .expect("chown mail");
+        std::fs::write(root.join("passwd"), format!("{USER}:{{PLAIN}}{PASSWORD}\n"))
+            .expect("passwd");
+        let ca_file = make_certs(root);
+        let (port, tls_port) = (free_port(), free_port());
+        let r = root.display();
+        let instance = format!("intake{}", port);
+        let conf = root.join("dovecot.conf");
+        let root_only = if uid == 65534 {
+            "default_internal_user = nobody\ndefault_internal_group = nogroup\ndefault_login_user = nobody\n".to_string()
+        } else {
+            format!("default_internal_user = {user}\ndefault_login_user = {user}\n")
+        };
+        std::fs::write(
+            &conf,
+            format!(
+                r#"base_dir = {r}/run
+state_dir = {r}/state
+instance_name = {instance}
+listen = 127.0.0.1
+protocols = imap
+log_path = {r}/dovecot.log
+info_log_path = {r}/dovecot.log
+ssl = yes
+ssl_cert = <{r}/cert.pem
+ssl_key = <{r}/key.pem
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:{r}/mail/%u
+mail_uid = {uid}
+mail_gid = {gid}
+first_valid_uid = {uid}
+mail_max_userip_connections = 200
+{root_only}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {r}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={r}/mail/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {tls_port}
+    ssl = yes
+  }}
+  chroot =
+}}
+service anvil {{
+  chroot =
+}}
+"#
+            ),
+        )
+        .expect("write dovecot.conf");
+        std::fs::create_dir_all(root.join("state")).expect("state dir");
+        let d = Dovecot {
+            dir,
+            port,
+            tls_port,
+            ca_file,
+            conf,
+        };
+        d.launch();
+        // Reaper: stops this Dovecot when the test process is gone.
+        let script = format!(
+            "while [ -d /proc/{pid} ]; do sleep 0.5; done; dovecot -c {conf} stop >/dev/null 2>&1",
+            pid = std::process::id(),
+            conf = d.conf.display()
+        );
+        #[allow(clippy::zombie_processes)]
+        Command::new("/bin/sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("reaper");
+        d
+    }
+
+    fn launch(&self) {
+        // Dovecot daemonizes and its children keep the standard streams: never give it a
+        // pipe we would wait on.
+        let errors = self.dir.path().join("dovecot-start.err");
+        let status = Command::new("dovecot")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(&errors).expect("stderr file"),
+            ))
+            .status()
+            .expect("run dovecot (install dovecot-imapd; .ci/run does)");
+        assert!(
+            status.success(),
+            "dovecot did not start: {}\n{}",
+            std::fs::read_to_string(&errors).unwrap_or_default(),
+            self.log()
+        );
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "dovecot is not listening"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops Dovecot (existing connections are cut).
+    pub fn stop(&self) {
+        let _ = Command::new("dovecot")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("stop")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "dovecot did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The master's pid file goes away when it has exited.
+        let pid = self.dir.path().join("run/master.pid");
+        let start = Instant::now();
+        while pid.exists() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn restart(&self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Kills this Dovecot and every process of it at once (as a crash or an OOM kill
+    /// would: connections are cut mid-command), then starts it again.
+    pub fn crash_restart(&self) {
+        let instance = format!("dovecot-intake{}", self.port);
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &instance])
+            .status();
+        let pid_file = self.dir.path().join("run/master.pid");
+        if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "dovecot did not die"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Imap processes are titled "dovecot/imap"; kill this instance's by their config.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("{}", self.conf.display())])
+            .status();
+        let _ = std::fs::remove_file(&pid_file);
+        self.launch();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+    }
+
+    pub fn doveadm(&self, args: &[&str]) -> String {
+        let out = Command::new("doveadm")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .expect("doveadm");
+        assert!(
+            out.status.success(),
+            "doveadm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Sets a new UIDVALIDITY on a folder (what a server migration or rebuild does).
+    pub fn change_uidvalidity(&self, folder: &str, value: u32) {
+        self.doveadm(&[
+            "mailbox",
+            "update",
+            "-u",
+            USER,
+            "--uid-validity",
+            &value.to_string(),
+            folder,
+        ]);
+    }
+
+    pub fn client(&self) -> ImapClient {
+        ImapClient::connect(self.port)
+    }
+
+    /// The `[[mailboxes]]` entry for this server (plain IMAP on loopback).
+    pub fn mailbox_toml(&self, extra: &str) -> String {
+        std::fs::write(self.dir.path().join("imap-password"), PASSWORD).expect("password file");
+        format!(
+            r#"
+[[mailboxes]]
+name = "support"
+kind = "imap"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+username = "{USER}"
+password_file = "{pw}"
+folder = "INBOX"
+desk = "IT"
+{extra}
+"#,
+            port = self.port,
+            pw = self.dir.path().join("imap-password").display()
+        )
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let _ = Command::new("dovecot")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("stop")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A minimal, synchronous IMAP client for tests.
+pub struct ImapClient {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    tag: u32,
+}
+
+impl ImapClient {
+    pub fn connect(port: u16) -> ImapClient {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to dovecot");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let writer = stream.try_clone().expect("clone");
+        let mut c = ImapClient {
+            reader: BufReader::new(stream),
+            writer,
+            tag: 0,
+        };
+        let mut greeting = String::new();
+        c.reader.read_line(&mut greeting).expect("greeting");
+        c.command(&format!("LOGIN {USER} \"{PASSWORD}\""));
+        c
+    }
+
+    fn read_until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read");
+            assert!(n > 0, "connection closed");
+            // Literals: {N}\r\n followed by N bytes.
+            if let Some(open) = line
+                .trim_end()
+                .strip_suffix('}')
+                .and_then(|l| l.rfind('{').map(|i| (i, l)))
+            {
+                let (i, l) = open;
+                if let Ok(n) = l[i + 1..].parse::<usize>() {
+                    let mut buf = vec![0u8; n];
+                    self.reader.read_exact(&mut buf).expect("literal");
+                    line.push_str(&String::from_utf8_lossy(&buf));
+                    let mut rest = String::new();
+                    self.reader.read_line(&mut rest).expect("after literal");
+                    line.push_str(&rest);
+                }
+            }
+            let done = line.starts_with(&format!("{tag} "));
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    /// Runs a command; panics unless it ends OK. Returns the response lines.
+    pub fn command(&mut self, cmd: &str) -> Vec<String> {
+        self.tag += 1;
+        let tag = format!("t{}", self.tag);
+        write!(self.writer, "{tag} {cmd}\r\n").expect("write");
+        let lines = self.read_until_tagged(&tag);
+        let last = lines.last().cloned().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("{tag} OK")),
+            "{cmd} failed: {lines:?}"
+        );
+        lines
+    }
+
+    pub fn append(&mut self, folder: &str, message: &[u8]) {
+        self.tag += 1;
+        let tag = format!("t{}", self.tag);
+        write!(
+            self.writer,
+            "{tag} APPEND \"{folder}\" {{{}+}}\r\n",
+            message.len()
+        )
+        .expect("write");
+        self.writer.write_all(message).expect("write message");
+        self.writer.write_all(b"\r\n").expect("write");
+        let lines = self.read_until_tagged(&tag);
+        let last = lines.last().cloned().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("{tag} OK")),
+            "APPEND failed: {lines:?}"
+        );
+    }
+
+    /// (messages, unseen) in a folder; (0, 0) when it does not exist.
+    pub fn status(&mut self, folder: &str) -> (u32, u32) {
+        self.tag += 1;
+        let tag = format!("t{}", self.tag);
+        write!(
+            self.writer,
+            "{tag} STATUS \"{folder}\" (MESSAGES UNSEEN)\r\n"
+        )
+        .expect("write");
+        let lines = self.read_until_tagged(&tag);
+        let num = |key: &str| -> u32 {
+            lines
+                .iter()
+                .find_map(|l| {
+                    let i = l.find(key)?;
+                    l[i + key.len()..]
+                        .trim_start()
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        (num("MESSAGES"), num("UNSEEN"))
+    }
+
+    pub fn logout(mut self) {
+        self.tag += 1;
+        let _ = write!(self.writer, "t{} LOGOUT\r\n", self.tag);
+    }
+}
+
+/// Waits until `done` holds, polling every 20 ms.
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,351 @@
+//! The IMAP source against a real Dovecot: IDLE and polling, every `after` mode,
+//! quarantine (oversized without download, unparseable), UIDVALIDITY changes, a server
+//! restart mid-backlog, refused logins, implicit TLS and STARTTLS.
+
+use std::time::Duration;
+
+use crate::dovecot::Dovecot;
+use crate::harness::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn message(i: usize, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "From: Sender {i} <sender{i}@outside.example>\r\nTo: it@desk.example\r\n\
+         Subject: Problem {i}\r\nMessage-ID: <imap-{i}@outside.example>\r\n{extra_headers}\r\n\
+         Body of message {i}.\r\n"
+    )
+    .into_bytes()
+}
+
+fn env_with(dovecot: &Dovecot, backend: Backend, mailbox_extra: &str, extra: &str) -> Env {
+    Env::with_extra(
+        backend,
+        &Site::default(),
+        &DeskSettings::default(),
+        &format!("{}\n{extra}", dovecot.mailbox_toml(mailbox_extra)),
+    )
+}
+
+fn request_count(env: &Env) -> usize {
+    env.json(&["requests", "list", "--json", "--limit", "100000"])
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0)
+}
+
+#[test]
+fn idle_pushes_new_mail_and_seen_mode_flags_it() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(1, ""));
+        // Polling every 10 minutes: only IDLE can deliver the second message in time.
+        let env = env_with(&dovecot, backend, "poll_interval = \"10m\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the backlog", WAIT, || request_count(&env) == 1);
+        imap.append("INBOX", &message(2, ""));
+        daemon.wait_for("the message pushed by IDLE", WAIT, || {
+            request_count(&env) == 2
+        });
+        daemon.wait_for("both flagged seen", WAIT, || imap.status("INBOX") == (2, 0));
+        let log = daemon.stop();
+        assert!(log.contains("idle=true"), "{log}");
+        let state = env.json(&["requests", "list", "--json"]);
+        assert_eq!(state[0]["reporter"], "sender2@outside.example");
+    }
+}
+
+#[test]
+fn polling_when_idle_is_off() {
+    let dovecot = Dovecot::start();
+    let env = env_with(
+        &dovecot,
+        Backend::Sqlite,
+        "idle = false\npoll_interval = \"200ms\"",
+        "",
+    );
+    let daemon = start_daemon(&env);
+    let mut imap = dovecot.client();
+    for i in 0..3 {
+        imap.append("INBOX", &message(i, ""));
+    }
+    daemon.wait_for("three requests", WAIT, || request_count(&env) == 3);
+    let log = daemon.stop();
+    assert!(log.contains("idle=false"), "{log}");
+}
+
+#[test]
+fn move_and_delete_modes() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        for i in 0..5 {
+            imap.append("INBOX", &message(i, ""));
+        }
+        let env = env_with(&dovecot, backend, "after = \"move:Processed\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("all moved to Processed", WAIT, || {
+            imap.status("INBOX").0 == 0 && imap.status("Processed") == (5, 0)
+        });
+        daemon.stop();
+        assert_eq!(request_count(&env), 5);
+
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        for i in 0..5 {
+            imap.append("INBOX", &message(i, ""));
+        }
+        let env = env_with(&dovecot, backend, "after = \"delete\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("all deleted", WAIT, || imap.status("INBOX").0 == 0);
+        daemon.stop();
+        assert_eq!(request_count(&env), 5);
+        assert_eq!(imap.status("Quarantine").0, 0);
+    }
+}
+
+#[test]
+fn oversized_is_quarantined_without_download_and_can_be_released() {
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client();
+    let mut big = message(1, "");
+    big.extend(std::iter::repeat_n(b'x', 50_000));
+    big.extend_from_slice(b"\r\n");
+    imap.append("INBOX", &big);
+    let env = env_with(
+        &dovecot,
+        Backend::Sqlite,
+        "",
+        "[limits]\nmax_message_size = 20000\n",
+    );
+    let daemon = start_daemon(&env);
+    daemon.wait_for("the big message in Quarantine", WAIT, || {
+        imap.status("Quarantine").0 == 1 && imap.status("INBOX").0 == 0
+    });
+    daemon.stop();
+    let q = env.json(&["quarantine", "list", "--json"]);
+    assert_eq!(q[0]["reason"], "oversized", "{q:#}");
+    assert_eq!(
+        q[0]["sender"], "sender1@outside.example",
+        "headers were read: {q:#}"
+    );
+    let reference = q[0]["quarantine_ref"].as_str().unwrap().to_string();
+    assert!(
+        reference.starts_with("imap:support:Quarantine:"),
+        "{reference}"
+    );
+    // Dovecot logs how many body bytes each session sent: none of this message's.
+    let log = dovecot.log();
+    let sent: u64 = log
+        .lines()
+        .filter_map(|l| l.split("body_bytes=").nth(1))
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        sent < 50_000,
+        "the oversized body was downloaded ({sent} body bytes):\n{log}"
+    );
+    assert_eq!(request_count(&env), 0);
+
+    // Raise the limit and release it: processed, and out of quarantine.
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("max_message_size = 20000", "max_message_size = 200000");
+    std::fs::write(&env.config, text).unwrap();
+    let id = q[0]["id"].as_i64().unwrap().to_string();
+    let out = env.intake(&["quarantine", "release", &id]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(request_count(&env), 1);
+    assert_eq!(imap.status("Quarantine").0, 0);
+    assert_eq!(
+        imap.status("INBOX"),
+        (1, 0),
+        "back in the folder, flagged seen"
+    );
+}
+
+#[test]
+fn unparseable_goes_to_quarantine_and_the_rest_flows() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(1, ""));
+        imap.append("INBOX", b"\x00\x01\x02 not a message at all \xff\xfe");
+        imap.append("INBOX", &message(3, ""));
+        let env = env_with(&dovecot, backend, "", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("quarantine and two requests", WAIT, || {
+            imap.status("Quarantine").0 == 1 && request_count(&env) == 2
+        });
+        daemon.stop();
+        let q = env.json(&["quarantine", "list", "--json"]);
+        assert_eq!(q.as_array().unwrap().len(), 1);
+        assert_eq!(q[0]["reason"], "unparseable");
+        assert_eq!(q[0]["source"], "imap:support");
+    }
+}
+
+#[test]
+fn uidvalidity_change_rescans_without_duplicates() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        for i in 0..4 {
+            imap.append("INBOX", &message(i, ""));
+        }
+        let env = env_with(&dovecot, backend, "", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("four requests", WAIT, || request_count(&env) == 4);
+        daemon.wait_for("all seen", WAIT, || imap.status("INBOX") == (4, 0));
+        daemon.stop();
+        // The server renumbers the folder; one new message arrives meanwhile.
+        dovecot.change_uidvalidity("INBOX", 4242);
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(9, ""));
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the new message", WAIT, || request_count(&env) == 5);
+        std::thread::sleep(Duration::from_millis(500));
+        let log = daemon.stop();
+        assert!(log.contains("UIDVALIDITY changed"), "{log}");
+        assert_eq!(request_count(&env), 5, "the rescan created no duplicates");
+    }
+}
+
+#[test]
+fn dovecot_restart_mid_backlog_loses_and_doubles_nothing() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        let total = 2000;
+        for i in 0..total {
+            imap.append("INBOX", &message(i, ""));
+        }
+        imap.logout();
+        // Small batches, so the backlog takes a while and the crash lands inside one.
+        let env = env_with(&dovecot, backend, "batch_size = 10", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the first requests", WAIT, || request_count(&env) > 0);
+        dovecot.crash_restart();
+        let after_first = request_count(&env);
+        daemon.wait_for("some more requests", WAIT, || {
+            request_count(&env) > after_first
+        });
+        dovecot.restart();
+        daemon.wait_for("the whole backlog", Duration::from_secs(180), || {
+            request_count(&env) >= total
+        });
+        let mut imap = dovecot.client();
+        daemon.wait_for("everything flagged seen", WAIT, || {
+            imap.status("INBOX") == (total as u32, 0)
+        });
+        let log = daemon.stop();
+        assert!(
+            after_first < total,
+            "the crash came after the backlog was done"
+        );
+        assert!(
+            log.contains("mailbox connection failed"),
+            "the crash was noticed:\n{log}"
+        );
+        let requests = env.json(&["requests", "list", "--json", "--limit", "100000"]);
+        let mut subjects: Vec<&str> = requests
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["subject"].as_str())
+            .collect();
+        assert_eq!(subjects.len(), total, "one request per message");
+        subjects.sort();
+        subjects.dedup();
+        assert_eq!(subjects.len(), total, "no message twice");
+    }
+}
+
+#[test]
+fn wrong_password_is_reported_with_host_and_port() {
+    let dovecot = Dovecot::start();
+    let env = env_with(&dovecot, Backend::Sqlite, "", "");
+    std::fs::write(dovecot.dir.path().join("imap-password"), "wrong").unwrap();
+    let daemon = start_daemon(&env);
+    let address = format!("127.0.0.1:{}", dovecot.port);
+    daemon.wait_for("the refused login in the log", WAIT, || {
+        daemon.log().contains("refused the login")
+    });
+    let log = daemon.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains("refused the login"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.contains(&address), "{line}");
+    assert!(line.contains("desk"), "{line}");
+    assert!(!log.contains("wrong"), "the password must not be logged");
+}
+
+#[test]
+fn implicit_tls_and_starttls() {
+    for (tls, port) in [("implicit", 0), ("starttls", 1)] {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(1, ""));
+        let port = if port == 0 {
+            dovecot.tls_port
+        } else {
+            dovecot.port
+        };
+        let mailbox = dovecot
+            .mailbox_toml(&format!("ca_file = \"{}\"", dovecot.ca_file.display()))
+            .replace("tls = \"none\"", &format!("tls = \"{tls}\""))
+            .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
+            .replace(
+                &format!("port = {}", dovecot.port),
+                &format!("port = {port}"),
+            );
+        let env = Env::with_extra(
+            Backend::Sqlite,
+            &Site::default(),
+            &DeskSettings::default(),
+            &mailbox,
+        );
+        let daemon = start_daemon(&env);
+        daemon.wait_for(&format!("a request over {tls}"), WAIT, || {
+            request_count(&env) == 1
+        });
+        daemon.stop();
+        assert!(
+            dovecot.log().contains("TLS"),
+            "{tls}: the session was encrypted"
+        );
+    }
+    // Without the CA the certificate is refused.
+    let dovecot = Dovecot::start();
+    let mailbox = dovecot
+        .mailbox_toml("")
+        .replace("tls = \"none\"", "tls = \"implicit\"")
+        .replace(
+            &format!("port = {}", dovecot.port),
+            &format!("port = {}", dovecot.tls_port),
+        );
+    let env = Env::with_extra(
+        Backend::Sqlite,
+        &Site::default(),
+        &DeskSettings::default(),
+        &mailbox,
+    );
+    let daemon = start_daemon(&env);
+    daemon.wait_for("the TLS failure in the log", WAIT, || {
+        daemon.log().contains("TLS with")
+    });
+    daemon.stop();
+}
