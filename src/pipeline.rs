@@ -33,6 +33,28 @@ pub struct Envelope {
     pub desk: Option<DeskKey>,
     /// Where the source will put it if it is quarantined.
     pub quarantine_ref: String,
+    /// SHA-256 of the whole message when the source knows it and `raw` holds only its
+    /// head (an oversized message); otherwise computed from `raw`.
+    pub content_hash: Option<String>,
+}
+
+/// A message's headers parsed before the write transaction opens, so a slow or hostile
+/// message never holds the database's write lock while it is being read.
+struct Prepared {
+    msg: Result<InboundMessage, ParseError>,
+    content_hash: String,
+}
+
+impl Prepared {
+    fn new(env: &Envelope) -> Prepared {
+        Prepared {
+            msg: message::parse_headers(&env.raw),
+            content_hash: env
+                .content_hash
+                .clone()
+                .unwrap_or_else(|| message::content_hash(&env.raw)),
+        }
+    }
 }
 
 /// How far a source got, committed with the batch (IMAP: UIDVALIDITY and the last UID).
@@ -237,11 +259,12 @@ impl Pipeline {
         careful: bool,
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
+        let prepared: Vec<Prepared> = batch.iter().map(Prepared::new).collect();
         let mut wtx = self.store.begin_write().await?;
         let index = DirectoryIndex::load(wtx.conn()).await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut deferred = Deferred::default();
-        for env in batch {
+        for (env, prepared) in batch.iter().zip(prepared) {
             let span = tracing::info_span!(
                 "message",
                 source = %env.source.source,
@@ -251,9 +274,10 @@ impl Pipeline {
             let outcome = async {
                 if !careful {
                     return self
-                        .process_one(wtx.conn(), env, &index, now, &mut deferred)
+                        .process_one(wtx.conn(), env, prepared, &index, now, &mut deferred)
                         .await;
                 }
+                let hash = prepared.content_hash.clone();
                 let mut sp = wtx
                     .conn()
                     .begin()
@@ -265,7 +289,7 @@ impl Pipeline {
                 // In careful mode the deferred rows are written inside the savepoint, so a
                 // message that fails leaves nothing behind.
                 let result = match self
-                    .process_one(&mut sp, env, &index, now, &mut deferred)
+                    .process_one(&mut sp, env, prepared, &index, now, &mut deferred)
                     .await
                 {
                     Ok(o) => deferred
@@ -293,6 +317,7 @@ impl Pipeline {
                             wtx.conn(),
                             env,
                             None,
+                            &hash,
                             Reason::ProcessingFailed,
                             &detail,
                             now,
@@ -315,33 +340,51 @@ impl Pipeline {
     }
 
     /// One message, on the batch's transaction (or a savepoint of it).
+    #[allow(clippy::too_many_arguments)]
     async fn process_one(
         &self,
         conn: &mut sqlx::AnyConnection,
         env: &Envelope,
+        prepared: Prepared,
         index: &DirectoryIndex,
         now: i64,
         deferred: &mut Deferred,
     ) -> Result<Outcome, PipelineError> {
+        let content_hash = prepared.content_hash;
         if env.size > self.config.max_message_size {
-            let partial = message::parse_headers(&env.raw).ok();
             let detail = format!(
                 "{} bytes is over the limit of {} bytes",
                 env.size, self.config.max_message_size
             );
+            let partial = prepared.msg.ok();
             return self
-                .quarantine(conn, env, partial.as_ref(), Reason::Oversized, &detail, now)
+                .quarantine(
+                    conn,
+                    env,
+                    partial.as_ref(),
+                    &content_hash,
+                    Reason::Oversized,
+                    &detail,
+                    now,
+                )
                 .await;
         }
-        let mut msg = match message::parse_headers(&env.raw) {
+        let mut msg = match prepared.msg {
             Ok(m) => m,
             Err(e @ (ParseError::Empty | ParseError::NoHeaders | ParseError::ParserFailed)) => {
                 return self
-                    .quarantine(conn, env, None, Reason::Unparseable, &e.to_string(), now)
+                    .quarantine(
+                        conn,
+                        env,
+                        None,
+                        &content_hash,
+                        Reason::Unparseable,
+                        &e.to_string(),
+                        now,
+                    )
                     .await;
             }
         };
-        let content_hash = message::content_hash(&env.raw);
         if let Some(id) = &msg.message_id {
             tracing::Span::current().record("message_id", id.as_str());
         }
@@ -392,11 +435,13 @@ impl Pipeline {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn quarantine(
         &self,
         conn: &mut sqlx::AnyConnection,
         env: &Envelope,
         msg: Option<&InboundMessage>,
+        content_hash: &str,
         reason: Reason,
         detail: &str,
         now: i64,
@@ -413,7 +458,7 @@ impl Pipeline {
             source: env.source.clone(),
             reason,
             detail: detail.to_string(),
-            content_hash: message::content_hash(&env.raw),
+            content_hash: content_hash.to_string(),
             size: env.size,
             message_id: msg.and_then(|m| m.message_id.clone()),
             sender: msg.and_then(|m| m.from_mailbox().map(|f| f.address.to_string())),

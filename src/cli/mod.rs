@@ -412,24 +412,78 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads standard input, keeping at most `max` bytes in memory. A larger message is
+/// streamed to a file in `spill_dir` (named by its hash) as it is read, and only its head
+/// is returned. Returns (bytes or head, total size, SHA-256, spilled file).
+fn read_stdin_bounded(
+    max: u64,
+    spill_dir: &std::path::Path,
+) -> std::io::Result<(Vec<u8>, u64, String, Option<PathBuf>)> {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut stdin = std::io::stdin().lock();
+    let mut hasher = sha2::Sha256::new();
+    let mut kept = Vec::new();
+    let mut total = 0u64;
+    let mut spill: Option<(std::fs::File, PathBuf)> = None;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = stdin.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&chunk[..n]);
+        total += n as u64;
+        match &mut spill {
+            Some((file, _)) => file.write_all(&chunk[..n])?,
+            None if total > max => {
+                std::fs::create_dir_all(spill_dir)?;
+                let tmp = spill_dir.join(format!(".stdin-{}.tmp", std::process::id()));
+                let mut file = std::fs::File::create(&tmp)?;
+                file.write_all(&kept)?;
+                file.write_all(&chunk[..n])?;
+                kept.truncate(64 * 1024);
+                spill = Some((file, tmp));
+            }
+            None => kept.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let hash = hex::encode(hasher.finalize());
+    let spilled = match spill {
+        Some((file, tmp)) => {
+            file.sync_all()?;
+            let path = spill_dir.join(format!("{hash}.eml"));
+            std::fs::rename(&tmp, &path)?;
+            Some(path)
+        }
+        None => None,
+    };
+    Ok((kept, total, hash, spilled))
+}
+
 async fn deliver(config: Arc<Config>, desk: Option<&str>) -> anyhow::Result<u8> {
     let desk = desk_arg(&config, desk)?;
-    let mut raw = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut raw)
-        .context("cannot read the message from standard input")?;
     let quarantine_dir = config.quarantine_dir.clone();
+    // Anything that goes wrong from here on is answered with 75: the MTA keeps the
+    // message and retries, so nothing is lost.
+    let (raw, size, hash, spilled) =
+        match read_stdin_bounded(config.max_message_size, &quarantine_dir) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("intake: cannot read the message from standard input: {e}");
+                return Ok(EX_TEMPFAIL);
+            }
+        };
     let pipeline = match pipeline(config).await {
         Ok(p) => p,
         Err(e) => {
-            // The MTA keeps the message and retries: nothing is lost.
             eprintln!("intake: {}", format_chain(&e));
             return Ok(EX_TEMPFAIL);
         }
     };
-    let hash = crate::message::content_hash(&raw);
     let env = Envelope {
-        size: raw.len() as u64,
+        size,
+        content_hash: Some(hash.clone()),
         quarantine_ref: quarantine_dir
             .join(format!("{hash}.eml"))
             .display()
@@ -441,28 +495,34 @@ async fn deliver(config: Arc<Config>, desk: Option<&str>) -> anyhow::Result<u8> 
         desk,
         raw,
     };
-    match pipeline
+    let outcomes = match pipeline
         .process_batch(std::slice::from_ref(&env), crate::now())
         .await
     {
-        Ok(outcomes) => {
-            for o in &outcomes {
-                if o.is_quarantined() {
-                    crate::mailbox::keep_quarantined(&quarantine_dir, &env.raw)
-                        .await
-                        .context("cannot keep the quarantined message")?;
-                }
-                let (action, reason) = o.summary();
-                eprintln!("intake: {action} ({reason})");
-            }
-            Ok(EX_OK)
-        }
-        Err(e) if e.is_transient() => {
+        Ok(o) => o,
+        Err(e) => {
             eprintln!("intake: {}", crate::outbox::error_chain(&e));
-            Ok(EX_TEMPFAIL)
+            return Ok(EX_TEMPFAIL);
         }
-        Err(e) => Err(e.into()),
+    };
+    for o in &outcomes {
+        // An oversized message was streamed to quarantine while it was read.
+        if o.is_quarantined()
+            && spilled.is_none()
+            && let Err(e) = crate::mailbox::keep_quarantined(&quarantine_dir, &env.raw).await
+        {
+            // The ledger row says "quarantined"; without the file the MTA must retry
+            // (the next attempt quarantines it again and writes the file).
+            eprintln!(
+                "intake: cannot keep the quarantined message in {}: {e}",
+                quarantine_dir.display()
+            );
+            return Ok(EX_TEMPFAIL);
+        }
+        let (action, reason) = o.summary();
+        eprintln!("intake: {action} ({reason})");
     }
+    Ok(EX_OK)
 }
 
 async fn process(
@@ -827,6 +887,7 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
             };
             let env = Envelope {
                 size: raw.len() as u64,
+                content_hash: None,
                 raw,
                 source: SourceRef {
                     source: format!("release:{}", row.source),

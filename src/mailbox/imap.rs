@@ -631,6 +631,7 @@ impl ImapSource {
                 }
             };
             envelopes.push(Envelope {
+                content_hash: None,
                 size: (*size).max(body.len() as u64),
                 raw: body,
                 source: SourceRef {
@@ -1011,6 +1012,11 @@ pub fn parse_quarantine_ref(reference: &str) -> Option<(String, u32)> {
     let uid: u32 = parts.next()?.parse().ok()?;
     let _validity: u32 = parts.next()?.parse().ok()?;
     let name_and_folder = parts.next()?;
+    // "...:?:V:U" records where the message was before the move, when the server did not
+    // say where it went: not a place to fetch from.
+    if name_and_folder.ends_with(":?") {
+        return None;
+    }
     let (_, folder) = name_and_folder.split_once(':')?;
     Some((folder.to_string(), uid))
 }

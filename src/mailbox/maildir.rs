@@ -18,16 +18,45 @@ use super::{Backoff, read_envelope};
 /// How many messages are committed together.
 pub const BATCH: usize = 250;
 
-#[derive(Debug, Clone)]
+/// At most this many bytes of messages are read for one batch.
+const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// A file that could not be read or acknowledged is left alone this long.
+const SKIP_FOR: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
 pub struct MaildirSource {
     pub name: String,
     pub desk: DeskKey,
     pub cfg: MaildirConfig,
+    /// Files that failed to be read or moved, and when: skipped for a while so one bad
+    /// file never blocks the messages behind it nor spins the loop.
+    skip: std::sync::Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>,
 }
 
 impl MaildirSource {
     pub fn new(name: String, desk: DeskKey, cfg: MaildirConfig) -> Self {
-        MaildirSource { name, desk, cfg }
+        MaildirSource {
+            name,
+            desk,
+            cfg,
+            skip: Default::default(),
+        }
+    }
+
+    fn skip_for_a_while(&self, path: &Path) {
+        if let Ok(mut skip) = self.skip.lock() {
+            skip.insert(path.to_path_buf(), std::time::Instant::now());
+        }
+    }
+
+    fn skipped(&self, path: &Path) -> bool {
+        match self.skip.lock() {
+            Ok(mut skip) => {
+                skip.retain(|_, at| at.elapsed() < SKIP_FOR);
+                skip.contains_key(path)
+            }
+            Err(_) => false,
+        }
     }
 
     fn folder(&self, name: &str) -> PathBuf {
@@ -66,6 +95,7 @@ impl MaildirSource {
                 .await
                 .map(|t| t.is_file())
                 .unwrap_or(false)
+                && !self.skipped(&entry.path())
             {
                 names.push(entry.path());
             }
@@ -129,32 +159,45 @@ impl MaildirSource {
         }
     }
 
-    /// Processes whatever is in `new/` now, batch by batch. Returns how many messages
-    /// were committed.
-    pub async fn run_once(&self, pipeline: &Pipeline) -> Result<usize, SourceError> {
+    /// Processes whatever is in `new/` now, batch by batch, until it is empty (or holds
+    /// only files being skipped) or `shutdown`. Returns how many messages were committed.
+    pub async fn run_once(
+        &self,
+        pipeline: &Pipeline,
+        shutdown: &CancellationToken,
+    ) -> Result<usize, SourceError> {
         let mut total = 0;
-        loop {
+        let max = pipeline.config().max_message_size;
+        while !shutdown.is_cancelled() {
             let files = self
                 .scan(BATCH)
                 .await
                 .map_err(|e| self.io_error("scan", e))?;
             if files.is_empty() {
-                return Ok(total);
+                break;
             }
             let mut paths = Vec::with_capacity(files.len());
             let mut envelopes = Vec::with_capacity(files.len());
+            let mut bytes = 0u64;
             for path in files {
-                match self
-                    .envelope(&path, pipeline.config().max_message_size)
-                    .await
-                {
+                if bytes >= BATCH_BYTES {
+                    break;
+                }
+                match self.envelope(&path, max).await {
                     Ok(Some(env)) => {
+                        bytes += env.raw.len() as u64;
                         paths.push(path);
                         envelopes.push(env);
                     }
                     Ok(None) => {}
-                    Err(e) => return Err(self.io_error("read", e)),
+                    Err(e) => {
+                        tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot read message; skipping it for now");
+                        self.skip_for_a_while(&path);
+                    }
                 }
+            }
+            if envelopes.is_empty() {
+                continue;
             }
             let outcomes = pipeline
                 .process_batch(&envelopes, crate::now())
@@ -165,13 +208,15 @@ impl MaildirSource {
                 })?;
             for (path, outcome) in paths.iter().zip(&outcomes) {
                 if let Err(e) = self.ack(path, outcome).await {
-                    // The commit is done; a message we fail to move is read again and
-                    // found in the ledger, so this loses and duplicates nothing.
+                    // The commit is done; a message we fail to move would be read again and
+                    // found in the ledger. Leave it alone for a while instead of looping.
                     tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot acknowledge message");
+                    self.skip_for_a_while(path);
                 }
             }
             total += outcomes.len();
         }
+        Ok(total)
     }
 
     fn io_error(&self, what: &'static str, source: std::io::Error) -> SourceError {
@@ -194,7 +239,7 @@ impl MaildirSource {
                 self.ensure_dirs()
                     .await
                     .map_err(|e| self.io_error("create", e))?;
-                self.run_once(&pipeline).await
+                self.run_once(&pipeline, &shutdown).await
             }
             .await
             {

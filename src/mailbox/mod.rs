@@ -30,6 +30,7 @@ pub async fn read_envelope(
         .await
         .map_err(std::io::Error::other)??;
     Ok(read.map(|(raw, size)| Envelope {
+        content_hash: None,
         raw,
         size,
         source,
@@ -47,7 +48,11 @@ fn read_message_file(path: &Path, max_size: u64) -> std::io::Result<Option<(Vec<
         Err(e) => return Err(e),
     };
     let size = file.metadata()?.len();
-    let mut raw = Vec::with_capacity(size.min(max_size.saturating_add(1)) as usize);
+    let mut raw = Vec::with_capacity(if size > max_size {
+        OVERSIZED_HEAD as usize
+    } else {
+        size as usize
+    });
     if size > max_size {
         file.take(OVERSIZED_HEAD).read_to_end(&mut raw)?;
     } else {

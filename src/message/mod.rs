@@ -86,6 +86,8 @@ pub struct InboundMessage {
     pub cc: Vec<Mailbox>,
     /// To/Cc entries that were present but not valid addresses.
     pub invalid_recipients: Vec<String>,
+    /// To/Cc entries beyond [`MAX_ADDRESSES`], not read.
+    pub omitted_recipients: usize,
     /// `Delivered-To` and `X-Original-To`: the envelope recipients as the MTA saw them.
     pub delivered_to: Vec<EmailAddress>,
     /// `Return-Path` as written (`<>` for the null sender).
@@ -120,13 +122,12 @@ impl InboundMessage {
 
     /// To followed by Cc, deduplicated by canonical address, first occurrence wins.
     pub fn recipients(&self) -> Vec<&Mailbox> {
-        let mut out: Vec<&Mailbox> = Vec::with_capacity(self.to.len() + self.cc.len());
-        for m in self.to.iter().chain(self.cc.iter()) {
-            if !out.iter().any(|o| o.address == m.address) {
-                out.push(m);
-            }
-        }
-        out
+        let mut seen = std::collections::HashSet::with_capacity(self.to.len() + self.cc.len());
+        self.to
+            .iter()
+            .chain(self.cc.iter())
+            .filter(|m| seen.insert(&m.address))
+            .collect()
     }
 }
 
@@ -217,7 +218,7 @@ pub fn parse_body(raw: &[u8]) -> Body {
             if content.is_empty() {
                 return None;
             }
-            let content_type = part
+            let content_type: String = part
                 .content_type()
                 .map(|ct| match ct.subtype() {
                     Some(sub) => format!("{}/{}", ct.ctype(), sub),
@@ -228,7 +229,11 @@ pub fn parse_body(raw: &[u8]) -> Body {
                     PartType::Text(_) => "text/plain".to_string(),
                     _ => "application/octet-stream".to_string(),
                 })
-                .to_ascii_lowercase();
+                .to_ascii_lowercase()
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
             let filename = part
                 .attachment_name()
                 .map(sanitize_filename)
@@ -264,15 +269,29 @@ pub fn parse_headers(raw: &[u8]) -> Result<InboundMessage, ParseError> {
     }
 
     let mut invalid_from = Vec::new();
-    let from = collect_mailboxes(parsed.header_values("From"), &mut invalid_from);
+    let mut omitted = 0usize;
+    let from = collect_mailboxes(
+        parsed.header_values("From"),
+        &mut invalid_from,
+        &mut omitted,
+    );
     let mut invalid_recipients = Vec::new();
-    let to = collect_mailboxes(parsed.header_values("To"), &mut invalid_recipients);
-    let cc = collect_mailboxes(parsed.header_values("Cc"), &mut invalid_recipients);
+    let mut omitted_recipients = 0usize;
+    let to = collect_mailboxes(
+        parsed.header_values("To"),
+        &mut invalid_recipients,
+        &mut omitted_recipients,
+    );
+    let cc = collect_mailboxes(
+        parsed.header_values("Cc"),
+        &mut invalid_recipients,
+        &mut omitted_recipients,
+    );
     let mut ignored = Vec::new();
-    let sender = collect_mailboxes(parsed.header_values("Sender"), &mut ignored)
+    let sender = collect_mailboxes(parsed.header_values("Sender"), &mut ignored, &mut omitted)
         .into_iter()
         .next();
-    let reply_to = collect_mailboxes(parsed.header_values("Reply-To"), &mut ignored);
+    let reply_to = collect_mailboxes(parsed.header_values("Reply-To"), &mut ignored, &mut omitted);
 
     let mut delivered_to = Vec::new();
     let mut auth_results = Vec::new();
@@ -351,6 +370,7 @@ pub fn parse_headers(raw: &[u8]) -> Result<InboundMessage, ParseError> {
         to,
         cc,
         invalid_recipients,
+        omitted_recipients,
         delivered_to,
         return_path,
         signals,
@@ -371,14 +391,25 @@ fn body_text(parsed: &mail_parser::Message<'_>) -> String {
             out.push_str(&t);
         }
     }
+    // A decoded body may contain NUL, which PostgreSQL refuses in text columns.
+    if out.contains('\0') {
+        out.retain(|c| c != '\0');
+    }
     out
 }
+
+/// At most this many To/Cc (and From) addresses are read from one message; the rest are
+/// counted in `omitted_recipients`. The policy considers far fewer anyway
+/// (`hygiene.max_participants`), and this bounds the work a hostile message can cause.
+pub const MAX_ADDRESSES: usize = 1000;
 
 fn collect_mailboxes<'a>(
     values: impl Iterator<Item = &'a HeaderValue<'a>>,
     invalid: &mut Vec<String>,
+    omitted: &mut usize,
 ) -> Vec<Mailbox> {
     let mut out: Vec<Mailbox> = Vec::new();
+    let mut seen: std::collections::HashSet<EmailAddress> = std::collections::HashSet::new();
     for value in values {
         let HeaderValue::Address(address) = value else {
             if let Some(text) = value.as_text()
@@ -398,9 +429,13 @@ fn collect_mailboxes<'a>(
                 // A name without an address (e.g. a bare group name): nothing to act on.
                 continue;
             };
+            if out.len() >= MAX_ADDRESSES {
+                *omitted += 1;
+                continue;
+            }
             match EmailAddress::parse(raw) {
                 Ok(address) => {
-                    if out.iter().any(|m| m.address == address) {
+                    if !seen.insert(address.clone()) {
                         continue;
                     }
                     let display_name = addr
@@ -412,7 +447,8 @@ fn collect_mailboxes<'a>(
                         display_name,
                     });
                 }
-                Err(_) => invalid.push(one_line(raw, 200)),
+                Err(_) if invalid.len() < MAX_ADDRESSES => invalid.push(one_line(raw, 200)),
+                Err(_) => *omitted += 1,
             }
         }
     }
@@ -432,6 +468,10 @@ fn message_ids(value: &HeaderValue<'_>) -> Vec<String> {
 
 /// Message-IDs are compared without angle brackets and surrounding whitespace; the
 /// domain part is case-insensitive, the local part is kept as is.
+///
+/// An ID longer than 250 bytes is replaced by `sha256:` and its hash, the same for every
+/// occurrence, so it still threads and deduplicates but fits any index (PostgreSQL limits
+/// index entries to about 2.7 KB).
 pub fn clean_message_id(raw: &str) -> String {
     let t = raw
         .trim()
@@ -439,9 +479,14 @@ pub fn clean_message_id(raw: &str) -> String {
         .trim_end_matches('>')
         .trim();
     let t = one_line(t, 995);
-    match t.rsplit_once('@') {
+    let t = match t.rsplit_once('@') {
         Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
         None => t,
+    };
+    if t.len() > 250 {
+        format!("sha256:{}", hex::encode(Sha256::digest(t.as_bytes())))
+    } else {
+        t
     }
 }
 
@@ -545,6 +590,33 @@ Hello\r\n";
         assert_eq!(parse(b"").unwrap_err(), ParseError::Empty);
         assert_eq!(parse(b" \r\n ").unwrap_err(), ParseError::Empty);
         assert!(parse(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1\x00\x00binary").is_err());
+    }
+
+    #[test]
+    fn nul_bytes_and_huge_message_ids_are_tamed() {
+        let long_id = "x".repeat(3000);
+        let raw = format!(
+            "From: a@example.com\r\nMessage-ID: <{long_id}@example.com>\r\nIn-Reply-To: <{long_id}@EXAMPLE.com>\r\n\
+             Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\naGkAdGhlcmU=\r\n"
+        );
+        let m = parse(raw.as_bytes()).unwrap();
+        let id = m.message_id.clone().unwrap();
+        assert!(id.starts_with("sha256:") && id.len() < 100, "{id}");
+        assert_eq!(m.in_reply_to, [id], "the same ID hashes the same way");
+        assert_eq!(m.text_body, "hithere");
+    }
+
+    #[test]
+    fn address_lists_are_bounded_and_deduplicated() {
+        let mut raw = String::from("From: a@example.com\r\nCc: ");
+        for i in 0..(MAX_ADDRESSES + 500) {
+            raw.push_str(&format!("u{}@example.com, ", i % (MAX_ADDRESSES + 200)));
+        }
+        raw.push_str("last@example.com\r\n\r\nbody");
+        let m = parse_headers(raw.as_bytes()).unwrap();
+        assert_eq!(m.cc.len(), MAX_ADDRESSES);
+        assert!(m.omitted_recipients > 0);
+        assert_eq!(m.recipients().len(), MAX_ADDRESSES);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     decision.desk = Some(desk.key.clone());
     decision.message_id = facts.message_id.clone();
     decision.invalid_recipients = facts.invalid_recipients.clone();
+    decision.omitted_recipients = facts.omitted_recipients;
 
     if facts.duplicate {
         return finish_passive(
@@ -129,7 +130,15 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     }
 
     // The requester.
-    let requester = match requester(sender, desk, &policy.access, is_agent, facts.now) {
+    let on_open_thread = thread.is_some_and(|t| t.status == super::facts::RequestStatus::Open);
+    let requester = match requester(
+        sender,
+        desk,
+        &policy.access,
+        is_agent,
+        on_open_thread,
+        facts.now,
+    ) {
         Ok(r) => r,
         Err((reason, text)) => {
             let text = format!("{text}{agent_note}");
@@ -398,11 +407,15 @@ struct RequesterOutcome {
     email: Option<EmailKind>,
 }
 
+/// `on_open_thread`: the sender is on an open request this message replies to. A
+/// pending account (a participant added before confirming) may comment there: they were
+/// put on the conversation, and holding their reply would hide it from it.
 fn requester(
     sender: &Person,
     desk: &Desk,
     access: &SiteAccess,
     is_agent: bool,
+    on_open_thread: bool,
     now: i64,
 ) -> Result<RequesterOutcome, (Reason, String)> {
     let addr = &sender.address;
@@ -429,7 +442,7 @@ fn requester(
                 ),
             ));
         }
-        if acc.status == AccountStatus::Pending {
+        if acc.status == AccountStatus::Pending && !on_open_thread {
             let due = acc
                 .last_verification_sent_at
                 .is_none_or(|t| now - t >= access.verification_resend_secs);

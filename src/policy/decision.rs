@@ -239,6 +239,9 @@ pub struct Decision {
     /// To/Cc entries that were not valid addresses.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub invalid_recipients: Vec<String>,
+    /// To/Cc addresses beyond the number read from one message.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub omitted_recipients: usize,
     pub emails: Vec<EmailIntent>,
 }
 
@@ -268,6 +271,7 @@ impl Decision {
             },
             participants: Vec::new(),
             invalid_recipients: Vec::new(),
+            omitted_recipients: 0,
             emails: Vec::new(),
         }
     }
@@ -332,6 +336,10 @@ impl Decision {
         }
         s
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn serde_plain<T: Serialize>(v: &T) -> String {

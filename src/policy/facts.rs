@@ -179,5 +179,7 @@ pub struct Facts {
     pub recipients: Vec<Person>,
     /// Addresses in To/Cc that did not parse (reported, never acted on).
     pub invalid_recipients: Vec<String>,
+    /// To/Cc addresses beyond what is read from one message (never acted on).
+    pub omitted_recipients: usize,
     pub thread: Option<Thread>,
 }

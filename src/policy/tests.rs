@@ -93,6 +93,7 @@ fn facts(sender: Person, recipients: Vec<Person>) -> Facts {
         sender_recent_requests: 0,
         recipients,
         invalid_recipients: vec![],
+        omitted_recipients: 0,
         thread: None,
     }
 }
@@ -992,6 +993,19 @@ fn pending_sender_replying_to_held_request_joins_it() {
         Some("IT-42")
     );
     assert_eq!(d.participants[0].reason, Reason::RequestHeld);
+
+    // A pending participant of an open request comments on it like anyone on it.
+    let mut s = stranger("bea@ext.example");
+    s.account = Some(account(AccountKind::PortalOnly, AccountStatus::Pending));
+    let mut f = facts(s, vec![]);
+    f.thread = Some(thread(
+        "ann@ext.example",
+        &["bea@ext.example"],
+        ThreadMatch::MessageId,
+    ));
+    let d = decide(&f, &p);
+    assert_eq!(d.action, Action::AddComment);
+    assert!(d.emails.is_empty());
 }
 
 #[test]

@@ -49,17 +49,14 @@ pub async fn gather_facts(
         facts.duplicate = true;
         return Ok(Gathered { facts, known });
     }
-    let mut addresses: Vec<&EmailAddress> = Vec::new();
-    for a in msg
+    let mut seen = std::collections::HashSet::new();
+    let addresses: Vec<&EmailAddress> = msg
         .from_mailbox()
         .into_iter()
         .chain(msg.recipients())
         .map(|m| &m.address)
-    {
-        if !addresses.contains(&a) {
-            addresses.push(a);
-        }
-    }
+        .filter(|a| seen.insert(*a))
+        .collect();
     let people = lookup_people(conn, desk, &addresses, orgs, &mut known).await?;
     let mut facts = assemble_facts(msg, desk, orgs, now, people);
     if let Some((id, thread)) = find_thread(conn, msg, desk).await? {
@@ -125,6 +122,7 @@ pub fn assemble_facts(
         sender_recent_requests: 0,
         recipients,
         invalid_recipients: msg.invalid_recipients.clone(),
+        omitted_recipients: msg.omitted_recipients,
         thread: None,
     }
 }

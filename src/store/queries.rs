@@ -112,6 +112,8 @@ pub struct OutboxRow {
     pub to: String,
     pub from: String,
     pub subject: String,
+    /// Not printed: until sent it may hold a one-time link.
+    #[serde(skip_serializing)]
     pub body_text: String,
     pub message_id: String,
     pub in_reply_to: Option<String>,
@@ -611,9 +613,15 @@ impl Store {
             .bind(at)
             .bind(&error)
             .bind(id),
-            None => sqlx::query("UPDATE outbox SET status = 'dead', last_error = $1 WHERE id = $2")
-                .bind(&error)
-                .bind(id),
+            // Dead mail keeps no one-time link either: retrying it sends a fresh one.
+            None => sqlx::query(
+                "UPDATE outbox SET status = 'dead', last_error = $1, \
+                   body_text = CASE WHEN kind IN ('verification', 'invitation') \
+                     THEN '(not delivered; the one-time link is not kept)' ELSE body_text END \
+                 WHERE id = $2",
+            )
+            .bind(&error)
+            .bind(id),
         }
         .execute(&mut *conn)
         .await

@@ -8,3 +8,4 @@ mod dovecot;
 mod harness;
 mod imap;
 mod policy_paths;
+mod robustness;
