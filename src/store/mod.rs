@@ -173,7 +173,7 @@ impl Store {
                     sqlx::raw_sql(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                          PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON; \
-                         PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;",
+                         PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
                     )
                     .execute(conn)
                     .await?;

@@ -1,0 +1,326 @@
+//! IMAP end to end against a real Dovecot (not a timed test; figures for the notes).
+//!
+//! `cargo bench --bench imap` (or `-- 20000` for another backlog size):
+//! 1. backlog: N messages appended, then the raw rate of one `UID FETCH 1:* BODY.PEEK[]`
+//!    of the whole folder (the ceiling), then `intake run` until every message is in the
+//!    ledger — messages per second end to end, and the daemon's peak RSS;
+//! 2. latency under IDLE: 200 single APPENDs, each timed until its ledger row exists
+//!    (p50, p90, p99, max).
+//!
+//! `INTAKE_BENCH_DATABASE_URL=postgres://...` measures PostgreSQL instead of SQLite (the
+//! database must be empty).
+
+#[path = "../tests/it/dovecot.rs"]
+mod dovecot;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dovecot::{Dovecot, PASSWORD, USER};
+
+const BIN: &str = env!("CARGO_BIN_EXE_intake");
+
+fn message(i: usize) -> Vec<u8> {
+    let body = "Hello,\r\n\r\nthe VPN drops every few minutes since this morning. I restarted the \
+                laptop twice and it did not help. Could you have a look?\r\n\r\nThanks\r\n"
+        .repeat(3);
+    format!(
+        "From: Customer {i} <c{}@cust{}.example>\r\nTo: support@desk.example\r\n\
+         Cc: cc{i}@cust{}.example\r\nSubject: Problem {i}\r\nMessage-ID: <bench-{i}@mail.example>\r\n\
+         Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\n{body}",
+        i % 2000,
+        i % 50,
+        i % 50
+    )
+    .into_bytes()
+}
+
+/// Appends with pipelining (a window of APPENDs in flight): fast enough for big backlogs.
+fn append_many(port: u16, count: usize, from: usize) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("greeting");
+    write!(writer, "a LOGIN {USER} \"{PASSWORD}\"\r\n").expect("login");
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("login reply");
+        if line.starts_with("a ") {
+            assert!(line.starts_with("a OK"), "{line}");
+            break;
+        }
+    }
+    let mut outstanding = 0usize;
+    let mut i = 0usize;
+    while i < count || outstanding > 0 {
+        while i < count && outstanding < 64 {
+            let m = message(from + i);
+            write!(writer, "x{i} APPEND INBOX {{{}+}}\r\n", m.len()).expect("append");
+            writer.write_all(&m).expect("append body");
+            writer.write_all(b"\r\n").expect("append end");
+            outstanding += 1;
+            i += 1;
+        }
+        line.clear();
+        reader.read_line(&mut line).expect("append reply");
+        if line.starts_with('x') {
+            assert!(line.contains(" OK "), "{line}");
+            outstanding -= 1;
+        }
+    }
+}
+
+/// One `UID FETCH 1:* (UID BODY.PEEK[])` of the whole folder; returns (messages, bytes).
+fn raw_fetch(port: u16) -> (usize, usize) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::with_capacity(1 << 20, stream);
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line).expect("greeting");
+    write!(
+        writer,
+        "a LOGIN {USER} \"{PASSWORD}\"\r\nb SELECT INBOX\r\nc UID FETCH 1:* (UID BODY.PEEK[])\r\n"
+    )
+    .expect("write");
+    let (mut messages, mut bytes) = (0usize, 0usize);
+    loop {
+        line.clear();
+        reader.read_until(b'\n', &mut line).expect("read");
+        let text = String::from_utf8_lossy(&line);
+        if text.starts_with("c ") {
+            assert!(text.starts_with("c OK"), "{text}");
+            return (messages, bytes);
+        }
+        if let Some(open) = text
+            .trim_end()
+            .strip_suffix('}')
+            .and_then(|t| t.rfind('{').map(|i| t[i + 1..].to_string()))
+        {
+            let n: usize = open.parse().expect("literal size");
+            let mut buf = vec![0u8; n];
+            reader.read_exact(&mut buf).expect("literal");
+            messages += 1;
+            bytes += n;
+        }
+    }
+}
+
+/// Messages with an outcome in the ledger, read directly from the database.
+struct Ledger {
+    store: intake::store::Store,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Ledger {
+    fn open(config: &std::path::Path) -> Ledger {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let config =
+            intake::config::Config::load(&intake::config::ConfigSource::File(config.to_path_buf()))
+                .expect("config");
+        let store = rt
+            .block_on(intake::store::Store::open(&config.database))
+            .expect("database");
+        Ledger { store, rt }
+    }
+
+    fn count(&self) -> i64 {
+        self.rt
+            .block_on(self.store.ledger_counts())
+            .map(|rows| {
+                rows.iter()
+                    .filter(|(action, _, _)| action != "pending")
+                    .map(|(_, _, n)| n)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Dovecot's own IDLE delay: APPEND on one connection, time until another connection in
+/// IDLE sees `EXISTS`. This is the floor under intake's latency.
+fn raw_idle_latency(port: u16, samples: usize, from: usize) -> Vec<Duration> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("greeting");
+    write!(
+        writer,
+        "a LOGIN {USER} \"{PASSWORD}\"\r\nb SELECT INBOX\r\nc IDLE\r\n"
+    )
+    .expect("idle");
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("read");
+        if line.starts_with('+') {
+            break;
+        }
+    }
+    let mut appender = dovecot::ImapClient::connect(port);
+    let mut out = Vec::with_capacity(samples);
+    for k in 0..samples {
+        let t = Instant::now();
+        appender.append("INBOX", &message(from + k));
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("read");
+            if line.contains("EXISTS") {
+                break;
+            }
+        }
+        out.push(t.elapsed());
+    }
+    write!(writer, "DONE\r\n").expect("done");
+    out
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let count: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let dovecot = Dovecot::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let started = Instant::now();
+    append_many(dovecot.port, count, 0);
+    println!(
+        "appended {count} messages in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let (n, bytes) = raw_fetch(dovecot.port);
+    let raw = started.elapsed();
+    assert_eq!(n, count);
+    println!(
+        "raw UID FETCH 1:* BODY.PEEK[]: {n} messages, {:.1} MB in {:.2}s = {:.0} msg/s",
+        bytes as f64 / 1e6,
+        raw.as_secs_f64(),
+        n as f64 / raw.as_secs_f64()
+    );
+
+    let database = std::env::var("INTAKE_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| format!("sqlite://{}/intake.db", work.path().display()));
+    let config = work.path().join("intake.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[database]
+url = "{database}"
+[customer_access]
+approved_domains = ["desk.example"]
+signup = "open"
+[trust]
+require_authentication = false
+[hygiene]
+max_requests_per_sender_per_hour = 0
+[[desks]]
+key = "IT"
+addresses = ["support@desk.example"]
+sharing = "any"
+unknown_participants = "create"
+{mailbox}
+[outbox]
+dir = "{dir}/outbox"
+poll_interval = "1h"
+"#,
+            mailbox = dovecot.mailbox_toml("poll_interval = \"1h\""),
+            dir = work.path().display()
+        ),
+    )
+    .expect("config");
+    let config_arg = config.display().to_string();
+    let log = std::fs::File::create(work.path().join("intake.log")).expect("log");
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["--config", &config_arg, "run"])
+        .current_dir(work.path())
+        .env("INTAKE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("intake run");
+    let pid = child.id();
+    let ledger = Ledger::open(&config);
+    let mut done = 0;
+    while done < count as i64 {
+        std::thread::sleep(Duration::from_millis(100));
+        done = ledger.count();
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "backlog not done after 30 min ({done})"
+        );
+    }
+    let e2e = started.elapsed();
+    println!(
+        "intake run: {count} messages in {:.2}s = {:.0} msg/s end to end ({:.0}% of the raw fetch rate), peak RSS {} MiB",
+        e2e.as_secs_f64(),
+        count as f64 / e2e.as_secs_f64(),
+        100.0 * (count as f64 / e2e.as_secs_f64()) / (n as f64 / raw.as_secs_f64()),
+        peak_rss_kib(pid) / 1024
+    );
+
+    // Latency under IDLE: one message at a time.
+    let mut latencies = Vec::with_capacity(200);
+    let mut client = dovecot.client();
+    for k in 0..200 {
+        let before = ledger.count();
+        let t = Instant::now();
+        client.append("INBOX", &message(count + k));
+        loop {
+            if ledger.count() > before {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "message {k} never arrived"
+            );
+        }
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    println!(
+        "IDLE latency, APPEND to committed request over 200 messages (database polled every 0.5 ms): p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.9),
+        percentile(&latencies, 0.99),
+        latencies[latencies.len() - 1]
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    let mut raw_idle = raw_idle_latency(dovecot.port, 50, count + 1000);
+    raw_idle.sort();
+    println!(
+        "Dovecot alone, APPEND to EXISTS in another session's IDLE, 50 messages: p50 {:?}, p99 {:?}",
+        percentile(&raw_idle, 0.5),
+        percentile(&raw_idle, 0.99)
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average: {}", load.trim());
+}
