@@ -71,16 +71,61 @@ pub fn make_certs(dir: &Path) -> PathBuf {
     dir.join("ca.pem")
 }
 
+/// A token introspection endpoint for Dovecot's oauth2 passdb: accepts the token that is
+/// in `accepted-token` at the time of the request. Exits when the test process is gone.
+const INTROSPECT_PY: &str = r#"
+import http.server, json, os, sys, threading, time, urllib.parse
+port, token_file, parent = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        n = int(self.headers.get('Content-Length', 0))
+        token = (urllib.parse.parse_qs(self.rfile.read(n).decode()).get('token') or [''])[0]
+        ok = token != '' and token == open(token_file).read().strip()
+        data = json.dumps({'active': True, 'username': 'desk'} if ok else {'active': False}).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *a): pass
+def watch():
+    while os.path.exists('/proc/%d' % parent): time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()
+"#;
+
 pub struct Dovecot {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub tls_port: u16,
     pub ca_file: PathBuf,
     conf: PathBuf,
+    introspect: Option<std::process::Child>,
 }
 
 impl Dovecot {
     pub fn start() -> Dovecot {
+        Self::start_with(false)
+    }
+
+    /// Also accepts XOAUTH2: tokens are checked against the file `accepted-token` (see
+    /// [`Dovecot::accept_token`]) by an introspection endpoint on loopback.
+    pub fn start_with_oauth() -> Dovecot {
+        Self::start_with(true)
+    }
+
+    /// Changes which OAuth2 access token the server accepts.
+    pub fn accept_token(&self, token: &str) {
+        std::fs::write(self.dir.path().join("accepted-token"), token).expect("token file");
+    }
+
+    /// Drops every session of the desk user (as a server-side token revocation would).
+    pub fn kick(&self) {
+        self.doveadm(&["kick", USER]);
+    }
+
+    fn start_with(oauth: bool) -> Dovecot {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         // Login and mail processes run unprivileged: they must reach the files.
@@ -102,6 +147,50 @@ impl Dovecot {
         let ca_file = make_certs(root);
         let (port, tls_port) = (free_port(), free_port());
         let r = root.display();
+        let mut introspect = None;
+        let oauth_conf = if oauth {
+            let http_port = free_port();
+            std::fs::write(root.join("introspect.py"), INTROSPECT_PY).expect("introspect.py");
+            std::fs::write(root.join("accepted-token"), "").expect("token");
+            introspect = Some(
+                Command::new("python3")
+                    .arg(root.join("introspect.py"))
+                    .arg(http_port.to_string())
+                    .arg(root.join("accepted-token"))
+                    .arg(std::process::id().to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("python3 for the token endpoint"),
+            );
+            let start = Instant::now();
+            while TcpStream::connect(("127.0.0.1", http_port)).is_err() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "token endpoint not up"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::fs::write(
+                root.join("oauth2.conf.ext"),
+                format!(
+                    "introspection_mode = post\nintrospection_url = http://127.0.0.1:{http_port}/introspect\n\
+                     username_attribute = username\nactive_attribute = active\nactive_value = true\n"
+                ),
+            )
+            .expect("oauth2 conf");
+            format!(
+                "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {r}/oauth2.conf.ext\n}}\n"
+            )
+        } else {
+            String::new()
+        };
+        let mechanisms = if oauth {
+            "plain login xoauth2 oauthbearer"
+        } else {
+            "plain login"
+        };
         let instance = format!("intake{}", port);
         let conf = root.join("dovecot.conf");
         let root_only = if uid == 65534 {
@@ -123,7 +212,8 @@ ssl = yes
 ssl_cert = <{r}/cert.pem
 ssl_key = <{r}/key.pem
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
+auth_failure_delay = 0
 mail_location = maildir:{r}/mail/%u
 mail_uid = {uid}
 mail_gid = {gid}
@@ -134,6 +224,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {r}/passwd
 }}
+{oauth_conf}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={r}/mail/%u
@@ -164,6 +255,7 @@ service anvil {{
             tls_port,
             ca_file,
             conf,
+            introspect,
         };
         d.launch();
         // Reaper: stops this Dovecot when the test process is gone.
@@ -332,6 +424,10 @@ desk = "IT"
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
+        if let Some(mut child) = self.introspect.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = Command::new("dovecot")
             .arg("-c")
             .arg(&self.conf)

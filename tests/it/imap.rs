@@ -349,3 +349,93 @@ fn implicit_tls_and_starttls() {
     });
     daemon.stop();
 }
+
+#[test]
+fn xoauth2_with_a_token_command_refreshed_on_reconnect() {
+    let dovecot = Dovecot::start_with_oauth();
+    dovecot.accept_token("token-one");
+    let token_file = dovecot.dir.path().join("current-token");
+    std::fs::write(&token_file, "token-one\n").unwrap();
+    let mailbox = dovecot
+        .mailbox_toml(&format!(
+            "auth = \"xoauth2\"\ntoken_command = \"cat {}\"\ntoken_lifetime = \"1s\"",
+            token_file.display()
+        ))
+        .lines()
+        .filter(|l| !l.starts_with("password_file"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let env = Env::with_extra(
+        Backend::Sqlite,
+        &Site::default(),
+        &DeskSettings::default(),
+        &mailbox,
+    );
+    let mut imap = dovecot.client();
+    imap.append("INBOX", &message(1, ""));
+    let daemon = start_daemon(&env);
+    daemon.wait_for("a request over XOAUTH2", WAIT, || request_count(&env) == 1);
+    // The token rotates and the server drops the session: the next connection must run
+    // the command again (the cached token is past its lifetime) and get in.
+    dovecot.accept_token("token-two");
+    std::fs::write(&token_file, "token-two\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    dovecot.kick();
+    let mut imap = dovecot.client();
+    imap.append("INBOX", &message(2, ""));
+    daemon.wait_for("a request after the token changed", WAIT, || {
+        request_count(&env) == 2
+    });
+    daemon.stop();
+    let log = dovecot.log();
+    assert!(log.contains("method=XOAUTH2"), "{log}");
+    assert!(
+        !daemon_log_has_token(&env, "token-two"),
+        "tokens must not be logged"
+    );
+}
+
+fn daemon_log_has_token(env: &Env, token: &str) -> bool {
+    std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains(token)
+        })
+}
+
+#[test]
+fn a_broken_mailbox_does_not_stop_the_others() {
+    let dovecot = Dovecot::start();
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let broken = dovecot
+        .mailbox_toml("")
+        .replace("name = \"support\"", "name = \"broken\"")
+        .replace(
+            &format!("port = {}", dovecot.port),
+            &format!("port = {dead_port}"),
+        );
+    let env = Env::with_extra(
+        Backend::Sqlite,
+        &Site::default(),
+        &DeskSettings::default(),
+        &format!("{}\n{broken}", dovecot.mailbox_toml("")),
+    );
+    let daemon = start_daemon(&env);
+    let mut imap = dovecot.client();
+    imap.append("INBOX", &message(1, ""));
+    daemon.wait_for("the working mailbox's request", WAIT, || {
+        request_count(&env) == 1
+    });
+    daemon.wait_for("the broken mailbox's error", WAIT, || {
+        daemon.log().contains(&format!("127.0.0.1:{dead_port}"))
+    });
+    let log = daemon.stop();
+    assert!(log.contains("mailbox broken: cannot connect"), "{log}");
+}
