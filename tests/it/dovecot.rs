@@ -277,24 +277,33 @@ service anvil {{
 
     fn launch(&self) {
         // Dovecot daemonizes and its children keep the standard streams: never give it a
-        // pipe we would wait on.
+        // pipe we would wait on. Right after a crash the old processes may still be
+        // exiting (and holding the ports): try again for a few seconds.
         let errors = self.dir.path().join("dovecot-start.err");
-        let status = Command::new("dovecot")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(&errors).expect("stderr file"),
-            ))
-            .status()
-            .expect("run dovecot (install dovecot-imapd; .ci/run does)");
-        assert!(
-            status.success(),
-            "dovecot did not start: {}\n{}",
-            std::fs::read_to_string(&errors).unwrap_or_default(),
-            self.log()
-        );
+        let started = Instant::now();
+        loop {
+            let status = Command::new("dovecot")
+                .arg("-c")
+                .arg(&self.conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    std::fs::File::create(&errors).expect("stderr file"),
+                ))
+                .status()
+                .expect("run dovecot (install dovecot-imapd; .ci/run does)");
+            if status.success() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "dovecot did not start: {}\n{}",
+                std::fs::read_to_string(&errors).unwrap_or_default(),
+                self.log()
+            );
+            let _ = std::fs::remove_file(self.dir.path().join("run/master.pid"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
