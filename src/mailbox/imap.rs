@@ -1025,40 +1025,5 @@ pub fn parse_quarantine_ref(reference: &str) -> Option<(String, u32)> {
 pub type SharedImapSource = Arc<ImapSource>;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uid_sets_are_compact() {
-        assert_eq!(uid_set(&[5, 1, 2, 3, 9, 7, 8, 3]), "1:3,5,7:9");
-        assert_eq!(uid_set(&[42]), "42");
-        assert_eq!(uid_set(&[]), "");
-    }
-
-    #[test]
-    fn quarantine_refs_round_trip() {
-        assert_eq!(
-            parse_quarantine_ref("imap:support:Quarantine:1795456189:17"),
-            Some(("Quarantine".to_string(), 17))
-        );
-        assert_eq!(
-            parse_quarantine_ref("imap:support:Lists:Quarantine:1795456189:17"),
-            Some(("Lists:Quarantine".to_string(), 17))
-        );
-        assert_eq!(parse_quarantine_ref("imap:support:Quarantine:?:1:17"), None);
-        assert_eq!(parse_quarantine_ref("/var/quarantine/x.eml"), None);
-    }
-
-    #[test]
-    fn xoauth2_initial_response() {
-        let mut a = XOAuth2 {
-            user: "desk@example.com".into(),
-            token: "ya29.token".into(),
-        };
-        use async_imap::Authenticator;
-        assert_eq!(
-            a.process(b""),
-            "user=desk@example.com\x01auth=Bearer ya29.token\x01\x01"
-        );
-    }
-}
+#[path = "imap_tests.rs"]
+mod tests;

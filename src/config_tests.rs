@@ -1,0 +1,166 @@
+//! Unit tests for `src/config.rs`.
+
+use super::*;
+use std::io::Write;
+
+fn write(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let f = write(text);
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::load_with_env(&ConfigSource::File(f.path().to_path_buf()), Some(env))
+}
+
+const MINIMAL: &str = r#"
+[trust]
+require_authentication = false
+[[desks]]
+key = "IT"
+addresses = ["it@desk.example"]
+"#;
+
+#[test]
+fn embedded_defaults_are_valid() {
+    let c = Config::load_with_env(&ConfigSource::Embedded, Some(HashMap::new())).unwrap();
+    assert!(c.database.is_sqlite());
+    assert!(!c.policy.desks.is_empty());
+    assert!(!c.mailboxes.is_empty());
+}
+
+#[test]
+fn minimal_config_gets_safe_defaults() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.policy.access.signup, Signup::Verify);
+    let d = &c.policy.desks[0];
+    assert_eq!(d.sharing, Sharing::Organization);
+    assert_eq!(d.unknown_participants, UnknownParticipants::Drop);
+    assert!(!d.agents_may_add_customers);
+    assert_eq!(c.outbox.message_id_domain, "intake.desk.example");
+    assert_eq!(c.desk_from[&d.key].as_str(), "it@desk.example");
+}
+
+#[test]
+fn every_problem_is_reported_with_key_and_file() {
+    let text = r#"
+[customer_access]
+signup = "maybe"
+approved_domains = ["good.example", "bad domain"]
+colour = "blue"
+[[desks]]
+key = "IT"
+addresses = ["it@desk.example"]
+sharing = "everyone"
+[[desks]]
+key = "HR"
+addresses = ["IT@desk.example"]
+[[mailboxes]]
+name = "inbox"
+kind = "maildir"
+path = "x"
+desk = "NOPE"
+"#;
+    let f = write(text);
+    let err = Config::load_with_env(
+        &ConfigSource::File(f.path().to_path_buf()),
+        Some(HashMap::new()),
+    )
+    .unwrap_err();
+    let ConfigError::Invalid(issues) = err else {
+        panic!("{err}")
+    };
+    let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+    for expected in [
+        "customer_access.colour",
+        "customer_access.signup",
+        "customer_access.approved_domains[1]",
+        "desks[0].sharing",
+        "desks[1].addresses[0]",
+        "mailboxes[0].desk",
+        "trust.require_authentication",
+    ] {
+        assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+    }
+    let path = f.path().display().to_string();
+    assert!(issues.iter().all(|i| i.origin == path), "{issues:?}");
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.message.contains("already an address of desk IT"))
+    );
+}
+
+#[test]
+fn environment_overrides_and_is_named_as_origin() {
+    let c = load(
+        MINIMAL,
+        &[
+            ("INTAKE__CUSTOMER_ACCESS__SIGNUP", "open"),
+            (
+                "INTAKE__CUSTOMER_ACCESS__APPROVED_DOMAINS",
+                "a.example,b.example",
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.policy.access.signup, Signup::Open);
+    assert_eq!(c.policy.access.approved_domains.len(), 2);
+    let err = load(MINIMAL, &[("INTAKE__CUSTOMER_ACCESS__SIGNUP", "sometimes")]).unwrap_err();
+    let ConfigError::Invalid(issues) = err else {
+        panic!()
+    };
+    assert_eq!(issues[0].origin, "the environment");
+    assert_eq!(issues[0].key, "customer_access.signup");
+}
+
+#[test]
+fn secrets_come_from_files() {
+    let mut secret = tempfile::NamedTempFile::new().unwrap();
+    writeln!(secret, "postgres://intake:s3cret@db.example/intake").unwrap();
+    let text = format!(
+        "[database]\nurl_file = {:?}\n{MINIMAL}",
+        secret.path().display().to_string()
+    );
+    let c = load(&text, &[]).unwrap();
+    assert!(!c.database.is_sqlite());
+    assert_eq!(
+        c.database.redacted_url(),
+        "postgres://intake:***@db.example/intake"
+    );
+    assert!(!format!("{c:?}").contains("s3cret"));
+    let missing = format!("[database]\nurl_file = \"/nonexistent/x\"\n{MINIMAL}");
+    let ConfigError::Invalid(issues) = load(&missing, &[]).unwrap_err() else {
+        panic!()
+    };
+    assert_eq!(issues[0].key, "database.url_file");
+}
+
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("72h"), Some(Duration::from_secs(259200)));
+    assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_duration("5 m"), Some(Duration::from_secs(300)));
+    assert_eq!(parse_duration("soon"), None);
+    assert_eq!(parse_size("25MB"), Some(25 * 1024 * 1024));
+    assert_eq!(parse_size("12"), Some(12));
+    assert_eq!(parse_size("1T"), None);
+}
+
+#[test]
+fn type_errors_name_the_key() {
+    let err = load(
+        "[customer_access]\nportal_only_accounts = \"perhaps\"\n",
+        &[],
+    )
+    .unwrap_err();
+    let ConfigError::Invalid(issues) = err else {
+        panic!()
+    };
+    assert_eq!(issues[0].key, "customer_access.portal_only_accounts");
+}

@@ -1,0 +1,61 @@
+//! Unit tests for `src/policy/trust.rs`.
+
+use super::*;
+use crate::message::auth::parse_header;
+
+fn trust() -> Trust {
+    Trust {
+        authserv_ids: vec!["mx.desk.example".into()],
+        require_authentication: true,
+    }
+}
+
+fn results(headers: &[&str]) -> Vec<AuthResult> {
+    headers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, h)| parse_header(i, h))
+        .collect()
+}
+
+#[test]
+fn dmarc_pass_from_trusted_id() {
+    let r = results(&["mx.desk.example; dmarc=pass header.from=corp.example"]);
+    let v = verdict(&trust(), "corp.example", &r);
+    assert!(v.authenticated);
+    assert_eq!(v.method, Some("dmarc"));
+}
+
+#[test]
+fn untrusted_authserv_id_is_ignored() {
+    let r = results(&["evil.example; dmarc=pass header.from=corp.example"]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+}
+
+#[test]
+fn only_the_topmost_trusted_header_counts() {
+    // A forged header lower down (added before our MTA saw it) must not win.
+    let r = results(&[
+        "mx.desk.example; dmarc=fail header.from=corp.example",
+        "mx.desk.example; dmarc=pass header.from=corp.example",
+    ]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+}
+
+#[test]
+fn dkim_and_spf_need_alignment() {
+    let r = results(&["mx.desk.example; dkim=pass header.d=mailer.example"]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+    let r = results(&["mx.desk.example; dkim=pass header.d=corp.example"]);
+    assert!(verdict(&trust(), "eu.corp.example", &r).authenticated);
+    let r = results(&["mx.desk.example; spf=pass smtp.mailfrom=bounce@corp.example"]);
+    assert_eq!(verdict(&trust(), "corp.example", &r).method, Some("spf"));
+    let r = results(&["mx.desk.example; dkim=pass header.d=example"]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+}
+
+#[test]
+fn dmarc_pass_for_another_domain_does_not_count() {
+    let r = results(&["mx.desk.example; dmarc=pass header.from=other.example"]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+}
