@@ -19,8 +19,8 @@ use serde::Deserialize;
 use crate::address::{AddressError, DomainPattern, EmailAddress};
 use crate::keys::DeskKey;
 use crate::policy::{
-    AccountKind, AccountStatus, AddressRule, ChannelAccess, Desk, Hygiene, Policy, Sharing, Signup,
-    SiteAccess, Trust, UnknownParticipants,
+    AccountKind, AccountStatus, AddressRule, ChannelAccess, Desk, Hygiene, MailLimits, Policy,
+    Sharing, Signup, SiteAccess, Trust, UnknownParticipants,
 };
 
 /// The configuration used when neither `--config` nor `$CONFIGURATION_DIRECTORY` is given.
@@ -287,12 +287,58 @@ pub struct OutboxConfig {
     pub poll_interval: Duration,
     /// Directory with template overrides (`verification.txt`, ...).
     pub templates_dir: Option<PathBuf>,
+    /// Delay before the first retry of a failed send (later ones double).
+    pub retry_first: Duration,
+    /// Verification and invitation mail to one address per 24 hours.
+    pub max_per_recipient_per_day: u32,
+    /// Verification and invitation mail in total per hour.
+    pub max_per_hour: u32,
 }
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
+    /// Where the verification pages and `/healthz` are served; `None` turns the server off.
     pub listen: Option<SocketAddr>,
     pub public_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    Implicit,
+    StartTls,
+    None,
+}
+
+/// The SMTP relay outgoing mail goes through; without it mail is written to files.
+#[derive(Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
+    pub timeout: Duration,
+    /// The name we give in EHLO.
+    pub hello_name: Option<String>,
+}
+
+impl SmtpConfig {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -345,11 +391,14 @@ pub struct Config {
     /// Outgoing `From` per desk.
     pub desk_from: HashMap<DeskKey, EmailAddress>,
     pub verification_ttl: Duration,
+    /// Held requests and pending accounts expire after this long.
+    pub hold_ttl: Duration,
     pub max_message_size: u64,
     /// Where messages from `deliver` and `process` are kept when quarantined.
     pub quarantine_dir: PathBuf,
     pub mailboxes: Vec<MailboxConfig>,
     pub outbox: OutboxConfig,
+    pub smtp: Option<SmtpConfig>,
     pub http: HttpConfig,
     pub directory: DirectoryConfig,
 }
@@ -532,6 +581,7 @@ struct RawConfig {
     http: RawHttp,
     limits: RawLimits,
     quarantine: RawQuarantine,
+    smtp: Option<RawSmtp>,
     directory: RawDirectory,
 }
 
@@ -552,6 +602,7 @@ struct RawAccess {
     signup: Option<String>,
     verification_ttl: Option<String>,
     verification_resend_interval: Option<String>,
+    hold_ttl: Option<String>,
     rejection_notices: Option<bool>,
 }
 
@@ -623,6 +674,24 @@ struct RawOutbox {
     max_attempts: Option<u32>,
     poll_interval: Option<String>,
     templates_dir: Option<String>,
+    max_per_recipient_per_day: Option<u32>,
+    max_per_hour: Option<u32>,
+    retry_first: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawSmtp {
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<String>,
+    allow_plaintext: Option<bool>,
+    ca_file: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<String>,
+    timeout: Option<String>,
+    hello_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -851,6 +920,11 @@ impl Validator<'_> {
             "customer_access.verification_resend_interval",
             a.verification_resend_interval.as_deref(),
             Duration::from_secs(3600),
+        );
+        let hold_ttl = self.duration(
+            "customer_access.hold_ttl",
+            a.hold_ttl.as_deref(),
+            Duration::from_secs(7 * 86400),
         );
 
         // Trust.
@@ -1083,9 +1157,18 @@ impl Validator<'_> {
             ),
             message_id_domain: message_id_domain.clone(),
             templates_dir: raw.outbox.templates_dir.map(PathBuf::from),
+            retry_first: self.duration(
+                "outbox.retry_first",
+                raw.outbox.retry_first.as_deref(),
+                Duration::from_secs(30),
+            ),
+            max_per_recipient_per_day: raw.outbox.max_per_recipient_per_day.unwrap_or(3),
+            max_per_hour: raw.outbox.max_per_hour.unwrap_or(200),
         };
+        let smtp = raw.smtp.and_then(|raw| self.smtp(raw));
         let listen = match raw.http.listen.as_deref() {
-            None | Some("") => None,
+            None => "127.0.0.1:8080".parse().ok(),
+            Some("") | Some("off") => None,
             Some(s) => match s.parse::<SocketAddr>() {
                 Ok(a) => Some(a),
                 Err(_) => {
@@ -1147,6 +1230,10 @@ impl Validator<'_> {
                 authserv_ids,
                 require_authentication,
             },
+            mail_limits: MailLimits {
+                per_recipient_per_day: outbox.max_per_recipient_per_day,
+                per_hour: outbox.max_per_hour,
+            },
             hygiene: Hygiene {
                 max_participants: raw.hygiene.max_participants.unwrap_or(50),
                 blocked,
@@ -1168,6 +1255,7 @@ impl Validator<'_> {
             policy,
             desk_from,
             verification_ttl,
+            hold_ttl,
             max_message_size,
             quarantine_dir: PathBuf::from(
                 raw.quarantine
@@ -1176,8 +1264,72 @@ impl Validator<'_> {
             ),
             mailboxes,
             outbox,
+            smtp,
             http: HttpConfig { listen, public_url },
             directory,
+        })
+    }
+
+    fn smtp(&mut self, m: RawSmtp) -> Option<SmtpConfig> {
+        let host = match m.host.as_deref().map(str::trim) {
+            Some(h) if !h.is_empty() => h.to_string(),
+            _ => {
+                self.issue(
+                    "smtp.host",
+                    "[smtp] needs a host (remove the section to write mail to files)",
+                );
+                return None;
+            }
+        };
+        let tls = self.choice(
+            "smtp.tls",
+            m.tls.as_deref(),
+            SmtpTls::StartTls,
+            &[
+                ("implicit", SmtpTls::Implicit),
+                ("starttls", SmtpTls::StartTls),
+                ("none", SmtpTls::None),
+            ],
+        );
+        let loopback = matches!(host.as_str(), "localhost" | "::1")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if tls == SmtpTls::None && !loopback && !m.allow_plaintext.unwrap_or(false) {
+            self.issue(
+                "smtp.tls",
+                format!("\"none\" would send mail (and any password) in clear to {host}; use \"implicit\" or \"starttls\", or set allow_plaintext = true"),
+            );
+        }
+        let port = m.port.unwrap_or(match tls {
+            SmtpTls::Implicit => 465,
+            SmtpTls::StartTls => 587,
+            SmtpTls::None => 25,
+        });
+        let password = self.secret("smtp.password", m.password, m.password_file);
+        if password.is_some() && m.username.is_none() {
+            self.issue("smtp.username", "a password needs a username");
+        }
+        let ca_file = m.ca_file.map(PathBuf::from);
+        if let Some(f) = &ca_file
+            && !f.is_file()
+        {
+            self.issue("smtp.ca_file", format!("cannot read {}", f.display()));
+        }
+        let timeout = self.duration(
+            "smtp.timeout",
+            m.timeout.as_deref(),
+            Duration::from_secs(30),
+        );
+        Some(SmtpConfig {
+            host,
+            port,
+            tls,
+            ca_file,
+            username: m.username,
+            password: password.map(SecretString::from),
+            timeout,
+            hello_name: m.hello_name,
         })
     }
 

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, MailboxKind};
 use crate::mailbox::imap::ImapSource;
 use crate::mailbox::maildir::MaildirSource;
-use crate::outbox::{FileTransport, Stamp, Templates, Worker};
+use crate::outbox::{FileTransport, SmtpTransport, Stamp, Templates, Transport, Worker};
 use crate::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 
@@ -23,6 +23,14 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("cannot load mail templates")]
     Templates(#[from] crate::outbox::templates::TemplateError),
+    #[error("cannot set up outgoing mail")]
+    Outbox(#[from] crate::outbox::SendError),
+    #[error("cannot listen on {address} (http.listen)")]
+    Listen {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How long shutdown waits for work in flight.
@@ -50,19 +58,25 @@ pub async fn prepare(config: Arc<Config>) -> Result<Pipeline, DaemonError> {
     Ok(Pipeline::new(store, config, templates))
 }
 
-/// The outbox worker for this configuration.
-pub fn outbox_worker(pipeline: &Pipeline) -> Worker {
+/// The outbox worker for this configuration: SMTP when `[smtp]` is configured, files
+/// otherwise.
+pub fn outbox_worker(pipeline: &Pipeline) -> Result<Worker, crate::outbox::SendError> {
     let config = pipeline.config();
-    Worker {
+    let transport = match &config.smtp {
+        Some(smtp) => Transport::Smtp(SmtpTransport::new(smtp)?),
+        None => Transport::File(FileTransport::new(config.outbox.dir.clone())),
+    };
+    Ok(Worker {
         store: pipeline.store().clone(),
-        transport: FileTransport::new(config.outbox.dir.clone()),
+        transport,
         stamp: Stamp {
             from_name: config.outbox.from_name.clone(),
             loop_id: config.policy.hygiene.loop_id.clone(),
         },
         max_attempts: config.outbox.max_attempts,
         poll_interval: config.outbox.poll_interval,
-    }
+        retry_first_secs: config.outbox.retry_first.as_secs().max(1) as i64,
+    })
 }
 
 /// Runs until `shutdown` is cancelled.
@@ -87,7 +101,44 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             }
         }
     }
-    let worker = Arc::new(outbox_worker(&pipeline));
+    let worker = Arc::new(outbox_worker(&pipeline)?);
+    if let Some(address) = config.http.listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| DaemonError::Listen { address, source })?;
+        let state = crate::http::AppState {
+            pipeline: pipeline.clone(),
+            health: pipeline.health.clone(),
+        };
+        let token = shutdown.child_token();
+        tracing::info!(%address, public_url = %config.http.public_url, "serving verification pages");
+        tracker.spawn(async move {
+            if let Err(e) = crate::http::serve(listener, state, token).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+    {
+        // Held requests and pending accounts past their time, once a minute.
+        let store = pipeline.store().clone();
+        let token = shutdown.child_token();
+        let hold_ttl = config.hold_ttl.as_secs() as i64;
+        tracker.spawn(async move {
+            loop {
+                match store.expire(crate::now(), hold_ttl).await {
+                    Ok(e) if !e.requests.is_empty() || !e.accounts.is_empty() => {
+                        tracing::info!(requests = ?e.requests, accounts = ?e.accounts, "expired unconfirmed requests and accounts");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %crate::outbox::error_chain(&e), "expiry pass failed"),
+                }
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+            }
+        });
+    }
     {
         let worker = worker.clone();
         let token = shutdown.child_token();

@@ -6,6 +6,8 @@ pub mod address;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod health;
+pub mod http;
 pub mod keys;
 pub mod mailbox;
 pub mod message;
@@ -13,6 +15,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod policy;
 pub mod store;
+pub mod verify;
 
 /// The current time as unix seconds: the one clock the daemon reads. The policy never
 /// calls it; times reach the decision engine as values.

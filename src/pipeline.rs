@@ -121,6 +121,8 @@ pub struct Pipeline {
     templates: Arc<Templates>,
     /// Notified after a commit that queued mail, to wake the outbox worker.
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// What each source last reported.
+    pub health: crate::health::Health,
 }
 
 impl Pipeline {
@@ -130,6 +132,7 @@ impl Pipeline {
             config,
             templates: Arc::new(templates),
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
+            health: crate::health::Health::default(),
         }
     }
 
@@ -204,7 +207,37 @@ impl Pipeline {
             true,
         )
         .await?;
-        Ok(policy::decide(&facts.facts, &self.config.policy))
+        let mut decision = policy::decide(&facts.facts, &self.config.policy);
+        self.limit_mail(&mut conn, &mut Deferred::default(), &mut decision, now)
+            .await?;
+        Ok(decision)
+    }
+
+    /// The mail templates (for other services that queue mail).
+    pub fn templates(&self) -> &Templates {
+        &self.templates
+    }
+
+    /// Applies the mail rate limits to a decision that sends mail (the pure second step
+    /// of a decision: counting what was sent is only done when there is mail to send).
+    pub async fn limit_mail(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        deferred: &mut Deferred,
+        decision: &mut Decision,
+        now: i64,
+    ) -> Result<(), PipelineError> {
+        if decision.emails.is_empty() {
+            return Ok(());
+        }
+        let mut recipients: Vec<crate::address::EmailAddress> =
+            decision.emails.iter().map(|e| e.to.clone()).collect();
+        recipients.sort();
+        recipients.dedup();
+        let refs: Vec<&crate::address::EmailAddress> = recipients.iter().collect();
+        let counts = deferred.mail_counts(conn, &refs, now).await?;
+        policy::limit_emails(decision, &counts, &self.config.policy.mail_limits);
+        Ok(())
     }
 
     /// Processes a batch in one transaction. The returned outcomes are in the order of
@@ -404,13 +437,14 @@ impl Pipeline {
                 decision: Box::new(decision),
             });
         };
-        let (decision, known) = match &desk {
+        let (mut decision, known) = match &desk {
             Some(d) => {
                 let g = store::gather_facts(conn, &msg, d, index, now, false, count_recent).await?;
                 (policy::decide(&g.facts, &self.config.policy), g.known)
             }
             None => (no_desk_decision(), Known::default()),
         };
+        self.limit_mail(conn, deferred, &mut decision, now).await?;
         // Only messages that become (or join) a request need their body decoded.
         if !decision.is_passive() {
             msg.set_body(message::parse_body(&env.raw));
@@ -421,7 +455,8 @@ impl Pipeline {
                 msg: &msg,
                 decision: &decision,
                 known: &known,
-                ledger_id,
+                ledger_id: Some(ledger_id),
+                hold_ttl_secs: self.config.hold_ttl.as_secs() as i64,
                 now,
                 orgs: index,
                 renderer: self.templates.as_ref(),

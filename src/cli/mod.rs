@@ -123,6 +123,12 @@ pub enum Command {
     Outbox(OutboxCommand),
     /// Create or update the database schema and sync the directory, then exit.
     Migrate,
+    /// Expire held requests and pending accounts that are past their time (the daemon
+    /// does this every minute).
+    Expire {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,6 +329,25 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let config = load_config(&cli)?;
     match cli.command {
         Command::Run | Command::CheckConfig => Ok(EX_OK),
+        Command::Expire { json } => {
+            let store = open_store(&config).await?;
+            let expired = store
+                .expire(crate::now(), config.hold_ttl.as_secs() as i64)
+                .await?;
+            if json {
+                print_json(&serde_json::json!({
+                    "requests": expired.requests,
+                    "accounts": expired.accounts,
+                }))?;
+            } else {
+                println!(
+                    "{} held request(s) expired, {} pending account(s) removed",
+                    expired.requests.len(),
+                    expired.accounts.len()
+                );
+            }
+            Ok(EX_OK)
+        }
         Command::Migrate => {
             open_store(&config).await?;
             println!("database {} is up to date", config.database.redacted_url());
@@ -584,7 +609,7 @@ async fn process(
     let elapsed = started.elapsed();
     let mut sent = 0;
     if !no_send {
-        let worker = crate::daemon::outbox_worker(&pipeline);
+        let worker = crate::daemon::outbox_worker(&pipeline)?;
         sent = worker.drain_once(crate::now()).await?.sent;
     }
     if json {
@@ -973,7 +998,7 @@ async fn outbox(config: Arc<Config>, cmd: OutboxCommand) -> anyhow::Result<u8> {
         }
         OutboxCommand::Send => {
             let pipeline = pipeline(config).await?;
-            let report = crate::daemon::outbox_worker(&pipeline)
+            let report = crate::daemon::outbox_worker(&pipeline)?
                 .drain_once(crate::now())
                 .await?;
             println!(

@@ -380,6 +380,9 @@ impl ImapSource {
                 Ok(()) => return,
                 Err(e) => {
                     let pause = backoff.next_pause();
+                    pipeline
+                        .health
+                        .failed(&self.name, &crate::outbox::error_chain(&e));
                     tracing::warn!(
                         mailbox = %self.name,
                         address = %self.address(),
@@ -422,6 +425,7 @@ impl ImapSource {
             .await?;
         self.fetch_failures.lock().await.clear();
         backoff.reset();
+        pipeline.health.ok(&self.name);
         tracing::info!(
             mailbox = %self.name,
             address = %self.address(),

@@ -245,10 +245,14 @@ impl MaildirSource {
             {
                 Ok(_) => {
                     backoff.reset();
+                    pipeline.health.ok(&self.name);
                     self.cfg.poll_interval
                 }
                 Err(e) => {
                     let pause = backoff.next_pause();
+                    pipeline
+                        .health
+                        .failed(&self.name, &crate::outbox::error_chain(&e));
                     tracing::warn!(mailbox = %self.name, error = %crate::outbox::error_chain(&e), retry_in = ?pause, "mailbox pass failed");
                     pause
                 }

@@ -114,6 +114,33 @@ impl InboundMessage {
         self.from.first()
     }
 
+    /// A message built from stored parts rather than parsed: used to re-decide a held
+    /// request's To/Cc when it is released.
+    pub fn synthetic(from: Mailbox, to: Vec<Mailbox>, subject: &str) -> InboundMessage {
+        InboundMessage {
+            message_id: None,
+            in_reply_to: Vec::new(),
+            references: Vec::new(),
+            subject: Some(subject.to_string()),
+            date: None,
+            from: vec![from],
+            invalid_from: Vec::new(),
+            sender: None,
+            reply_to: Vec::new(),
+            to,
+            cc: Vec::new(),
+            invalid_recipients: Vec::new(),
+            omitted_recipients: 0,
+            delivered_to: Vec::new(),
+            return_path: None,
+            signals: Signals::default(),
+            auth_results: Vec::new(),
+            text_body: String::new(),
+            attachments: Vec::new(),
+            size: 0,
+        }
+    }
+
     /// Fills in the body parsed by [`parse_body`].
     pub fn set_body(&mut self, body: Body) {
         self.text_body = body.text;

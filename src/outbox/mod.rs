@@ -4,7 +4,8 @@
 //!
 //! Delivery is at least once: a mail is marked sent after the transport accepted it, so a
 //! crash in between sends it again. The file transport names files by outbox id, which
-//! makes a resend overwrite the same file (exactly once on disk).
+//! makes a resend overwrite the same file (exactly once on disk). SMTP has no such
+//! guarantee; the window is one send.
 
 pub mod templates;
 
@@ -12,9 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-use lettre::message::{Mailbox, Message};
+use lettre::message::{Mailbox, Message, MultiPart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{SmtpConfig, SmtpTls};
 use crate::store::{OutboxRow, Store, StoreError};
 
 pub use templates::Templates;
@@ -37,12 +43,25 @@ pub enum SendError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up SMTP for {address}: {message}")]
+    SmtpSetup { address: String, message: String },
+    #[error("cannot send through {address}")]
+    Smtp {
+        address: String,
+        permanent: bool,
+        #[source]
+        source: lettre::transport::smtp::Error,
+    },
 }
 
 impl SendError {
-    /// Build errors will fail the same way every time; IO may not.
+    /// Build errors and 5xx replies will fail the same way every time; others may not.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, SendError::Build { .. })
+        match self {
+            SendError::Build { .. } => true,
+            SendError::Smtp { permanent, .. } => *permanent,
+            SendError::Write { .. } | SendError::SmtpSetup { .. } => false,
+        }
     }
 }
 
@@ -82,10 +101,97 @@ pub fn build_message(row: &OutboxRow, stamp: &Stamp) -> Result<Message, SendErro
             .in_reply_to(format!("<{parent}>"))
             .references(format!("<{parent}>"));
     }
-    builder
-        .header(ContentType::TEXT_PLAIN)
-        .body(row.body_text.clone())
-        .map_err(|e| bad(e.to_string()))
+    match &row.body_html {
+        Some(html) => builder
+            .multipart(MultiPart::alternative_plain_html(
+                row.body_text.clone(),
+                html.clone(),
+            ))
+            .map_err(|e| bad(e.to_string())),
+        None => builder
+            .header(ContentType::TEXT_PLAIN)
+            .body(row.body_text.clone())
+            .map_err(|e| bad(e.to_string())),
+    }
+}
+
+/// Sends through an SMTP relay (lettre, rustls).
+#[derive(Clone)]
+pub struct SmtpTransport {
+    inner: AsyncSmtpTransport<Tokio1Executor>,
+    address: String,
+}
+
+impl SmtpTransport {
+    pub fn new(cfg: &SmtpConfig) -> Result<SmtpTransport, SendError> {
+        let address = cfg.address();
+        let setup = |message: String| SendError::SmtpSetup {
+            address: address.clone(),
+            message,
+        };
+        let tls_parameters = || -> Result<TlsParameters, SendError> {
+            let mut builder = TlsParameters::builder(cfg.host.clone());
+            if let Some(path) = &cfg.ca_file {
+                let pem = std::fs::read(path)
+                    .map_err(|e| setup(format!("cannot read {}: {e}", path.display())))?;
+                let cert = Certificate::from_pem(&pem).map_err(|e| setup(e.to_string()))?;
+                builder = builder.add_root_certificate(cert);
+            }
+            builder.build_rustls().map_err(|e| setup(e.to_string()))
+        };
+        let tls = match cfg.tls {
+            SmtpTls::Implicit => Tls::Wrapper(tls_parameters()?),
+            SmtpTls::StartTls => Tls::Required(tls_parameters()?),
+            SmtpTls::None => Tls::None,
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.host.clone())
+            .port(cfg.port)
+            .tls(tls)
+            .timeout(Some(cfg.timeout));
+        if let Some(name) = &cfg.hello_name {
+            builder = builder.hello_name(lettre::transport::smtp::extension::ClientId::Domain(
+                name.clone(),
+            ));
+        }
+        if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+            builder = builder.credentials(Credentials::new(
+                user.clone(),
+                password.expose_secret().to_string(),
+            ));
+        }
+        Ok(SmtpTransport {
+            inner: builder.build(),
+            address,
+        })
+    }
+
+    pub async fn send(&self, message: &Message) -> Result<(), SendError> {
+        self.inner
+            .send(message.clone())
+            .await
+            .map(|_| ())
+            .map_err(|source| SendError::Smtp {
+                address: self.address.clone(),
+                permanent: source.is_permanent(),
+                source,
+            })
+    }
+}
+
+/// Where mail goes.
+#[derive(Clone)]
+pub enum Transport {
+    File(FileTransport),
+    Smtp(SmtpTransport),
+}
+
+impl Transport {
+    pub async fn send(&self, row: &OutboxRow, message: &Message) -> Result<(), SendError> {
+        match self {
+            Transport::File(f) => f.send(row, message).await,
+            Transport::Smtp(s) => s.send(message).await,
+        }
+    }
 }
 
 /// Display names go inside quotes; quotes and backslashes inside them are escaped.
@@ -130,11 +236,11 @@ impl FileTransport {
     }
 }
 
-/// Retry schedule: 30 s, 1 min, 2 min, ... capped at one hour, with up to 20% jitter so
-/// many failures do not retry in lockstep.
-pub fn backoff_secs(attempts: i64) -> i64 {
+/// Retry schedule: `first`, then doubling (30 s, 1 min, 2 min, ... by default), capped at
+/// one hour, with up to 20% jitter so many failures do not retry in lockstep.
+pub fn backoff_secs(attempts: i64, first: i64) -> i64 {
     let exp = attempts.clamp(1, 20) - 1;
-    let base = (30i64 << exp.min(7)).min(3600);
+    let base = (first.max(1) << exp.min(12)).min(3600);
     let jitter = (rand::random::<u32>() % 1000) as i64 * base / 5000;
     base + jitter
 }
@@ -150,10 +256,12 @@ pub struct DrainReport {
 /// Drains the outbox.
 pub struct Worker {
     pub store: Store,
-    pub transport: FileTransport,
+    pub transport: Transport,
     pub stamp: Stamp,
     pub max_attempts: u32,
     pub poll_interval: Duration,
+    /// The first retry's delay; later ones double.
+    pub retry_first_secs: i64,
 }
 
 impl Worker {
@@ -178,7 +286,8 @@ impl Worker {
                     }
                     Err(e) => {
                         let dead = e.is_permanent() || row.attempts >= i64::from(self.max_attempts);
-                        let retry_at = (!dead).then(|| now + backoff_secs(row.attempts));
+                        let retry_at = (!dead)
+                            .then(|| now + backoff_secs(row.attempts, self.retry_first_secs));
                         let text = error_chain(&e);
                         self.store.outbox_failed(row.id, &text, retry_at).await?;
                         if dead {

@@ -1,8 +1,10 @@
 //! The text of the mail we send. Built-in templates can be overridden by files in
-//! `[outbox] templates_dir` named `verification.txt`, `invitation.txt` and
-//! `rejection_notice.txt`. A template is a `Subject:` line, a blank line and the body;
-//! `{{name}}`, `{{address}}`, `{{desk}}`, `{{desk_name}}`, `{{link}}`, `{{request}}`,
-//! `{{subject}}`, `{{reason}}` and `{{expires_hours}}` are replaced.
+//! `[outbox] templates_dir`: `verification.txt`, `invitation.txt` and
+//! `rejection_notice.txt` (a `Subject:` line, a blank line and the plain-text body), and
+//! `verification.html`, `invitation.html`, `rejection_notice.html` (the HTML body; mail is
+//! sent as text and HTML alternatives). `{{name}}`, `{{address}}`, `{{desk}}`,
+//! `{{desk_name}}`, `{{link}}`, `{{request}}`, `{{subject}}`, `{{reason}}` and
+//! `{{expires_hours}}` are replaced (HTML-escaped in the HTML body).
 
 use std::collections::HashMap;
 
@@ -47,6 +49,46 @@ your message \"{{subject}}\" to {{desk_name}} was not turned into a request:
 If you think this is a mistake, please contact the team that runs this desk another way.
 ";
 
+const HTML_FRAME_START: &str = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{{desk_name}}</title></head>\n<body style=\"font-family: sans-serif; line-height: 1.5; max-width: 40em\">\n";
+const HTML_FRAME_END: &str = "</body></html>\n";
+
+const VERIFICATION_HTML: &str = "<p>Hello {{name}},</p>
+<p>we received your message &ldquo;{{subject}}&rdquo; at {{desk_name}}. Before we open a request
+for you, please confirm that <strong>{{address}}</strong> is your address:</p>
+<p><a href=\"{{link}}\">Confirm my address</a></p>
+<p>The link opens a page where you confirm; opening it alone changes nothing. It works for
+{{expires_hours}} hours. If you did not write to us, ignore this mail and nothing happens.</p>
+";
+
+const INVITATION_HTML: &str = "<p>Hello {{name}},</p>
+<p>{{desk_name}} has opened a request for the message &ldquo;{{subject}}&rdquo; and added you to it.
+You can confirm your address and choose how your name is shown:</p>
+<p><a href=\"{{link}}\">Confirm my address</a></p>
+<p>The link works for {{expires_hours}} hours. Replies to this mail reach the desk.</p>
+";
+
+const REJECTION_NOTICE_HTML: &str = "<p>Hello {{name}},</p>
+<p>your message &ldquo;{{subject}}&rdquo; to {{desk_name}} was not turned into a request:
+{{reason}}.</p>
+<p>If you think this is a mistake, please contact the team that runs this desk another way.</p>
+";
+
+/// Escapes text for HTML element content and attribute values.
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("cannot read template {path}")]
@@ -63,6 +105,7 @@ pub enum TemplateError {
 struct Template {
     subject: String,
     body: String,
+    html: String,
 }
 
 impl Template {
@@ -77,6 +120,7 @@ impl Template {
         Ok(Template {
             subject: subject.trim().to_string(),
             body: body.to_string(),
+            html: String::new(),
         })
     }
 }
@@ -96,28 +140,38 @@ pub struct Templates {
 impl Templates {
     pub fn from_config(config: &Config) -> Result<Templates, TemplateError> {
         let mut templates = HashMap::new();
-        for (kind, builtin) in [
-            (EmailKind::Verification, VERIFICATION),
-            (EmailKind::Invitation, INVITATION),
-            (EmailKind::RejectionNotice, REJECTION_NOTICE),
+        for (kind, builtin, builtin_html) in [
+            (EmailKind::Verification, VERIFICATION, VERIFICATION_HTML),
+            (EmailKind::Invitation, INVITATION, INVITATION_HTML),
+            (
+                EmailKind::RejectionNotice,
+                REJECTION_NOTICE,
+                REJECTION_NOTICE_HTML,
+            ),
         ] {
             let name = kind.as_str();
-            let text = match &config.outbox.templates_dir {
-                Some(dir) if dir.join(format!("{name}.txt")).is_file() => {
-                    let path = dir.join(format!("{name}.txt"));
-                    Some((
-                        std::fs::read_to_string(&path).map_err(|source| TemplateError::Read {
-                            path: path.display().to_string(),
-                            source,
-                        })?,
-                        path.display().to_string(),
-                    ))
+            let read = |file: String| -> Result<Option<(String, String)>, TemplateError> {
+                match &config.outbox.templates_dir {
+                    Some(dir) if dir.join(&file).is_file() => {
+                        let path = dir.join(&file);
+                        let text = std::fs::read_to_string(&path).map_err(|source| {
+                            TemplateError::Read {
+                                path: path.display().to_string(),
+                                source,
+                            }
+                        })?;
+                        Ok(Some((text, path.display().to_string())))
+                    }
+                    _ => Ok(None),
                 }
-                _ => None,
             };
-            let t = match text {
+            let mut t = match read(format!("{name}.txt"))? {
                 Some((text, path)) => Template::parse(&text, &path)?,
                 None => Template::parse(builtin, "built-in")?,
+            };
+            t.html = match read(format!("{name}.html"))? {
+                Some((html, _)) => html,
+                None => format!("{HTML_FRAME_START}{builtin_html}{HTML_FRAME_END}"),
             };
             templates.insert(name, t);
         }
@@ -205,6 +259,8 @@ impl MailRenderer for Templates {
         ];
         // from_config inserts a template for every EmailKind, so the lookup cannot miss.
         let t = &self.templates[ctx.kind.as_str()];
+        let escaped: Vec<(&str, String)> = vars.iter().map(|(k, v)| (*k, html_escape(v))).collect();
+        let html_vars: Vec<(&str, &str)> = escaped.iter().map(|(k, v)| (*k, v.as_str())).collect();
         RenderedMail {
             from: self
                 .desk_from
@@ -215,6 +271,7 @@ impl MailRenderer for Templates {
             // was parsed, and the template's own line breaks are removed here.
             subject: crate::message::one_line(&fill(&t.subject, &vars), 300),
             body_text: fill(&t.body, &vars),
+            body_html: Some(fill(&t.html, &html_vars)),
         }
     }
 

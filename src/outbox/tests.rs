@@ -48,8 +48,8 @@ fn stamps_and_cannot_be_injected() {
 
 #[test]
 fn backoff_grows_and_is_capped() {
-    let first = backoff_secs(1);
+    let first = backoff_secs(1, 30);
     assert!((30..=36).contains(&first), "{first}");
-    assert!(backoff_secs(3) >= 120);
-    assert!(backoff_secs(50) <= 3600 + 720);
+    assert!(backoff_secs(3, 30) >= 120);
+    assert!(backoff_secs(50, 30) <= 3600 + 720);
 }

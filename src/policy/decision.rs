@@ -100,6 +100,9 @@ reasons! {
     AlreadyParticipant => "already_participant",
     TooManyParticipants => "too_many_participants",
     RequestHeld => "request_held",
+    MailRateLimited => "mail_rate_limited",
+    AddressConfirmed => "address_confirmed",
+    VerificationExpired => "verification_expired",
     MessageNotProcessed => "message_not_processed",
 }
 
@@ -215,6 +218,15 @@ impl EmailKind {
     }
 }
 
+/// A mail the decision would have sent but did not (rate limits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SuppressedEmail {
+    pub to: EmailAddress,
+    pub kind: EmailKind,
+    pub reason: Reason,
+    pub explanation: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EmailIntent {
     pub to: EmailAddress,
@@ -243,6 +255,8 @@ pub struct Decision {
     #[serde(skip_serializing_if = "is_zero")]
     pub omitted_recipients: usize,
     pub emails: Vec<EmailIntent>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub emails_suppressed: Vec<SuppressedEmail>,
 }
 
 impl Decision {
@@ -273,6 +287,7 @@ impl Decision {
             invalid_recipients: Vec::new(),
             omitted_recipients: 0,
             emails: Vec::new(),
+            emails_suppressed: Vec::new(),
         }
     }
 
@@ -333,6 +348,16 @@ impl Decision {
         }
         for e in &self.emails {
             let _ = writeln!(s, "email: {} to {}", e.kind.as_str(), e.to);
+        }
+        for e in &self.emails_suppressed {
+            let _ = writeln!(
+                s,
+                "email not sent: {} to {} ({}: {})",
+                e.kind.as_str(),
+                e.to,
+                e.reason.code(),
+                e.explanation
+            );
         }
         s
     }

@@ -7,20 +7,22 @@
 mod decide;
 pub mod decision;
 pub mod facts;
+mod limits;
 pub mod model;
 pub mod trust;
 
 pub use decide::{decide, trust_verdict};
 pub use decision::{
     AccountOutcome, Action, Decision, EmailIntent, EmailKind, ParticipantDecision,
-    ParticipantOutcome, Reason, RequesterDecision,
+    ParticipantOutcome, Reason, RequesterDecision, SuppressedEmail,
 };
 pub use facts::{
     AccountFacts, AccountKind, AccountStatus, Facts, Person, RequestStatus, Thread, ThreadMatch,
 };
+pub use limits::{MailCounts, limit_emails};
 pub use model::{
-    AddressRule, ChannelAccess, Desk, Hygiene, Policy, Sharing, Signup, SiteAccess, Trust,
-    UnknownParticipants,
+    AddressRule, ChannelAccess, Desk, Hygiene, MailLimits, Policy, Sharing, Signup, SiteAccess,
+    Trust, UnknownParticipants,
 };
 
 #[cfg(test)]

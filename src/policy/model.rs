@@ -118,12 +118,22 @@ pub struct Desk {
     pub agents_may_add_customers: bool,
 }
 
+/// How much mail we send, so a flood of forged senders cannot make us a spam cannon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailLimits {
+    /// Mail to one address per 24 hours.
+    pub per_recipient_per_day: u32,
+    /// Mail in total per hour.
+    pub per_hour: u32,
+}
+
 /// Everything the decision engine needs from configuration.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub access: SiteAccess,
     pub trust: Trust,
     pub hygiene: Hygiene,
+    pub mail_limits: MailLimits,
     pub desks: Vec<Desk>,
 }
 

@@ -35,6 +35,10 @@ fn policy() -> Policy {
             loop_id: "intake.desk.example".into(),
             message_id_domain: "intake.desk.example".into(),
         },
+        mail_limits: MailLimits {
+            per_recipient_per_day: 3,
+            per_hour: 200,
+        },
         desks: vec![
             Desk {
                 key: DeskKey::parse("IT").unwrap(),

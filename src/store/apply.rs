@@ -12,8 +12,8 @@ use crate::address::EmailAddress;
 use crate::keys::{DeskKey, RequestKey};
 use crate::message::InboundMessage;
 use crate::policy::{
-    AccountKind, AccountStatus, Action, Decision, EmailIntent, EmailKind, ParticipantOutcome,
-    Reason,
+    AccountKind, AccountStatus, Action, Decision, EmailIntent, EmailKind, MailCounts,
+    ParticipantOutcome, Reason,
 };
 
 use super::directory::DirectoryIndex;
@@ -48,6 +48,8 @@ pub struct RenderedMail {
     pub from: String,
     pub subject: String,
     pub body_text: String,
+    /// An HTML alternative, when the template has one.
+    pub body_html: Option<String>,
 }
 
 /// Writes outgoing mail; implemented by the outbox module's templates.
@@ -164,7 +166,10 @@ pub struct ApplyInput<'a> {
     pub decision: &'a Decision,
     /// Ids found while gathering the facts.
     pub known: &'a Known,
-    pub ledger_id: i64,
+    /// The message's ledger row (for a release: the held message's, if known).
+    pub ledger_id: Option<i64>,
+    /// How long a request created held waits for its reporter's confirmation.
+    pub hold_ttl_secs: i64,
     pub now: i64,
     pub orgs: &'a DirectoryIndex,
     pub renderer: &'a dyn MailRenderer,
@@ -219,6 +224,10 @@ pub struct Deferred {
     /// and batch, written back at the flush.
     counters: HashMap<String, i64>,
     outcomes: Vec<(i64, &'static str, &'static str, Option<String>, String)>,
+    /// Mail queued in the last hour before this batch started (read when first needed).
+    hour_base: Option<u32>,
+    /// Mail of this batch already flushed (careful mode flushes message by message).
+    flushed_mail: u32,
     /// Verification tokens: (hash, account, purpose, created, expires).
     tokens: Vec<(String, i64, &'static str, i64, i64)>,
     audits: Vec<AuditRow>,
@@ -230,7 +239,7 @@ type AuditAddress = (String, &'static str, &'static str, &'static str);
 
 #[derive(Debug)]
 struct AuditRow {
-    ledger_id: i64,
+    ledger_id: Option<i64>,
     created_at: i64,
     desk: Option<String>,
     action: &'static str,
@@ -248,11 +257,12 @@ struct OutboxRowInsert {
     from: String,
     subject: String,
     body: String,
+    html: Option<String>,
     message_id: String,
     in_reply_to: Option<String>,
     request_key: Option<String>,
     now: i64,
-    ledger_id: i64,
+    ledger_id: Option<i64>,
 }
 
 /// Rows per multi-row statement, well under SQLite's and PostgreSQL's parameter limits.
@@ -295,8 +305,68 @@ impl Deferred {
         Ok(*last)
     }
 
+    /// Mail sent recently to `recipients` and in total, counting what this batch queued.
+    pub async fn mail_counts(
+        &mut self,
+        conn: &mut AnyConnection,
+        recipients: &[&EmailAddress],
+        now: i64,
+    ) -> Result<MailCounts, StoreError> {
+        let mut counts = MailCounts::default();
+        if !recipients.is_empty() {
+            let sql = format!(
+                "SELECT to_address, COUNT(*) FROM outbox WHERE created_at >= $1 AND to_address IN ({}) \
+                 GROUP BY to_address",
+                placeholders(2, recipients.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now - 86_400);
+            for r in recipients {
+                q = q.bind(r.as_str());
+            }
+            for row in q
+                .fetch_all(&mut *conn)
+                .await
+                .ctx("count mail per recipient")?
+            {
+                let to: String = row.try_get(0).ctx("read mail count")?;
+                let n: i64 = row.try_get(1).ctx("read mail count")?;
+                if let Ok(a) = EmailAddress::parse(&to) {
+                    counts
+                        .per_recipient
+                        .insert(a, u32::try_from(n).unwrap_or(u32::MAX));
+                }
+            }
+            for r in recipients {
+                let queued = self.outbox.iter().filter(|o| o.to == r.as_str()).count() as u32;
+                if queued > 0 {
+                    *counts.per_recipient.entry((*r).clone()).or_insert(0) += queued;
+                }
+            }
+        }
+        let base = match self.hour_base {
+            Some(b) => b,
+            None => {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE created_at >= $1")
+                        .bind(now - 3600)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .ctx("count mail of the last hour")?;
+                let b = u32::try_from(n).unwrap_or(u32::MAX);
+                self.hour_base = Some(b);
+                self.flushed_mail = 0;
+                b
+            }
+        };
+        counts.last_hour = base + self.flushed_mail + self.outbox.len() as u32;
+        Ok(counts)
+    }
+
     /// Writes everything collected so far.
     pub async fn flush(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        if self.hour_base.is_some() {
+            self.flushed_mail += self.outbox.len() as u32;
+        }
         for (desk, last) in &self.counters {
             sqlx::query("UPDATE desk_counters SET last_number = $2 WHERE desk = $1")
                 .bind(desk.as_str())
@@ -367,7 +437,11 @@ impl Deferred {
             }
             let rows: Vec<(i64, &AuditAddress)> = chunk
                 .iter()
-                .filter_map(|a| audit_ids.get(&a.ledger_id).map(|id| (*id, &a.addresses)))
+                .filter_map(|a| {
+                    a.ledger_id
+                        .and_then(|l| audit_ids.get(&l))
+                        .map(|id| (*id, &a.addresses))
+                })
                 .flat_map(|(id, addrs)| addrs.iter().map(move |x| (id, x)))
                 .collect();
             for part in rows.chunks(CHUNK) {
@@ -389,9 +463,10 @@ impl Deferred {
         }
         for chunk in std::mem::take(&mut self.outbox).chunks(CHUNK) {
             let sql = format!(
-                "INSERT INTO outbox (kind, desk, to_address, from_address, subject, body_text, message_id, \
-                   in_reply_to, request_key, status, attempts, next_attempt_at, created_at, ledger_id) VALUES {}",
-                values_list(conn, chunk.len(), 14)
+                "INSERT INTO outbox (kind, desk, to_address, from_address, subject, body_text, body_html, \
+                   message_id, in_reply_to, request_key, status, attempts, next_attempt_at, created_at, ledger_id) \
+                 VALUES {}",
+                values_list(conn, chunk.len(), 15)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for o in chunk {
@@ -402,6 +477,7 @@ impl Deferred {
                     .bind(o.from.as_str())
                     .bind(o.subject.as_str())
                     .bind(o.body.as_str())
+                    .bind(o.html.as_deref())
                     .bind(o.message_id.as_str())
                     .bind(o.in_reply_to.as_deref())
                     .bind(o.request_key.as_deref())
@@ -436,6 +512,235 @@ pub async fn apply(
         Action::CreateRequest | Action::AddComment | Action::HoldForVerification
     );
     let held = d.action == Action::HoldForVerification;
+    let ids = resolve_accounts(conn, &input, active, active && !held, &mut result).await?;
+
+    if active && let (Some(desk), Some(address)) = (&d.desk, &d.requester.address) {
+        let requester_id = ids.get(address.as_str()).copied();
+        let (request_id, key) = match (&d.request, input.known.thread_request) {
+            (Some(key), Some(id)) => {
+                add_comment(conn, id, address, input.msg, now).await?;
+                (id, key.clone())
+            }
+            (Some(key), None) => {
+                return Err(StoreError::Corrupt(format!(
+                    "the decision comments on {key} but its id is unknown"
+                )));
+            }
+            (None, _) => {
+                let number = deferred.next_number(conn, desk).await?;
+                create_request(
+                    conn,
+                    number,
+                    desk,
+                    address,
+                    requester_id,
+                    input.msg,
+                    held.then_some(now + input.hold_ttl_secs),
+                    now,
+                )
+                .await?
+            }
+        };
+        store_attachments(conn, request_id, input.msg, now).await?;
+        if held && d.request.is_none() {
+            // Their participants are decided when the request is released.
+            let waiting: Vec<&crate::policy::ParticipantDecision> = d
+                .participants
+                .iter()
+                .filter(|p| p.reason == crate::policy::Reason::RequestHeld)
+                .collect();
+            if !waiting.is_empty() {
+                let sql = format!(
+                    "INSERT INTO held_recipients (request_id, position, address, display_name) VALUES {}",
+                    values_list(conn, waiting.len(), 4)
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for (i, p) in waiting.iter().enumerate() {
+                    q = q
+                        .bind(request_id)
+                        .bind(i as i64)
+                        .bind(p.address.as_str())
+                        .bind(p.display_name.as_deref());
+                }
+                q.execute(&mut *conn)
+                    .await
+                    .ctx("remember who a held request was for")?;
+            }
+        }
+        if !held {
+            result.participants_added = add_participants(conn, d, &ids, request_id, now).await?;
+        }
+        request = Some((request_id, key));
+    }
+    result.request = request.as_ref().map(|(_, k)| k.clone());
+
+    let outbound = queue_emails(&input, &ids, request.as_ref(), deferred);
+    result.emails_queued = d.emails.len();
+    if let (Some(desk), Some((request_id, _))) = (&d.desk, &request) {
+        remember_message_ids(
+            conn,
+            desk,
+            *request_id,
+            &outbound,
+            input.msg.message_id.as_deref(),
+        )
+        .await?;
+    }
+
+    let request_key = result.request.as_ref().map(|k| k.to_string());
+    if let Some(ledger_id) = input.ledger_id {
+        deferred.outcomes.push((
+            ledger_id,
+            d.action.as_str(),
+            d.reason.code(),
+            request_key.clone(),
+            d.explanation.clone(),
+        ));
+    }
+    deferred.audits.push(audit_row(&input, request_key));
+    Ok(result)
+}
+
+/// Writes one audit row at once (for events outside a message batch).
+async fn write_audit(conn: &mut AnyConnection, a: &AuditRow) -> Result<(), StoreError> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO audit (ledger_id, created_at, desk, action, reason, request_key, decision) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+    )
+    .bind(a.ledger_id)
+    .bind(a.created_at)
+    .bind(a.desk.as_deref())
+    .bind(a.action)
+    .bind(a.reason)
+    .bind(a.request_key.as_deref())
+    .bind(a.decision.as_str())
+    .fetch_one(&mut *conn)
+    .await
+    .ctx("write an audit row")?;
+    for (address, role, outcome, reason) in &a.addresses {
+        sqlx::query(
+            "INSERT INTO audit_addresses (audit_id, address, role, outcome, reason) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(address.as_str())
+        .bind(*role)
+        .bind(*outcome)
+        .bind(*reason)
+        .execute(&mut *conn)
+        .await
+        .ctx("index an audit row")?;
+    }
+    Ok(())
+}
+
+/// Adds every participant the decision keeps; returns how many were new.
+async fn add_participants(
+    conn: &mut AnyConnection,
+    d: &Decision,
+    ids: &HashMap<String, i64>,
+    request_id: i64,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let members: Vec<i64> = d
+        .participants
+        .iter()
+        .filter(|p| p.outcome != ParticipantOutcome::Drop)
+        .filter_map(|p| ids.get(p.address.as_str()).copied())
+        .collect();
+    if members.is_empty() {
+        return Ok(0);
+    }
+    let sql = format!(
+        "INSERT INTO participants (request_id, account_id, added_at) VALUES {} ON CONFLICT DO NOTHING",
+        values_list(conn, members.len(), 3)
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for id in &members {
+        q = q.bind(request_id).bind(*id).bind(now);
+    }
+    let added = q.execute(&mut *conn).await.ctx("add participants")?;
+    Ok(added.rows_affected() as usize)
+}
+
+/// Message-IDs that thread into the request: the inbound message's and the mail we send.
+/// Written at once, not deferred: a later message in the same batch may reply to them.
+async fn remember_message_ids(
+    conn: &mut AnyConnection,
+    desk: &DeskKey,
+    request_id: i64,
+    outbound: &[String],
+    inbound: Option<&str>,
+) -> Result<(), StoreError> {
+    let mut refs: Vec<(&str, &str)> = outbound.iter().map(|m| (m.as_str(), "outbound")).collect();
+    if let Some(mid) = inbound {
+        refs.push((mid, "inbound"));
+    }
+    if refs.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO thread_refs (desk, message_id, request_id, direction) VALUES {} ON CONFLICT DO NOTHING",
+        values_list(conn, refs.len(), 4)
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (mid, direction) in &refs {
+        q = q
+            .bind(desk.as_str())
+            .bind(*mid)
+            .bind(request_id)
+            .bind(*direction);
+    }
+    q.execute(&mut *conn).await.ctx("remember Message-IDs")?;
+    Ok(())
+}
+
+/// Releases a held request once its reporter confirmed their address: its To/Cc are
+/// handled by `decision` (decided just now, under the policy in force), invitations are
+/// queued, and the request opens. The audit row says `release`.
+pub async fn apply_release(
+    conn: &mut AnyConnection,
+    input: ApplyInput<'_>,
+    request_id: i64,
+    key: &RequestKey,
+    deferred: &mut Deferred,
+) -> Result<ApplyResult, StoreError> {
+    let mut result = ApplyResult::default();
+    let ids = resolve_accounts(conn, &input, false, true, &mut result).await?;
+    result.participants_added =
+        add_participants(conn, input.decision, &ids, request_id, input.now).await?;
+    let request = (request_id, key.clone());
+    let outbound = queue_emails(&input, &ids, Some(&request), deferred);
+    result.emails_queued = input.decision.emails.len();
+    remember_message_ids(conn, key.desk(), request_id, &outbound, None).await?;
+    sqlx::query(
+        "UPDATE requests SET status = 'open', held_until = NULL, updated_at = $1 WHERE id = $2",
+    )
+    .bind(input.now)
+    .bind(request_id)
+    .execute(&mut *conn)
+    .await
+    .ctx("open the released request")?;
+    let mut audit = audit_row(&input, Some(key.to_string()));
+    audit.action = "release";
+    audit.reason = Reason::AddressConfirmed.code();
+    write_audit(conn, &audit).await?;
+    result.request = Some(key.clone());
+    Ok(result)
+}
+
+/// Creates the accounts the decision creates (requester and/or participants) and returns
+/// the ids of every account the rest of applying needs; fills in missing display names
+/// and notes when a verification link is mailed again.
+async fn resolve_accounts(
+    conn: &mut AnyConnection,
+    input: &ApplyInput<'_>,
+    with_requester: bool,
+    with_participants: bool,
+    result: &mut ApplyResult,
+) -> Result<HashMap<String, i64>, StoreError> {
+    let d = input.decision;
+    let now = input.now;
     // Accounts that get a verification or invitation link: their "last sent" time is set.
     let mailed: Vec<&EmailAddress> = d
         .emails
@@ -453,7 +758,7 @@ pub async fn apply(
         .collect();
     let mut creates: Vec<NewAccount<'_>> = Vec::new();
     let mut names: Vec<(&EmailAddress, &str)> = Vec::new();
-    if active && let Some(address) = &d.requester.address {
+    if with_requester && let Some(address) = &d.requester.address {
         if let Some(kind) = d.requester.account.created_kind() {
             creates.push(NewAccount {
                 address,
@@ -465,7 +770,7 @@ pub async fn apply(
             names.push((address, n));
         }
     }
-    if active && !held {
+    if with_participants {
         for p in &d.participants {
             match p.outcome.created_kind() {
                 Some(kind) => creates.push(NewAccount {
@@ -543,98 +848,7 @@ pub async fn apply(
             .ctx("note the verification mail")?;
     }
 
-    if active && let (Some(desk), Some(address)) = (&d.desk, &d.requester.address) {
-        let requester_id = ids.get(address.as_str()).copied();
-        let (request_id, key) = match (&d.request, input.known.thread_request) {
-            (Some(key), Some(id)) => {
-                add_comment(conn, id, address, input.msg, now).await?;
-                (id, key.clone())
-            }
-            (Some(key), None) => {
-                return Err(StoreError::Corrupt(format!(
-                    "the decision comments on {key} but its id is unknown"
-                )));
-            }
-            (None, _) => {
-                let number = deferred.next_number(conn, desk).await?;
-                create_request(
-                    conn,
-                    number,
-                    desk,
-                    address,
-                    requester_id,
-                    input.msg,
-                    held.then_some(now + input.renderer.token_ttl_secs()),
-                    now,
-                )
-                .await?
-            }
-        };
-        store_attachments(conn, request_id, input.msg, now).await?;
-        if !held {
-            let members: Vec<i64> = d
-                .participants
-                .iter()
-                .filter(|p| p.outcome != ParticipantOutcome::Drop)
-                .filter_map(|p| ids.get(p.address.as_str()).copied())
-                .collect();
-            if !members.is_empty() {
-                let sql = format!(
-                    "INSERT INTO participants (request_id, account_id, added_at) VALUES {} \
-                     ON CONFLICT DO NOTHING",
-                    values_list(conn, members.len(), 3)
-                );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for id in &members {
-                    q = q.bind(request_id).bind(*id).bind(now);
-                }
-                let added = q.execute(&mut *conn).await.ctx("add participants")?;
-                result.participants_added = added.rows_affected() as usize;
-            }
-        }
-        request = Some((request_id, key));
-    }
-    result.request = request.as_ref().map(|(_, k)| k.clone());
-
-    let outbound = queue_emails(&input, &ids, request.as_ref(), deferred);
-    result.emails_queued = d.emails.len();
-
-    // Message-IDs that thread into the request: this message's and the mail we send.
-    // Written now, not deferred: a later message in the same batch may reply to them.
-    if let (Some(desk), Some((request_id, _))) = (&d.desk, &request) {
-        let mut refs: Vec<(&str, &str)> =
-            outbound.iter().map(|m| (m.as_str(), "outbound")).collect();
-        if let Some(mid) = &input.msg.message_id {
-            refs.push((mid.as_str(), "inbound"));
-        }
-        if !refs.is_empty() {
-            let sql = format!(
-                "INSERT INTO thread_refs (desk, message_id, request_id, direction) VALUES {} \
-                 ON CONFLICT DO NOTHING",
-                values_list(conn, refs.len(), 4)
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (mid, direction) in &refs {
-                q = q
-                    .bind(desk.as_str())
-                    .bind(*mid)
-                    .bind(*request_id)
-                    .bind(*direction);
-            }
-            q.execute(&mut *conn).await.ctx("remember Message-IDs")?;
-        }
-    }
-
-    let request_key = result.request.as_ref().map(|k| k.to_string());
-    deferred.outcomes.push((
-        input.ledger_id,
-        d.action.as_str(),
-        d.reason.code(),
-        request_key.clone(),
-        d.explanation.clone(),
-    ));
-    deferred.audits.push(audit_row(&input, request_key));
-    Ok(result)
+    Ok(ids)
 }
 
 /// The audit row holding the whole decision, with one index entry per address it
@@ -911,6 +1125,7 @@ fn queue_emails(
             from: mail.from,
             subject: mail.subject,
             body: mail.body_text,
+            html: mail.body_html,
             message_id: message_id.clone(),
             in_reply_to: input.msg.message_id.clone(),
             request_key: request.map(|(_, k)| k.to_string()),

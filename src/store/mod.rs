@@ -9,6 +9,7 @@ mod apply;
 mod directory;
 mod facts;
 mod queries;
+mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +24,15 @@ use crate::config::DatabaseConfig;
 
 pub use apply::{
     ApplyInput, ApplyResult, Deferred, MailContext, MailRenderer, QuarantineRecord, RenderedMail,
-    SourceRef, apply, claim_ledger, dedupe_key, new_token, record_quarantine, token_hash,
+    SourceRef, apply, apply_release, claim_ledger, dedupe_key, new_token, record_quarantine,
+    token_hash,
 };
 pub use directory::{DirectoryIndex, DirectorySync};
 pub use facts::{Gathered, Known, assemble_facts, gather_facts};
 pub use queries::*;
+pub use verify::{
+    Expired, HeldRequest, TokenInfo, activate_account, held_requests_of, token_info, use_token,
+};
 
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");

@@ -115,6 +115,8 @@ pub struct OutboxRow {
     /// Not printed: until sent it may hold a one-time link.
     #[serde(skip_serializing)]
     pub body_text: String,
+    #[serde(skip_serializing)]
+    pub body_html: Option<String>,
     pub message_id: String,
     pub in_reply_to: Option<String>,
     pub request: Option<String>,
@@ -188,11 +190,12 @@ fn outbox_row(row: &AnyRow) -> Result<OutboxRow, StoreError> {
         next_attempt_at: row.try_get(12).ctx("read outbox")?,
         last_error: row.try_get(13).ctx("read outbox")?,
         created_at: row.try_get(14).ctx("read outbox")?,
+        body_html: row.try_get(15).ctx("read outbox")?,
     })
 }
 
 const OUTBOX_COLUMNS: &str = "id, kind, desk, to_address, from_address, subject, body_text, message_id, \
-     in_reply_to, request_key, status, attempts, next_attempt_at, last_error, created_at";
+     in_reply_to, request_key, status, attempts, next_attempt_at, last_error, created_at, body_html";
 
 impl Store {
     pub async fn list_requests(&self, f: &RequestFilter) -> Result<Vec<RequestRow>, StoreError> {
@@ -586,7 +589,8 @@ impl Store {
         sqlx::query(
             "UPDATE outbox SET status = 'sent', sent_at = $1, last_error = NULL, \
                body_text = CASE WHEN kind IN ('verification', 'invitation') \
-                 THEN '(sent; the one-time link is not kept)' ELSE body_text END \
+                 THEN '(sent; the one-time link is not kept)' ELSE body_text END, \
+               body_html = CASE WHEN kind IN ('verification', 'invitation') THEN NULL ELSE body_html END \
              WHERE id = $2",
         )
         .bind(now)
@@ -617,7 +621,8 @@ impl Store {
             None => sqlx::query(
                 "UPDATE outbox SET status = 'dead', last_error = $1, \
                    body_text = CASE WHEN kind IN ('verification', 'invitation') \
-                     THEN '(not delivered; the one-time link is not kept)' ELSE body_text END \
+                     THEN '(not delivered; the one-time link is not kept)' ELSE body_text END, \
+                   body_html = CASE WHEN kind IN ('verification', 'invitation') THEN NULL ELSE body_html END \
                  WHERE id = $2",
             )
             .bind(&error)

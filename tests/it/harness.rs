@@ -68,7 +68,7 @@ fn as_postgres(root: bool, program: &Path) -> Command {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     l.local_addr().expect("local addr").port()
 }
@@ -235,6 +235,8 @@ pub struct Env {
     pub config: PathBuf,
     pub backend: Backend,
     pub database_url: String,
+    /// Where `intake run` serves its pages.
+    pub http_port: u16,
 }
 
 impl Env {
@@ -250,6 +252,7 @@ impl Env {
             Backend::Postgres => postgres_database(),
         };
         let d = dir.path().display();
+        let http_port = free_port();
         let text = format!(
             r#"
 [database]
@@ -300,7 +303,8 @@ poll_interval = "200ms"
 dir = "{d}/quarantine"
 
 [http]
-public_url = "https://desk.example"
+listen = "127.0.0.1:{http_port}"
+public_url = "http://127.0.0.1:{http_port}"
 
 [[directory.organizations]]
 name = "Acme"
@@ -356,6 +360,7 @@ desks = ["IT", "HR"]
             config,
             backend,
             database_url,
+            http_port,
         }
     }
 

@@ -1,0 +1,214 @@
+//! The HTTP server: verification pages and `/healthz`. Plain, accessible HTML with no
+//! external assets (nothing to load from elsewhere, nothing to track).
+//!
+//! `GET /verify/{token}` never changes anything — mail scanners and link previews fetch
+//! links — it shows what confirming does and a form; `POST` confirms.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Form, Json, Router};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::outbox::templates::html_escape;
+use crate::pipeline::Pipeline;
+use crate::verify::{self, Confirmation, TokenState};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pipeline: Pipeline,
+    pub health: Health,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/verify/{token}", get(verify_page).post(confirm))
+        .route("/healthz", get(healthz))
+        .with_state(state)
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{title}</title>\n<style>\n\
+         body {{ font-family: system-ui, sans-serif; line-height: 1.5; max-width: 36em; margin: 2em auto; padding: 0 1em; color: #1a1a1a; }}\n\
+         label {{ display: block; margin-top: 1em; font-weight: 600; }}\n\
+         input[type=text] {{ font: inherit; padding: .4em; width: 100%; box-sizing: border-box; }}\n\
+         button {{ font: inherit; margin-top: 1em; padding: .5em 1.2em; }}\n\
+         </style>\n</head>\n<body>\n<main>\n<h1>{title}</h1>\n{body}\n</main>\n</body>\n</html>\n",
+        title = html_escape(title),
+    );
+    let mut response = (status, html).into_response();
+    let headers = response.headers_mut();
+    let set = |v: &'static str| HeaderValue::from_static(v);
+    headers.insert(header::CONTENT_TYPE, set("text/html; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        set("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    );
+    // The token is in the URL: never hand it to another site.
+    headers.insert(header::REFERRER_POLICY, set("no-referrer"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, set("nosniff"));
+    headers.insert(header::CACHE_CONTROL, set("no-store"));
+    response
+}
+
+fn error_page(e: &dyn std::error::Error) -> Response {
+    tracing::error!(error = %crate::outbox::error_chain(e), "verification page failed");
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Please try again",
+        "<p>Something went wrong on our side. Nothing was changed; please open the link again in a few minutes.</p>",
+    )
+}
+
+async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -> Response {
+    match verify::inspect(&state.pipeline, &token, crate::now()).await {
+        Ok(TokenState::Valid(info)) => {
+            let address = html_escape(&info.address);
+            let name = html_escape(info.display_name.as_deref().unwrap_or_default());
+            let action = format!("/verify/{}", html_escape(&token));
+            let (title, what) = if info.purpose == "invitation" {
+                (
+                    "Confirm your address",
+                    format!(
+                        "<p>You were added to a request as <strong>{address}</strong>. \
+                         Confirm that this is your address to activate your account.</p>"
+                    ),
+                )
+            } else {
+                (
+                    "Confirm your address",
+                    format!(
+                        "<p>You wrote to us from <strong>{address}</strong>. When you confirm that \
+                         this is your address, your account becomes active and the requests \
+                         waiting for this confirmation are opened.</p>"
+                    ),
+                )
+            };
+            page(
+                StatusCode::OK,
+                title,
+                &format!(
+                    "{what}\n<p>Opening this page changed nothing; only the button below does.</p>\n\
+                     <form method=\"post\" action=\"{action}\">\n\
+                     <label for=\"display_name\">Your name, as it should be shown (optional)</label>\n\
+                     <input type=\"text\" id=\"display_name\" name=\"display_name\" value=\"{name}\" maxlength=\"200\" autocomplete=\"name\">\n\
+                     <button type=\"submit\" id=\"confirm\">Confirm my address</button>\n\
+                     </form>"
+                ),
+            )
+        }
+        Ok(TokenState::Expired(_)) => page(
+            StatusCode::GONE,
+            "This link has expired",
+            "<p>Links in our mail work for a limited time. Write to us again and you will receive a new one.</p>",
+        ),
+        Ok(TokenState::Used(_)) => page(
+            StatusCode::GONE,
+            "This link was already used",
+            "<p>This address has already been confirmed with this link. There is nothing more to do.</p>",
+        ),
+        Ok(TokenState::Unknown) => unknown_page(),
+        Err(e) => error_page(&e),
+    }
+}
+
+fn unknown_page() -> Response {
+    page(
+        StatusCode::NOT_FOUND,
+        "This link is not valid",
+        "<p>We do not know this link. Check that you opened it completely; some mail programs break long links.</p>",
+    )
+}
+
+#[derive(Debug, Deserialize)]
+struct ConfirmForm {
+    display_name: Option<String>,
+}
+
+async fn confirm(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    Form(form): Form<ConfirmForm>,
+) -> Response {
+    let name = form.display_name.filter(|n| !n.trim().is_empty());
+    match verify::confirm(&state.pipeline, &token, name.as_deref(), crate::now()).await {
+        Ok(Confirmation::Confirmed { address, released }) => {
+            let opened = if released.is_empty() {
+                String::new()
+            } else {
+                let keys: Vec<String> = released
+                    .iter()
+                    .map(|k| format!("<li>{}</li>", html_escape(&k.to_string())))
+                    .collect();
+                format!(
+                    "<p>These requests are now open:</p>\n<ul id=\"released\">{}</ul>",
+                    keys.join("")
+                )
+            };
+            page(
+                StatusCode::OK,
+                "Thank you — your address is confirmed",
+                &format!(
+                    "<p id=\"confirmed\"><strong>{}</strong> is confirmed.</p>\n{opened}",
+                    html_escape(&address)
+                ),
+            )
+        }
+        Ok(Confirmation::Expired) => page(
+            StatusCode::GONE,
+            "This link has expired",
+            "<p>Links in our mail work for a limited time. Write to us again and you will receive a new one.</p>",
+        ),
+        Ok(Confirmation::Used) => page(
+            StatusCode::GONE,
+            "This link was already used",
+            "<p>This address has already been confirmed with this link. There is nothing more to do.</p>",
+        ),
+        Ok(Confirmation::Unknown) => unknown_page(),
+        Err(e) => error_page(&e),
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let database =
+        tokio::time::timeout(Duration::from_secs(5), state.pipeline.store().ping()).await;
+    let (db_ok, db_error) = match database {
+        Ok(Ok(())) => (true, None),
+        Ok(Err(e)) => (false, Some(crate::outbox::error_chain(&e))),
+        Err(_) => (false, Some("timed out".to_string())),
+    };
+    let sources = state.health.snapshot();
+    let sources_ok = sources.values().all(|s| s.ok);
+    let ok = db_ok && sources_ok;
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "database": { "ok": db_ok, "error": db_error },
+        "mailboxes": sources,
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
