@@ -19,6 +19,7 @@ fn row() -> OutboxRow {
         next_attempt_at: 0,
         last_error: None,
         created_at: 1_700_000_000,
+        body_html: Some("<p>body</p>".into()),
     }
 }
 
