@@ -52,8 +52,10 @@ fn zero_means_no_limit() {
         per_recipient_per_day: 0,
         per_hour: 0,
     };
-    let mut counts = MailCounts::default();
-    counts.last_hour = 1_000_000;
+    let counts = MailCounts {
+        last_hour: 1_000_000,
+        ..Default::default()
+    };
     let mut d = decision(&["a@x.example"; 10]);
     limit_emails(&mut d, &counts, &limits);
     assert_eq!(d.emails.len(), 10);
