@@ -1,6 +1,7 @@
 //! One integration-test binary: the real `intake` binary against real SQLite and
 //! PostgreSQL databases, a real Maildir and the file transport.
 
+mod browser;
 mod cli;
 mod concurrency;
 mod daemon;
@@ -9,3 +10,5 @@ mod harness;
 mod imap;
 mod policy_paths;
 mod robustness;
+mod smtp;
+mod verification;
