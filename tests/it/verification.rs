@@ -402,3 +402,47 @@ fn healthz_reports_database_and_mailboxes() {
     assert_eq!(v["mailboxes"]["inbox"]["ok"], true);
     daemon.stop();
 }
+
+#[test]
+fn templates_can_be_overridden_by_files() {
+    let env = Env::new(Backend::Sqlite, &verify_site(), &DeskSettings::default());
+    let templates = env.path("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(
+        templates.join("verification.txt"),
+        "Subject: Bitte bestätigen ({{desk_name}})\n\nHallo {{name}}, bitte hier klicken: {{link}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        templates.join("verification.html"),
+        "<p>Hallo {{name}} &mdash; <a href=\"{{link}}\">bestätigen</a></p>",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&env.config).unwrap().replace(
+        "[outbox]",
+        &format!("[outbox]\ntemplates_dir = \"{}\"", templates.display()),
+    );
+    std::fs::write(&env.config, text).unwrap();
+    env.process(&["encoded-names.eml"]);
+    let file = env.outbox_files().remove(0);
+    let raw = std::fs::read(&file).unwrap();
+    let parsed = intake::message::parse(&raw).unwrap();
+    assert_eq!(
+        parsed.subject.as_deref(),
+        Some("Bitte bestätigen (IT Service Desk)")
+    );
+    assert!(
+        parsed
+            .text_body
+            .contains("Hallo Jürgen Müller, bitte hier klicken: http"),
+        "{}",
+        parsed.text_body
+    );
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.contains("text/html"), "{text}");
+    // A broken override is a configuration error, named with its file.
+    std::fs::write(templates.join("invitation.txt"), "no subject line here").unwrap();
+    let out = env.intake(&["check-config"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("invitation.txt"));
+}
