@@ -6,6 +6,7 @@
 //! not validate are kept as strings so a decision can say they were ignored.
 
 pub mod auth;
+pub mod bounce;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
