@@ -20,7 +20,7 @@ use crate::address::{AddressError, DomainPattern, EmailAddress};
 use crate::keys::DeskKey;
 use crate::policy::{
     AccountKind, AccountStatus, AddressRule, ChannelAccess, Desk, Hygiene, MailLimits, Policy,
-    Sharing, Signup, SiteAccess, Trust, UnknownParticipants,
+    Sharing, Signup, SiteAccess, StrangerReplies, Trust, UnknownParticipants,
 };
 
 /// The configuration used when neither `--config` nor `$CONFIGURATION_DIRECTORY` is given.
@@ -618,6 +618,8 @@ struct RawTrust {
 struct RawHygiene {
     max_participants: Option<usize>,
     blocked: Vec<String>,
+    allowed: Vec<String>,
+    mailing_lists: Option<String>,
     max_requests_per_sender_per_hour: Option<u32>,
 }
 
@@ -632,6 +634,9 @@ struct RawDesk {
     sharing: Option<String>,
     unknown_participants: Option<String>,
     agents_may_add_customers: Option<bool>,
+    blocked: Vec<String>,
+    allowed: Vec<String>,
+    stranger_replies: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -797,6 +802,17 @@ impl Validator<'_> {
                 default
             }
         }
+    }
+
+    fn rules(&mut self, key: &str, values: &[String]) -> Vec<AddressRule> {
+        let mut out = Vec::new();
+        for (i, b) in values.iter().enumerate() {
+            match AddressRule::parse(b) {
+                Ok(r) => out.push(r),
+                Err(e) => self.issue(&format!("{key}[{i}]"), address_message(&e)),
+            }
+        }
+        out
     }
 
     fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
@@ -1025,6 +1041,17 @@ impl Validator<'_> {
                     ("create", UnknownParticipants::Create),
                 ],
             );
+            let desk_blocked = self.rules(&format!("{k}.blocked"), &d.blocked);
+            let desk_allowed = self.rules(&format!("{k}.allowed"), &d.allowed);
+            let stranger_replies = self.choice(
+                &format!("{k}.stranger_replies"),
+                d.stranger_replies.as_deref(),
+                StrangerReplies::NewRequest,
+                &[
+                    ("new_request", StrangerReplies::NewRequest),
+                    ("comment", StrangerReplies::Comment),
+                ],
+            );
             if let Some(key) = key {
                 if let Some(from) = from {
                     desk_from.insert(key.clone(), from);
@@ -1037,6 +1064,9 @@ impl Validator<'_> {
                     sharing,
                     unknown_participants,
                     agents_may_add_customers: d.agents_may_add_customers.unwrap_or(false),
+                    blocked: desk_blocked,
+                    allowed: desk_allowed,
+                    stranger_replies,
                 });
             }
         }
@@ -1207,13 +1237,14 @@ impl Validator<'_> {
         };
 
         // Hygiene.
-        let mut blocked = Vec::new();
-        for (i, b) in raw.hygiene.blocked.iter().enumerate() {
-            match AddressRule::parse(b) {
-                Ok(r) => blocked.push(r),
-                Err(e) => self.issue(&format!("hygiene.blocked[{i}]"), address_message(&e)),
-            }
-        }
+        let blocked = self.rules("hygiene.blocked", &raw.hygiene.blocked);
+        let allowed = self.rules("hygiene.allowed", &raw.hygiene.allowed);
+        let ignore_mailing_lists = self.choice(
+            "hygiene.mailing_lists",
+            raw.hygiene.mailing_lists.as_deref(),
+            true,
+            &[("ignore", true), ("accept", false)],
+        );
 
         let directory = self.directory(raw.directory, &desk_keys);
 
@@ -1237,6 +1268,8 @@ impl Validator<'_> {
             hygiene: Hygiene {
                 max_participants: raw.hygiene.max_participants.unwrap_or(50),
                 blocked,
+                allowed,
+                ignore_mailing_lists,
                 max_requests_per_sender_per_hour: raw
                     .hygiene
                     .max_requests_per_sender_per_hour

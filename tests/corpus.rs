@@ -466,10 +466,6 @@ const AUTOREPLY_EXCEPTIONS: &[(&str, &str)] = &[
          no Auto-Submitted/Precedence/X-Autoreply",
     ),
     (
-        "sisimai-set-of-emails/maildir/bsd/rfc3834-03.eml",
-        "iCloud vacation reply: only X-Apple-Action: VACATION, which Signals does not read",
-    ),
-    (
         "sisimai-set-of-emails/maildir/bsd/rfc3834-04.eml",
         "Exchange auto-reply: only Return-Path <> and X-Auto-Response-Suppress: All, \
          no Auto-Submitted/Precedence/X-Autoreply",
@@ -479,7 +475,7 @@ const AUTOREPLY_EXCEPTIONS: &[(&str, &str)] = &[
 fn is_automatic(m: &InboundMessage) -> bool {
     let s = &m.signals;
     s.auto_submitted.as_deref().is_some_and(|v| v != "no")
-        || s.autoreply_marker
+        || s.autoreply_marker.is_some()
         || s.precedence
             .as_deref()
             .is_some_and(|p| matches!(p, "bulk" | "junk" | "list"))

@@ -45,6 +45,15 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
             "this message was already processed for this desk".into(),
         );
     }
+    // Hygiene first: a bounce from `MAILER-DAEMON <>` is a bounce, not a message without
+    // a sender.
+    if let Some((reason, text)) = hygiene(facts, policy, desk, facts.sender.as_ref()) {
+        if let Some(s) = &facts.sender {
+            decision.requester.address = Some(s.address.clone());
+            decision.requester.display_name = s.display_name.clone();
+        }
+        return finish_passive(decision, policy, facts, Action::Ignore, reason, text);
+    }
     let Some(sender) = &facts.sender else {
         return finish_passive(
             decision,
@@ -57,10 +66,6 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     };
     decision.requester.address = Some(sender.address.clone());
     decision.requester.display_name = sender.display_name.clone();
-
-    if let Some((reason, text)) = hygiene(facts, policy, sender) {
-        return finish_passive(decision, policy, facts, Action::Ignore, reason, text);
-    }
 
     // Trust: internal identities must be authenticated when required.
     let verdict = trust::verdict(&policy.trust, sender.address.domain(), &facts.auth_results);
@@ -96,10 +101,12 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     };
 
     // Threading: only people already on the request (or agents) may comment on it.
-    let thread = facts
-        .thread
-        .as_ref()
-        .filter(|t| is_agent || t.involves(&sender.address));
+    let thread = facts.thread.as_ref().filter(|t| {
+        is_agent
+            || t.involves(&sender.address)
+            || (t.matched_by == super::facts::ThreadMatch::MessageId
+                && desk.stranger_replies == super::model::StrangerReplies::Comment)
+    });
     let stranger_note = match (&facts.thread, thread) {
         (Some(t), None) => format!(
             "; it refers to {} but {} is not on that request, so it is treated as new",
@@ -308,7 +315,12 @@ fn own_address(p: &Person, policy: &Policy) -> Option<ParticipantDecision> {
     })
 }
 
-fn hygiene(facts: &Facts, policy: &Policy, sender: &Person) -> Option<(Reason, String)> {
+fn hygiene(
+    facts: &Facts,
+    policy: &Policy,
+    desk: &Desk,
+    sender: Option<&Person>,
+) -> Option<(Reason, String)> {
     let s = &facts.signals;
     let h = &policy.hygiene;
     if s.loop_ids.iter().any(|id| id == &h.loop_id) {
@@ -326,23 +338,38 @@ fn hygiene(facts: &Facts, policy: &Policy, sender: &Person) -> Option<(Reason, S
             ),
         ));
     }
-    if let Some(desk) = policy.desk_for_address(&sender.address) {
-        return Some((
-            Reason::OwnAddressSender,
-            format!("{} is an address of desk {}", sender.address, desk.key),
-        ));
-    }
-    if h.blocked.iter().any(|r| r.matches(&sender.address)) {
-        return Some((
-            Reason::BlockedSender,
-            format!("{} is on the block list", sender.address),
-        ));
+    if let Some(sender) = sender {
+        if let Some(d) = policy.desk_for_address(&sender.address) {
+            return Some((
+                Reason::OwnAddressSender,
+                format!("{} is an address of desk {}", sender.address, d.key),
+            ));
+        }
+        if h.blocked.iter().any(|r| r.matches(&sender.address)) {
+            return Some((
+                Reason::BlockedSender,
+                format!("{} is on the block list", sender.address),
+            ));
+        }
+        if desk.blocked.iter().any(|r| r.matches(&sender.address)) {
+            return Some((
+                Reason::BlockedSender,
+                format!("{} is on desk {}'s block list", sender.address, desk.key),
+            ));
+        }
     }
     match s.report_type.as_deref() {
         Some("delivery-status") => {
             return Some((
                 Reason::DeliveryStatusNotification,
                 "a delivery status notification (multipart/report; report-type=delivery-status)"
+                    .into(),
+            ));
+        }
+        Some("feedback-report") => {
+            return Some((
+                Reason::FeedbackReport,
+                "an abuse or feedback report (multipart/report; report-type=feedback-report)"
                     .into(),
             ));
         }
@@ -354,17 +381,30 @@ fn hygiene(facts: &Facts, policy: &Policy, sender: &Person) -> Option<(Reason, S
         }
         None => {}
     }
+    if s.bounce {
+        return Some((
+            Reason::DeliveryStatusNotification,
+            "a delivery failure report".into(),
+        ));
+    }
     if s.null_return_path {
         return Some((
             Reason::DeliveryStatusNotification,
             "the envelope sender is empty (Return-Path: <>), as for bounces".into(),
         ));
     }
-    if sender.address.is_mailer_daemon() {
+    if s.from_mail_system || sender.is_some_and(|p| p.address.is_mailer_daemon()) {
         return Some((
             Reason::DeliveryStatusNotification,
-            format!("{} is a mail system address", sender.address),
+            "the sender is a mail system (MAILER-DAEMON, postmaster)".into(),
         ));
+    }
+    // Automatic mail, unless the sender is on an allow list.
+    if let Some(p) = sender
+        && (h.allowed.iter().any(|r| r.matches(&p.address))
+            || desk.allowed.iter().any(|r| r.matches(&p.address)))
+    {
+        return None;
     }
     if let Some(v) = &s.auto_submitted
         && v != "no"
@@ -374,10 +414,10 @@ fn hygiene(facts: &Facts, policy: &Policy, sender: &Person) -> Option<(Reason, S
             format!("Auto-Submitted: {v} (RFC 3834)"),
         ));
     }
-    if s.autoreply_marker {
+    if let Some(marker) = &s.autoreply_marker {
         return Some((
             Reason::AutoSubmitted,
-            "the message carries an auto-reply header (X-Autoreply or similar)".into(),
+            format!("the message carries an auto-reply marker ({marker})"),
         ));
     }
     if let Some(v) = &s.auto_response_suppress {
@@ -393,6 +433,15 @@ fn hygiene(facts: &Facts, policy: &Policy, sender: &Person) -> Option<(Reason, S
         && matches!(p.as_str(), "bulk" | "junk" | "list")
     {
         return Some((Reason::BulkPrecedence, format!("Precedence: {p}")));
+    }
+    if h.ignore_mailing_lists && (s.list_id.is_some() || s.list_unsubscribe) {
+        return Some((
+            Reason::MailingList,
+            match &s.list_id {
+                Some(id) => format!("mail from the mailing list {id}"),
+                None => "mail from a mailing list (List-Unsubscribe)".into(),
+            },
+        ));
     }
     None
 }

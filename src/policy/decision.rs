@@ -64,6 +64,8 @@ reasons! {
     AutoSubmitted => "auto_submitted",
     BulkPrecedence => "bulk_precedence",
     DeliveryStatusNotification => "delivery_status_notification",
+    FeedbackReport => "feedback_report",
+    MailingList => "mailing_list",
     MailLoop => "mail_loop",
     OwnAddressSender => "own_address_sender",
     BlockedSender => "blocked_sender",

@@ -22,7 +22,7 @@ pub use facts::{
 pub use limits::{MailCounts, limit_emails};
 pub use model::{
     AddressRule, ChannelAccess, Desk, Hygiene, MailLimits, Policy, Sharing, Signup, SiteAccess,
-    Trust, UnknownParticipants,
+    StrangerReplies, Trust, UnknownParticipants,
 };
 
 #[cfg(test)]

@@ -98,6 +98,11 @@ pub struct Hygiene {
     /// At most this many To/Cc addresses are considered; the rest are dropped.
     pub max_participants: usize,
     pub blocked: Vec<AddressRule>,
+    /// Senders whose automatic mail (Auto-Submitted, bulk, lists, auto-reply markers) is
+    /// still processed. Never bypasses loops, block lists, bounces or customer access.
+    pub allowed: Vec<AddressRule>,
+    /// Ignore mail from mailing lists (List-Id / List-Unsubscribe).
+    pub ignore_mailing_lists: bool,
     /// New requests one sender may open per hour on a desk; 0 means no limit.
     pub max_requests_per_sender_per_hour: u32,
     /// The value of our own `X-Intake-Loop` header; mail carrying it came from us.
@@ -116,6 +121,22 @@ pub struct Desk {
     pub sharing: Sharing,
     pub unknown_participants: UnknownParticipants,
     pub agents_may_add_customers: bool,
+    /// Per-desk block and allow lists, on top of the site's.
+    pub blocked: Vec<AddressRule>,
+    pub allowed: Vec<AddressRule>,
+    /// What a reply from someone not on the request becomes.
+    pub stranger_replies: StrangerReplies,
+}
+
+/// A reply (matched by In-Reply-To/References) from someone who is not the reporter, a
+/// participant or an agent of the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrangerReplies {
+    /// A new request of their own (the default: nobody joins a request by replying).
+    NewRequest,
+    /// A comment on the request (subject keys alone still never thread a stranger).
+    Comment,
 }
 
 /// How much mail we send, so a flood of forged senders cannot make us a spam cannon.

@@ -31,6 +31,8 @@ fn policy() -> Policy {
         hygiene: Hygiene {
             max_participants: 50,
             blocked: vec![],
+            allowed: vec![],
+            ignore_mailing_lists: true,
             max_requests_per_sender_per_hour: 30,
             loop_id: "intake.desk.example".into(),
             message_id_domain: "intake.desk.example".into(),
@@ -48,6 +50,9 @@ fn policy() -> Policy {
                 sharing: Sharing::Any,
                 unknown_participants: UnknownParticipants::Drop,
                 agents_may_add_customers: false,
+                blocked: vec![],
+                allowed: vec![],
+                stranger_replies: StrangerReplies::NewRequest,
             },
             Desk {
                 key: DeskKey::parse("HR").unwrap(),
@@ -57,6 +62,9 @@ fn policy() -> Policy {
                 sharing: Sharing::None,
                 unknown_participants: UnknownParticipants::Drop,
                 agents_may_add_customers: false,
+                blocked: vec![],
+                allowed: vec![],
+                stranger_replies: StrangerReplies::NewRequest,
             },
         ],
     }
@@ -198,7 +206,7 @@ fn cases() -> Vec<Case> {
             policy: no_change,
             facts: || {
                 let mut f = facts(stranger("ann@ext.example"), vec![]);
-                f.signals.autoreply_marker = true;
+                f.signals.autoreply_marker = Some("X-Autoreply".into());
                 f
             },
             action: Action::Ignore,
@@ -352,6 +360,118 @@ fn cases() -> Vec<Case> {
             action: Action::CreateRequest,
             reason: Reason::NewRequest,
             account: AccountOutcome::CreatePortalOnly,
+        },
+        Case {
+            name: "mailing list",
+            policy: no_change,
+            facts: || {
+                let mut f = facts(stranger("ann@ext.example"), vec![]);
+                f.signals.list_id = Some("<deals.vendor.example>".into());
+                f
+            },
+            action: Action::Ignore,
+            reason: Reason::MailingList,
+            account: AccountOutcome::None,
+        },
+        Case {
+            name: "mailing lists accepted when configured",
+            policy: |p| p.hygiene.ignore_mailing_lists = false,
+            facts: || {
+                let mut f = facts(stranger("ann@ext.example"), vec![]);
+                f.signals.list_unsubscribe = true;
+                f
+            },
+            action: Action::CreateRequest,
+            reason: Reason::NewRequest,
+            account: AccountOutcome::CreatePortalOnly,
+        },
+        Case {
+            name: "allow list lets automatic mail through",
+            policy: |p| p.hygiene.allowed = vec![AddressRule::parse("monitor.example").unwrap()],
+            facts: || {
+                let mut f = facts(stranger("alerts@monitor.example"), vec![]);
+                f.signals.auto_submitted = Some("auto-generated".into());
+                f.signals.precedence = Some("bulk".into());
+                f
+            },
+            action: Action::CreateRequest,
+            reason: Reason::NewRequest,
+            account: AccountOutcome::CreatePortalOnly,
+        },
+        Case {
+            name: "a desk's allow list works like the site's",
+            policy: |p| it(p).allowed = vec![AddressRule::parse("alerts@monitor.example").unwrap()],
+            facts: || {
+                let mut f = facts(stranger("alerts@monitor.example"), vec![]);
+                f.signals.autoreply_marker = Some("X-Autoreply".into());
+                f
+            },
+            action: Action::CreateRequest,
+            reason: Reason::NewRequest,
+            account: AccountOutcome::CreatePortalOnly,
+        },
+        Case {
+            name: "allow list never lets bounces through",
+            policy: |p| p.hygiene.allowed = vec![AddressRule::parse("monitor.example").unwrap()],
+            facts: || {
+                let mut f = facts(stranger("alerts@monitor.example"), vec![]);
+                f.signals.null_return_path = true;
+                f
+            },
+            action: Action::Ignore,
+            reason: Reason::DeliveryStatusNotification,
+            account: AccountOutcome::None,
+        },
+        Case {
+            name: "allow list never beats the block list",
+            policy: |p| {
+                p.hygiene.allowed = vec![AddressRule::parse("monitor.example").unwrap()];
+                it(p).blocked = vec![AddressRule::parse("monitor.example").unwrap()];
+            },
+            facts: || facts(stranger("alerts@monitor.example"), vec![]),
+            action: Action::Ignore,
+            reason: Reason::BlockedSender,
+            account: AccountOutcome::None,
+        },
+        Case {
+            name: "allow list never beats customer access",
+            policy: |p| {
+                p.hygiene.allowed = vec![AddressRule::parse("monitor.example").unwrap()];
+                p.access.signup = Signup::Closed;
+            },
+            facts: || {
+                let mut f = facts(stranger("alerts@monitor.example"), vec![]);
+                f.signals.auto_submitted = Some("auto-generated".into());
+                f
+            },
+            action: Action::Reject,
+            reason: Reason::SignupClosed,
+            account: AccountOutcome::None,
+        },
+        Case {
+            name: "feedback report",
+            policy: no_change,
+            facts: || {
+                let mut f = facts(stranger("feedback@isp.example"), vec![]);
+                f.signals.report_type = Some("feedback-report".into());
+                f
+            },
+            action: Action::Ignore,
+            reason: Reason::FeedbackReport,
+            account: AccountOutcome::None,
+        },
+        Case {
+            name: "MAILER-DAEMON with an empty address is a bounce",
+            policy: no_change,
+            facts: || {
+                let mut f = facts(stranger("x@ext.example"), vec![]);
+                f.sender = None;
+                f.signals.from_mail_system = true;
+                f
+            },
+            action: Action::Ignore,
+            reason: Reason::DeliveryStatusNotification,
+            account: AccountOutcome::None,
         },
         // Trust.
         Case {
@@ -962,6 +1082,16 @@ fn replies_thread_only_for_people_on_the_request() {
         "{}",
         d.explanation
     );
+
+    // A desk may let strangers' replies (matched by Message-ID, never by subject key)
+    // become comments.
+    let mut open_desk = policy();
+    it(&mut open_desk).stranger_replies = StrangerReplies::Comment;
+    let mut f = facts(stranger("fay@ext.example"), vec![]);
+    f.thread = Some(thread("ann@acme.example", &[], ThreadMatch::MessageId));
+    assert_eq!(decide(&f, &open_desk).action, Action::AddComment);
+    f.thread = Some(thread("ann@acme.example", &[], ThreadMatch::SubjectKey));
+    assert_eq!(decide(&f, &open_desk).action, Action::CreateRequest);
 
     // An authenticated agent of the desk may always comment.
     let mut agent = stranger("agnes@corp.example");
