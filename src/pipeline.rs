@@ -36,6 +36,9 @@ pub struct Envelope {
     /// SHA-256 of the whole message when the source knows it and `raw` holds only its
     /// head (an oversized message); otherwise computed from `raw`.
     pub content_hash: Option<String>,
+    /// The source could not read the message (the server keeps refusing it): it is
+    /// quarantined with this reason.
+    pub fetch_error: Option<String>,
 }
 
 /// A message's headers parsed before the write transaction opens, so a slow or hostile
@@ -384,6 +387,19 @@ impl Pipeline {
         deferred: &mut Deferred,
     ) -> Result<Outcome, PipelineError> {
         let content_hash = prepared.content_hash;
+        if let Some(error) = &env.fetch_error {
+            return self
+                .quarantine(
+                    conn,
+                    env,
+                    None,
+                    &content_hash,
+                    Reason::ProcessingFailed,
+                    error,
+                    now,
+                )
+                .await;
+        }
         if env.size > self.config.max_message_size {
             let detail = format!(
                 "{} bytes is over the limit of {} bytes",

@@ -509,6 +509,7 @@ async fn deliver(config: Arc<Config>, desk: Option<&str>) -> anyhow::Result<u8> 
     let env = Envelope {
         size,
         content_hash: Some(hash.clone()),
+        fetch_error: None,
         quarantine_ref: quarantine_dir
             .join(format!("{hash}.eml"))
             .display()
@@ -913,6 +914,7 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
             let env = Envelope {
                 size: raw.len() as u64,
                 content_hash: None,
+                fetch_error: None,
                 raw,
                 source: SourceRef {
                     source: format!("release:{}", row.source),

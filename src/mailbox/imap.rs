@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use async_imap::extensions::idle::IdleResponse;
 use async_imap::imap_proto::rfc4315::UidSetMember;
 use async_imap::imap_proto::{Response, ResponseCode, Status};
+use async_imap::types::UnsolicitedResponse;
 use async_imap::{Client, Session};
 use futures_util::TryStreamExt;
 use secrecy::ExposeSecret;
@@ -42,8 +43,9 @@ type ImapSession = Session<ImapStream>;
 /// At most this many bytes of message bodies are held for one batch.
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
 /// A message whose body the server keeps failing to return is quarantined after this many
-/// tries.
+/// tries, and not before it has been failing for [`FETCH_FAILING_FOR`].
 const FETCH_ATTEMPTS: u32 = 3;
+const FETCH_FAILING_FOR: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImapError {
@@ -104,8 +106,8 @@ pub struct ImapSource {
     pub desk: DeskKey,
     pub cfg: ImapConfig,
     token_cache: Mutex<Option<(String, Instant)>>,
-    /// Failed body fetches per UID (reset on reconnect).
-    fetch_failures: Mutex<HashMap<u32, u32>>,
+    /// Failed body fetches per (UIDVALIDITY, UID): how many, since when.
+    fetch_failures: Mutex<HashMap<(i64, u32), (u32, Instant)>>,
 }
 
 /// UIDs as an IMAP sequence set: `1:5,7,9:12`.
@@ -420,10 +422,9 @@ impl ImapSource {
             .await
             .map_err(self.protocol("select the folder"))?;
         let uidvalidity = i64::from(mailbox.uid_validity.unwrap_or(0));
-        let mut last_uid = self
+        let (mut last_uid, fresh) = self
             .starting_uid(pipeline, uidvalidity, mailbox.uid_next)
             .await?;
-        self.fetch_failures.lock().await.clear();
         backoff.reset();
         pipeline.health.ok(&self.name);
         tracing::info!(
@@ -434,8 +435,12 @@ impl ImapSource {
             "connected"
         );
         let ops = Ops { can_move, uidplus };
-        self.acknowledge_leftovers(&mut session, pipeline, uidvalidity, last_uid, ops)
-            .await?;
+        // Only a mailbox we already worked on can have leftovers; on first contact (and
+        // with `start = "new"`) nothing below the starting point was ours.
+        if !fresh {
+            self.reprocess_leftovers(&mut session, pipeline, uidvalidity, last_uid, ops)
+                .await?;
+        }
         loop {
             // Drain everything that is there, batch by batch.
             loop {
@@ -451,9 +456,23 @@ impl ImapSource {
                 }
             }
             if idle {
+                // Whatever the server announced while we were busy would not be announced
+                // again during IDLE: look first.
+                let mut announced = false;
+                while let Ok(r) = session.unsolicited_responses.try_recv() {
+                    announced |= matches!(
+                        r,
+                        UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+                    );
+                }
+                if announced {
+                    continue;
+                }
                 let mut handle = session.idle();
                 handle.init().await.map_err(self.protocol("start IDLE"))?;
                 let stopped = {
+                    // async-imap restarts its timeout on every keep-alive the server
+                    // sends; our own deadline makes sure IDLE is re-issued in time.
                     let (wait, stop) = handle.wait_with_timeout(self.cfg.idle_timeout);
                     tokio::pin!(wait);
                     tokio::select! {
@@ -462,6 +481,11 @@ impl ImapSource {
                                 IdleResponse::NewData(_) | IdleResponse::Timeout
                                 | IdleResponse::ManualInterrupt => false,
                             }
+                        }
+                        _ = tokio::time::sleep(self.cfg.idle_timeout) => {
+                            drop(stop);
+                            let _ = wait.await;
+                            false
                         }
                         _ = shutdown.cancelled() => {
                             drop(stop);
@@ -488,20 +512,21 @@ impl ImapSource {
     }
 
     /// The last UID already handled: from the database, or — on first contact or after a
-    /// UIDVALIDITY change — 0 (everything) or `uidnext - 1` (`start = "new"`).
+    /// UIDVALIDITY change — 0 (everything) or `uidnext - 1` (`start = "new"`). The flag
+    /// says whether the state was just (re)initialized.
     async fn starting_uid(
         &self,
         pipeline: &Pipeline,
         uidvalidity: i64,
         uid_next: Option<u32>,
-    ) -> Result<i64, ImapError> {
+    ) -> Result<(i64, bool), ImapError> {
         let store_err = |source| ImapError::Store {
             mailbox: self.name.clone(),
             source,
         };
         let store = pipeline.store();
         match store.mailbox_state(&self.name).await.map_err(store_err)? {
-            Some((v, last)) if v == uidvalidity => Ok(last),
+            Some((v, last)) if v == uidvalidity => Ok((last, false)),
             previous => {
                 let start = match (previous, self.cfg.start) {
                     (None, StartAt::New) => i64::from(uid_next.unwrap_or(1)).saturating_sub(1),
@@ -519,7 +544,7 @@ impl ImapSource {
                     .set_mailbox_state(&self.name, uidvalidity, start, crate::now())
                     .await
                     .map_err(store_err)?;
-                Ok(start)
+                Ok((start, true))
             }
         }
     }
@@ -562,10 +587,26 @@ impl ImapSource {
         if new.is_empty() {
             return Ok(0);
         }
+        self.process_listed(session, pipeline, uidvalidity, &new, last_uid, ops)
+            .await
+    }
+
+    /// Processes one batch from the front of `listed` (UID, size; in UID order) and
+    /// acknowledges it; `last_uid` moves to the highest UID handled if that is higher.
+    /// Returns how many of `listed` were handled (0: the first one must be retried later).
+    async fn process_listed(
+        &self,
+        session: &mut ImapSession,
+        pipeline: &Pipeline,
+        uidvalidity: i64,
+        listed: &[(u32, u64)],
+        last_uid: &mut i64,
+        ops: Ops,
+    ) -> Result<usize, ImapError> {
         let max = pipeline.config().max_message_size;
         let mut batch: Vec<(u32, u64)> = Vec::new();
         let mut bytes = 0u64;
-        for (uid, size) in new {
+        for &(uid, size) in listed {
             let counted = size.min(max);
             if !batch.is_empty()
                 && (batch.len() >= self.cfg.batch_size || bytes + counted > BATCH_BYTES)
@@ -621,29 +662,50 @@ impl ImapSource {
         let mut uids = Vec::with_capacity(batch.len());
         let mut failures = self.fetch_failures.lock().await;
         for (uid, size) in &batch {
-            let body = match raw.remove(uid) {
-                Some(b) => b,
+            let reference = format!("{uidvalidity}:{uid}");
+            let (body, fetch_error) = match raw.remove(uid) {
+                Some(b) => {
+                    failures.remove(&(uidvalidity, *uid));
+                    (b, None)
+                }
                 None => {
-                    let n = failures.entry(*uid).or_insert(0);
+                    // A server may refuse a fetch for a while (throttling): only a message
+                    // that keeps failing over several passes and minutes is quarantined.
+                    let (n, first) = failures
+                        .entry((uidvalidity, *uid))
+                        .or_insert((0, Instant::now()));
                     *n += 1;
-                    if *n < FETCH_ATTEMPTS {
+                    if *n < FETCH_ATTEMPTS || first.elapsed() < FETCH_FAILING_FOR {
                         tracing::warn!(mailbox = %self.name, uid, attempt = *n, "server returned no body; will retry");
                         break;
                     }
                     tracing::error!(mailbox = %self.name, uid, "server keeps returning no body; quarantining");
-                    Vec::new()
+                    (
+                        Vec::new(),
+                        Some(format!(
+                            "the server returned no body for UID {uid} in {n} attempts over {:?}",
+                            first.elapsed()
+                        )),
+                    )
                 }
             };
             envelopes.push(Envelope {
-                content_hash: None,
+                // A message we could not fetch is identified by where it is, not by its
+                // (unknown) content.
+                content_hash: fetch_error.is_some().then(|| {
+                    crate::message::content_hash(
+                        format!("{}:{reference}", self.source_name()).as_bytes(),
+                    )
+                }),
+                fetch_error,
                 size: (*size).max(body.len() as u64),
                 raw: body,
                 source: SourceRef {
                     source: self.source_name(),
-                    reference: format!("{uidvalidity}:{uid}"),
+                    reference,
                 },
                 desk: Some(self.desk.clone()),
-                quarantine_ref: format!("imap:{}:{}", self.name, self.cfg.quarantine_folder),
+                quarantine_ref: self.placeholder_ref(),
             });
             uids.push(*uid);
         }
@@ -654,7 +716,7 @@ impl ImapSource {
         let progress = Progress {
             mailbox: self.name.clone(),
             uidvalidity,
-            last_uid: i64::from(highest),
+            last_uid: i64::from(highest).max(*last_uid),
         };
         let outcomes = pipeline
             .process_batch_with_progress(&envelopes, crate::now(), Some(&progress))
@@ -745,14 +807,13 @@ impl ImapSource {
         uids: &[u32],
         flags: &str,
     ) -> Result<(), ImapError> {
-        let _: Vec<_> = session
-            .uid_store(uid_set(uids), flags)
-            .await
-            .map_err(self.protocol("set flags"))?
-            .try_collect()
-            .await
-            .map_err(self.protocol("set flags"))?;
-        Ok(())
+        self.run_tagged(
+            session,
+            &format!("UID STORE {} {flags}", uid_set(uids)),
+            "set flags",
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn expunge(
@@ -761,26 +822,16 @@ impl ImapSource {
         uids: &[u32],
         ops: Ops,
     ) -> Result<(), ImapError> {
-        if ops.uidplus {
-            let _: Vec<_> = session
-                .uid_expunge(uid_set(uids))
-                .await
-                .map_err(self.protocol("expunge"))?
-                .try_collect()
-                .await
-                .map_err(self.protocol("expunge"))?;
+        let command = if ops.uidplus {
+            format!("UID EXPUNGE {}", uid_set(uids))
         } else {
             // Without UIDPLUS only a plain EXPUNGE exists; it also removes other
             // messages someone flagged \Deleted.
-            let _: Vec<_> = session
-                .expunge()
-                .await
-                .map_err(self.protocol("expunge"))?
-                .try_collect()
-                .await
-                .map_err(self.protocol("expunge"))?;
-        }
-        Ok(())
+            "EXPUNGE".to_string()
+        };
+        self.run_tagged(session, &command, "expunge")
+            .await
+            .map(|_| ())
     }
 
     /// Moves messages (MOVE, or COPY + delete without it). Returns the destination's
@@ -798,7 +849,7 @@ impl ImapSource {
         } else {
             format!("UID COPY {set} {}", quote(folder))
         };
-        let copyuid = self.command_with_copyuid(session, &command).await?;
+        let copyuid = self.run_tagged(session, &command, "move messages").await?;
         if !ops.can_move {
             self.store_flags(session, uids, "+FLAGS.SILENT (\\Deleted)")
                 .await?;
@@ -807,24 +858,27 @@ impl ImapSource {
         Ok(copyuid)
     }
 
-    /// Runs a command, returning a COPYUID response code if one came (tagged or not).
-    async fn command_with_copyuid(
+    /// Runs a command and reads up to its tagged reply, which must be OK (async-imap's
+    /// own STORE/EXPUNGE streams do not report a tagged NO). Returns a COPYUID response
+    /// code if one came, tagged or not.
+    async fn run_tagged(
         &self,
         session: &mut ImapSession,
         command: &str,
+        action: &'static str,
     ) -> Result<Option<(u32, HashMap<u32, u32>)>, ImapError> {
         let id = session
             .run_command(command)
             .await
-            .map_err(self.protocol("move messages"))?;
+            .map_err(self.protocol(action))?;
         let mut copyuid = None;
         loop {
             let Some(response) = session
                 .read_response()
                 .await
-                .map_err(|e| (self.protocol("move messages"))(e.into()))?
+                .map_err(|e| (self.protocol(action))(e.into()))?
             else {
-                return Err((self.protocol("move messages"))(
+                return Err((self.protocol(action))(
                     async_imap::error::Error::ConnectionLost,
                 ));
             };
@@ -849,23 +903,23 @@ impl ImapSource {
             if tagged {
                 return match status {
                     Some(Status::Ok) => Ok(copyuid),
-                    _ => Err((self.protocol("move messages"))(
-                        async_imap::error::Error::No(
-                            outcome
-                                .and_then(|o| o.information.as_ref())
-                                .map(|s| s.to_string())
-                                .unwrap_or_default(),
-                        ),
-                    )),
+                    _ => Err((self.protocol(action))(async_imap::error::Error::No(
+                        outcome
+                            .and_then(|o| o.information.as_ref())
+                            .map(|s| s.to_string())
+                            .unwrap_or_default(),
+                    ))),
                 };
             }
         }
     }
 
-    /// After a reconnect: messages at or below the committed UID that are still in the
-    /// folder were committed but not acknowledged (the connection dropped in between).
-    /// Acknowledge them now, sending quarantined ones to quarantine.
-    async fn acknowledge_leftovers(
+    /// After a reconnect: messages at or below the committed UID that are still where
+    /// they should not be were committed but not acknowledged (the connection dropped in
+    /// between). They are processed again — the ledger turns them into no-ops, or into
+    /// quarantine again — and acknowledged like any other. In `seen` mode the unread ones
+    /// are; quarantined messages someone read meanwhile are found through the ledger.
+    async fn reprocess_leftovers(
         &self,
         session: &mut ImapSession,
         pipeline: &Pipeline,
@@ -884,36 +938,83 @@ impl ImapSource {
             .uid_search(&query)
             .await
             .map_err(self.protocol("search leftovers"))?;
-        if found.is_empty() {
-            return Ok(());
-        }
-        let mut uids: Vec<u32> = found.into_iter().collect();
-        uids.sort_unstable();
-        let references: Vec<String> = uids.iter().map(|u| format!("{uidvalidity}:{u}")).collect();
-        let quarantined = pipeline
+        let candidates: Vec<u32> = found
+            .into_iter()
+            .filter(|u| i64::from(*u) <= last_uid)
+            .collect();
+        // Only messages the ledger knows were committed: with `start = "new"` the
+        // mail that was there before the first start is below `last_uid` too, and
+        // is not ours to touch.
+        let refs: Vec<String> = candidates
+            .iter()
+            .map(|u| format!("{uidvalidity}:{u}"))
+            .collect();
+        let recorded = pipeline
             .store()
-            .quarantined_refs(&self.source_name(), &references)
+            .recorded_refs(&self.source_name(), &refs)
             .await
             .map_err(|source| ImapError::Store {
                 mailbox: self.name.clone(),
                 source,
             })?;
-        let mut done = Vec::new();
-        let mut to_quarantine = Vec::new();
-        for uid in uids {
-            match quarantined.get(&format!("{uidvalidity}:{uid}")) {
-                Some(ledger_id) => to_quarantine.push((uid, *ledger_id)),
-                None => done.push(uid),
+        let mut uids: Vec<u32> = candidates
+            .into_iter()
+            .filter(|u| recorded.contains(&format!("{uidvalidity}:{u}")))
+            .collect();
+        uids.sort_unstable();
+        if !uids.is_empty() {
+            tracing::info!(mailbox = %self.name, count = uids.len(), "processing again messages committed before the last disconnect");
+            let fetches: Vec<_> = session
+                .uid_fetch(uid_set(&uids), "(UID RFC822.SIZE)")
+                .await
+                .map_err(self.protocol("list leftovers"))?
+                .try_collect()
+                .await
+                .map_err(self.protocol("list leftovers"))?;
+            let mut listed: Vec<(u32, u64)> = fetches
+                .iter()
+                .filter_map(|f| Some((f.uid?, u64::from(f.size.unwrap_or(0)))))
+                .filter(|(u, _)| i64::from(*u) <= last_uid)
+                .collect();
+            listed.sort_unstable();
+            let mut progress = last_uid;
+            while !listed.is_empty() {
+                let n = self
+                    .process_listed(session, pipeline, uidvalidity, &listed, &mut progress, ops)
+                    .await?;
+                if n == 0 {
+                    break;
+                }
+                listed.drain(..n.min(listed.len()));
             }
         }
-        tracing::info!(
-            mailbox = %self.name,
-            processed = done.len(),
-            quarantined = to_quarantine.len(),
-            "acknowledging messages committed before the last disconnect"
-        );
-        self.acknowledge(session, pipeline, uidvalidity, &done, &to_quarantine, ops)
+        // Quarantined, but never moved there (and perhaps read since).
+        let unmoved = pipeline
+            .store()
+            .unmoved_quarantine(&self.source_name(), &self.placeholder_ref())
             .await
+            .map_err(|source| ImapError::Store {
+                mailbox: self.name.clone(),
+                source,
+            })?;
+        let stuck: Vec<(u32, i64)> = unmoved
+            .iter()
+            .filter_map(|(ledger_id, source_ref)| {
+                let (v, uid) = source_ref.split_once(':')?;
+                (v.parse::<i64>().ok()? == uidvalidity)
+                    .then(|| Some((uid.parse::<u32>().ok()?, *ledger_id)))?
+            })
+            .collect();
+        if !stuck.is_empty() {
+            self.acknowledge(session, pipeline, uidvalidity, &[], &stuck, ops)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Where a quarantined message is recorded to be until its move is confirmed.
+    fn placeholder_ref(&self) -> String {
+        format!("imap:{}:{}", self.name, self.cfg.quarantine_folder)
     }
 }
 

@@ -31,6 +31,7 @@ pub async fn read_envelope(
         .map_err(std::io::Error::other)??;
     Ok(read.map(|(raw, size)| Envelope {
         content_hash: None,
+        fetch_error: None,
         raw,
         size,
         source,

@@ -422,22 +422,17 @@ impl Store {
         Ok(())
     }
 
-    /// Of the given source references, those whose message is in quarantine, with their
-    /// ledger ids.
-    pub async fn quarantined_refs(
+    /// Of the given source references, those the ledger has a record of.
+    pub async fn recorded_refs(
         &self,
         source: &str,
         references: &[String],
-    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
-        let mut out = std::collections::HashMap::new();
-        if references.is_empty() {
-            return Ok(out);
-        }
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut out = std::collections::HashSet::new();
         let mut conn = self.acquire().await?;
         for chunk in references.chunks(500) {
             let sql = format!(
-                "SELECT source_ref, id FROM ledger WHERE source = $1 AND action = 'quarantine' \
-                 AND released_at IS NULL AND source_ref IN ({})",
+                "SELECT source_ref FROM ledger WHERE source = $1 AND source_ref IN ({})",
                 super::placeholders(2, chunk.len())
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(source);
@@ -447,15 +442,39 @@ impl Store {
             for row in q
                 .fetch_all(&mut *conn)
                 .await
-                .ctx("find quarantined messages")?
+                .ctx("find recorded messages")?
             {
-                out.insert(
-                    row.try_get(0).ctx("read ledger")?,
-                    row.try_get(1).ctx("read ledger")?,
-                );
+                out.insert(row.try_get(0).ctx("read ledger")?);
             }
         }
         Ok(out)
+    }
+
+    /// Quarantined messages from `source` whose recorded location is still
+    /// `placeholder`: the move to the quarantine folder was never confirmed.
+    pub async fn unmoved_quarantine(
+        &self,
+        source: &str,
+        placeholder: &str,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let rows = sqlx::query(
+            "SELECT id, source_ref FROM ledger WHERE source = $1 AND action = 'quarantine' \
+             AND released_at IS NULL AND quarantine_ref = $2",
+        )
+        .bind(source)
+        .bind(placeholder)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("find unmoved quarantined messages")?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).ctx("read ledger")?,
+                    r.try_get(1).ctx("read ledger")?,
+                ))
+            })
+            .collect()
     }
 
     /// UIDVALIDITY and the last UID committed for an IMAP mailbox.

@@ -106,6 +106,41 @@ fn move_and_delete_modes() {
 }
 
 #[test]
+fn start_new_leaves_existing_mail_alone() {
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client();
+    for i in 0..3 {
+        imap.append("INBOX", &message(i, ""));
+    }
+    let env = env_with(
+        &dovecot,
+        Backend::Sqlite,
+        "start = \"new\"\nafter = \"move:Processed\"",
+        "",
+    );
+    let daemon = start_daemon(&env);
+    // Only mail that arrives after the first start is taken.
+    daemon.wait_for("the mailbox to be watched", WAIT, || {
+        daemon.log().contains("idle=true")
+    });
+    imap.append("INBOX", &message(10, ""));
+    daemon.wait_for("the new message moved", WAIT, || {
+        imap.status("Processed").0 == 1
+    });
+    daemon.stop();
+    // A restart keeps the recorded position: the old mail is still untouched.
+    let daemon = start_daemon(&env);
+    imap.append("INBOX", &message(11, ""));
+    daemon.wait_for("the second new message moved", WAIT, || {
+        imap.status("Processed").0 == 2
+    });
+    let log = daemon.stop();
+    assert!(!log.contains("processing again"), "{log}");
+    assert_eq!(imap.status("INBOX"), (3, 3));
+    assert_eq!(request_count(&env), 2);
+}
+
+#[test]
 fn oversized_is_quarantined_without_download_and_can_be_released() {
     let dovecot = Dovecot::start();
     let mut imap = dovecot.client();
