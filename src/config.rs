@@ -1179,7 +1179,7 @@ impl Validator<'_> {
                 .outbox
                 .from_name
                 .unwrap_or_else(|| "Service desk".into()),
-            max_attempts: raw.outbox.max_attempts.unwrap_or(8).max(1),
+            max_attempts: raw.outbox.max_attempts.unwrap_or(12).max(1),
             poll_interval: self.duration(
                 "outbox.poll_interval",
                 raw.outbox.poll_interval.as_deref(),

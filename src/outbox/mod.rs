@@ -55,7 +55,7 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// Build errors and 5xx replies will fail the same way every time; others may not.
+    /// Build errors and refused recipients fail the same way every time; others may not.
     pub fn is_permanent(&self) -> bool {
         match self {
             SendError::Build { .. } => true,
@@ -172,10 +172,21 @@ impl SmtpTransport {
             .map(|_| ())
             .map_err(|source| SendError::Smtp {
                 address: self.address.clone(),
-                permanent: source.is_permanent(),
+                permanent: recipient_refused(&source),
                 source,
             })
     }
+}
+
+/// Whether the relay refused the recipient itself (550 mailbox unavailable, 551 not
+/// local, 553 name not allowed): retrying cannot help. Other 5xx replies, such as 530
+/// or 535 for a login the relay wants or refuses, or 554 for a policy the admin may fix,
+/// are usually the relay's configuration, and are retried until `max_attempts` like
+/// any transient failure, so one misconfiguration does not kill every queued mail.
+fn recipient_refused(e: &lettre::transport::smtp::Error) -> bool {
+    e.is_permanent()
+        && e.status()
+            .is_some_and(|code| matches!(code.to_string().as_str(), "550" | "551" | "553"))
 }
 
 /// Where mail goes.
@@ -269,7 +280,9 @@ impl Worker {
     pub async fn drain_once(&self, now: i64) -> Result<DrainReport, StoreError> {
         let mut report = DrainReport::default();
         loop {
-            let rows = self.store.claim_outbox(50, now, 300).await?;
+            // Small claims, each with the clock read afresh: a slow relay must not let a
+            // lease run out while its rows are still waiting in this worker.
+            let rows = self.store.claim_outbox(5, now.max(crate::now()), 600).await?;
             if rows.is_empty() {
                 return Ok(report);
             }

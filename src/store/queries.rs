@@ -636,14 +636,9 @@ impl Store {
             .bind(at)
             .bind(&error)
             .bind(id),
-            // Dead mail keeps no one-time link either: retrying it sends a fresh one.
-            None => sqlx::query(
-                "UPDATE outbox SET status = 'dead', last_error = $1, \
-                   body_text = CASE WHEN kind IN ('verification', 'invitation') \
-                     THEN '(not delivered; the one-time link is not kept)' ELSE body_text END, \
-                   body_html = CASE WHEN kind IN ('verification', 'invitation') THEN NULL ELSE body_html END \
-                 WHERE id = $2",
-            )
+            // Dead mail keeps its body (and link, which expires on its own) so that
+            // `outbox retry` can send it once the cause is fixed.
+            None => sqlx::query("UPDATE outbox SET status = 'dead', last_error = $1 WHERE id = $2")
             .bind(&error)
             .bind(id),
         }
