@@ -55,7 +55,7 @@ pub async fn inspect(
         return Ok(TokenState::Unknown);
     }
     let mut conn = pipeline.store().acquire().await?;
-    let info = store::token_info(&mut conn, &store::token_hash(token)).await?;
+    let info = store::token_info(&mut conn, &store::token_hash(token), false).await?;
     Ok(state(info, now))
 }
 
@@ -72,7 +72,7 @@ pub async fn confirm(
     let hash = store::token_hash(token);
     let display_name = display_name.and_then(|n| crate::address::clean_display_name(n, None));
     let mut wtx = pipeline.store().begin_write().await?;
-    let info = match state(store::token_info(wtx.conn(), &hash).await?, now) {
+    let info = match state(store::token_info(wtx.conn(), &hash, true).await?, now) {
         TokenState::Valid(info) => info,
         TokenState::Expired(_) => return Ok(Confirmation::Expired),
         TokenState::Used(_) => return Ok(Confirmation::Used),

@@ -285,12 +285,11 @@ impl Deferred {
             .execute(&mut *conn)
             .await
             .ctx("create the request counter")?;
-            let sql = if conn.backend_name().eq_ignore_ascii_case("sqlite") {
-                "SELECT last_number FROM desk_counters WHERE desk = $1"
-            } else {
-                "SELECT last_number FROM desk_counters WHERE desk = $1 FOR UPDATE"
-            };
-            let last: i64 = sqlx::query_scalar(sql)
+            let sql = format!(
+                "SELECT last_number FROM desk_counters WHERE desk = $1{}",
+                super::pg_only(conn, " FOR UPDATE")
+            );
+            let last: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                 .bind(desk.as_str())
                 .fetch_one(&mut *conn)
                 .await

@@ -103,6 +103,16 @@ pub(crate) fn is_transient_sqlx(e: &sqlx::Error) -> bool {
     }
 }
 
+/// `suffix` on PostgreSQL (row locks such as `FOR UPDATE`), nothing on SQLite, whose
+/// write transactions (`BEGIN IMMEDIATE`) already exclude every other writer.
+pub(crate) fn pg_only<'a>(conn: &AnyConnection, suffix: &'a str) -> &'a str {
+    if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+        ""
+    } else {
+        suffix
+    }
+}
+
 /// Adds what we were doing to a sqlx error.
 pub(crate) trait Context<T> {
     fn ctx(self, context: &'static str) -> Result<T, StoreError>;

@@ -34,19 +34,28 @@ pub struct HeldRequest {
     pub ledger_id: Option<i64>,
 }
 
-/// Looks up a token by its hash.
+/// Looks up a token by its hash. With `lock`, the account row stays locked until the
+/// transaction ends (PostgreSQL), so expiry cannot remove an account being confirmed:
+/// both take the account's lock first.
 pub async fn token_info(
     conn: &mut AnyConnection,
     token_hash: &str,
+    lock: bool,
 ) -> Result<Option<TokenInfo>, StoreError> {
-    let row = sqlx::query(
+    let sql = format!(
         "SELECT t.account_id, a.address, a.display_name, a.status, t.purpose, t.expires_at, t.used_at \
-         FROM verification_tokens t JOIN accounts a ON a.id = t.account_id WHERE t.token_hash = $1",
-    )
-    .bind(token_hash)
-    .fetch_optional(&mut *conn)
-    .await
-    .ctx("look up a token")?;
+         FROM verification_tokens t JOIN accounts a ON a.id = t.account_id WHERE t.token_hash = $1{}",
+        if lock {
+            super::pg_only(conn, " FOR UPDATE OF a")
+        } else {
+            ""
+        }
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(token_hash)
+        .fetch_optional(&mut *conn)
+        .await
+        .ctx("look up a token")?;
     let Some(row) = row else { return Ok(None) };
     Ok(Some(TokenInfo {
         account_id: row.try_get(0).ctx("read token")?,
@@ -153,9 +162,11 @@ pub struct Expired {
 }
 
 impl Store {
-    /// Held requests past their time become `expired`; pending accounts older than
-    /// `hold_ttl_secs` are removed (they never confirmed; writing again starts over).
-    /// Each gets an audit entry.
+    /// Held requests past their time become `expired`; pending accounts that were sent
+    /// nothing for `hold_ttl_secs` and have no request still held are removed (they never
+    /// confirmed; writing again starts over). Each gets an audit entry. Every write is
+    /// guarded by the status it expects, and accounts are locked first (PostgreSQL), so
+    /// a confirmation racing with expiry wins or loses whole.
     pub async fn expire(&self, now: i64, hold_ttl_secs: i64) -> Result<Expired, StoreError> {
         let mut wtx = self.begin_write().await?;
         let conn = wtx.conn();
@@ -173,12 +184,17 @@ impl Store {
             let key: String = row.try_get(1).ctx("read request")?;
             let desk: String = row.try_get(2).ctx("read request")?;
             let reporter: String = row.try_get(3).ctx("read request")?;
-            sqlx::query("UPDATE requests SET status = 'expired', updated_at = $1 WHERE id = $2")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *conn)
-                .await
-                .ctx("expire a held request")?;
+            let done = sqlx::query(
+                "UPDATE requests SET status = 'expired', updated_at = $1 WHERE id = $2 AND status = 'held'",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .ctx("expire a held request")?;
+            if done.rows_affected() == 0 {
+                continue; // released by a confirmation meanwhile
+            }
             audit_event(
                 conn,
                 now,
@@ -191,16 +207,38 @@ impl Store {
             .await?;
             out.requests.push(key);
         }
-        let accounts = sqlx::query(
-            "SELECT id, address FROM accounts WHERE status = 'pending' AND created_at <= $1",
-        )
+        // The clock restarts with every mail sent to the address: a resent link gets
+        // its full time.
+        let stale = "status = 'pending' \
+             AND (CASE WHEN last_verification_sent_at > created_at \
+                  THEN last_verification_sent_at ELSE created_at END) <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.reporter_account_id = accounts.id \
+                  AND r.status = 'held' AND r.held_until > $2)";
+        let accounts = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, address FROM accounts WHERE {stale}"
+        )))
         .bind(now - hold_ttl_secs)
+        .bind(now)
         .fetch_all(&mut *conn)
         .await
         .ctx("find pending accounts to expire")?;
+        let lock = format!(
+            "SELECT id FROM accounts WHERE id = $3 AND {stale}{}",
+            super::pg_only(conn, " FOR UPDATE")
+        );
         for row in &accounts {
             let id: i64 = row.try_get(0).ctx("read account")?;
             let address: String = row.try_get(1).ctx("read account")?;
+            let still: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(lock.as_str()))
+                .bind(now - hold_ttl_secs)
+                .bind(now)
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await
+                .ctx("lock a pending account")?;
+            if still.is_none() {
+                continue; // confirmed, or written to, meanwhile
+            }
             for sql in [
                 "UPDATE requests SET reporter_account_id = NULL WHERE reporter_account_id = $1",
                 "DELETE FROM participants WHERE account_id = $1",

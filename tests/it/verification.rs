@@ -446,3 +446,40 @@ fn templates_can_be_overridden_by_files() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stdout).contains("invitation.txt"));
 }
+
+#[test]
+fn a_pending_account_outlives_its_first_request_while_another_is_held() {
+    for backend in BACKENDS {
+        let env = Env::new(backend, &verify_site(), &DeskSettings::default());
+        let text = std::fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("[customer_access]", "[customer_access]\nhold_ttl = \"3s\"");
+        std::fs::write(&env.config, text).unwrap();
+        let first = env.process(&["outsider-new.eml"]);
+        assert_eq!(first["outcomes"][0]["action"], "hold_for_verification");
+        std::thread::sleep(Duration::from_millis(2000));
+        let second = env.process(&["pending-followup.eml"]);
+        assert_eq!(second["outcomes"][0]["action"], "hold_for_verification");
+        std::thread::sleep(Duration::from_millis(1500));
+        // The first hold is over; the account waits for the second.
+        let expired = env.json(&["expire", "--json"]);
+        assert_eq!(
+            expired["requests"],
+            serde_json::json!(["IT-1"]),
+            "{expired}"
+        );
+        assert_eq!(expired["accounts"], serde_json::json!([]), "{expired}");
+        assert_eq!(account(&env, "olga@outside.example")["status"], "pending");
+        std::thread::sleep(Duration::from_millis(2000));
+        let expired = env.json(&["expire", "--json"]);
+        assert_eq!(
+            expired["requests"],
+            serde_json::json!(["IT-2"]),
+            "{expired}"
+        );
+        assert_eq!(
+            expired["accounts"],
+            serde_json::json!(["olga@outside.example"])
+        );
+    }
+}
