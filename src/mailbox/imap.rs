@@ -92,6 +92,18 @@ pub enum ImapError {
         #[source]
         source: crate::pipeline::PipelineError,
     },
+    #[error(
+        "mailbox {mailbox}: folder {folder:?} was recreated since the message was quarantined \
+         (UIDVALIDITY {recorded}, now {found}), so UID {uid} no longer names it; find it in \
+         the folder by hand"
+    )]
+    QuarantineRecreated {
+        mailbox: String,
+        folder: String,
+        recorded: u32,
+        found: u32,
+        uid: u32,
+    },
     #[error("mailbox {mailbox}: cannot read or record mailbox progress")]
     Store {
         mailbox: String,
@@ -1042,14 +1054,11 @@ pub async fn fetch_quarantined(
     source: &ImapSource,
     reference: &str,
 ) -> Result<Option<(u32, Vec<u8>)>, ImapError> {
-    let Some((folder, uid)) = parse_quarantine_ref(reference) else {
+    let Some((folder, validity, uid)) = parse_quarantine_ref(reference) else {
         return Ok(None);
     };
     let mut session = source.connect().await?;
-    session
-        .select(&folder)
-        .await
-        .map_err(source.protocol("select the quarantine folder"))?;
+    select_quarantine(source, &mut session, &folder, validity, uid).await?;
     let fetched: Vec<_> = session
         .uid_fetch(uid.to_string(), "(UID BODY.PEEK[])")
         .await
@@ -1069,7 +1078,7 @@ pub async fn fetch_quarantined(
 /// After a released message was processed, treat it as the mailbox treats processed
 /// mail: back into the folder flagged Seen, into the `move:` folder, or deleted.
 pub async fn finish_released(source: &ImapSource, reference: &str) -> Result<(), ImapError> {
-    let Some((folder, uid)) = parse_quarantine_ref(reference) else {
+    let Some((folder, validity, uid)) = parse_quarantine_ref(reference) else {
         return Ok(());
     };
     let mut session = source.connect().await?;
@@ -1081,10 +1090,7 @@ pub async fn finish_released(source: &ImapSource, reference: &str) -> Result<(),
         can_move: caps.has_str("MOVE"),
         uidplus: caps.has_str("UIDPLUS"),
     };
-    session
-        .select(&folder)
-        .await
-        .map_err(source.protocol("select the quarantine folder"))?;
+    select_quarantine(source, &mut session, &folder, validity, uid).await?;
     match &source.cfg.after {
         After::Seen => {
             source
@@ -1111,11 +1117,11 @@ pub async fn finish_released(source: &ImapSource, reference: &str) -> Result<(),
 }
 
 /// `imap:NAME:FOLDER:UIDVALIDITY:UID` → (FOLDER, UID).
-pub fn parse_quarantine_ref(reference: &str) -> Option<(String, u32)> {
+pub fn parse_quarantine_ref(reference: &str) -> Option<(String, u32, u32)> {
     let rest = reference.strip_prefix("imap:")?;
     let mut parts = rest.rsplitn(3, ':');
     let uid: u32 = parts.next()?.parse().ok()?;
-    let _validity: u32 = parts.next()?.parse().ok()?;
+    let validity: u32 = parts.next()?.parse().ok()?;
     let name_and_folder = parts.next()?;
     // "...:?:V:U" records where the message was before the move, when the server did not
     // say where it went: not a place to fetch from.
@@ -1123,7 +1129,32 @@ pub fn parse_quarantine_ref(reference: &str) -> Option<(String, u32)> {
         return None;
     }
     let (_, folder) = name_and_folder.split_once(':')?;
-    Some((folder.to_string(), uid))
+    Some((folder.to_string(), validity, uid))
+}
+
+/// Selects the folder a message was quarantined in, refusing when the folder's
+/// UIDVALIDITY is no longer the recorded one: the UID would name another message.
+async fn select_quarantine(
+    source: &ImapSource,
+    session: &mut ImapSession,
+    folder: &str,
+    recorded: u32,
+    uid: u32,
+) -> Result<(), ImapError> {
+    let mailbox = session
+        .select(folder)
+        .await
+        .map_err(source.protocol("select the quarantine folder"))?;
+    match mailbox.uid_validity {
+        Some(found) if found != recorded => Err(ImapError::QuarantineRecreated {
+            mailbox: source.name.clone(),
+            folder: folder.to_string(),
+            recorded,
+            found,
+            uid,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A shared handle so the daemon can hold sources behind `Arc`.

@@ -13,11 +13,11 @@ fn uid_sets_are_compact() {
 fn quarantine_refs_round_trip() {
     assert_eq!(
         parse_quarantine_ref("imap:support:Quarantine:1795456189:17"),
-        Some(("Quarantine".to_string(), 17))
+        Some(("Quarantine".to_string(), 1795456189, 17))
     );
     assert_eq!(
         parse_quarantine_ref("imap:support:Lists:Quarantine:1795456189:17"),
-        Some(("Lists:Quarantine".to_string(), 17))
+        Some(("Lists:Quarantine".to_string(), 1795456189, 17))
     );
     assert_eq!(parse_quarantine_ref("imap:support:Quarantine:?:1:17"), None);
     assert_eq!(parse_quarantine_ref("/var/quarantine/x.eml"), None);

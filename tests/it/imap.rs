@@ -194,6 +194,17 @@ fn oversized_is_quarantined_without_download_and_can_be_released() {
         .replace("max_message_size = 20000", "max_message_size = 200000");
     std::fs::write(&env.config, text).unwrap();
     let id = q[0]["id"].as_i64().unwrap().to_string();
+    // A recreated quarantine folder (new UIDVALIDITY): the UID could name another
+    // message, so release refuses, touching nothing.
+    let recorded: u32 = reference.rsplit(':').nth(1).unwrap().parse().unwrap();
+    dovecot.change_uidvalidity("Quarantine", recorded + 7);
+    let out = env.intake(&["quarantine", "release", &id]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("was recreated"), "{err}");
+    assert_eq!(request_count(&env), 0);
+    assert_eq!(imap.status("Quarantine").0, 1);
+    dovecot.change_uidvalidity("Quarantine", recorded);
     let out = env.intake(&["quarantine", "release", &id]);
     assert!(
         out.status.success(),
