@@ -1079,6 +1079,14 @@ impl Validator<'_> {
             let name = m.name.clone();
             if m.name.trim().is_empty() {
                 self.issue(&format!("{k}.name"), "a mailbox needs a name");
+            } else if !valid_folder(&m.name) {
+                self.issue(
+                    &format!("{k}.name"),
+                    format!(
+                        "{:?} is not a mailbox name (letters, digits, '.', '-', '_')",
+                        m.name
+                    ),
+                );
             } else if !mailbox_names.insert(m.name.clone()) {
                 self.issue(
                     &format!("{k}.name"),
@@ -1461,6 +1469,24 @@ impl Validator<'_> {
                 &format!("{k}.folder"),
                 format!("{folder:?} is not a folder name"),
             );
+        }
+        // IMAP's INBOX is case-insensitive; other names compared as written.
+        let same = |a: &str, b: &str| {
+            a == b || (a.eq_ignore_ascii_case("INBOX") && b.eq_ignore_ascii_case("INBOX"))
+        };
+        if same(&quarantine_folder, &folder) {
+            self.issue(
+                &format!("{k}.quarantine_folder"),
+                format!("{quarantine_folder:?} is the folder being read: quarantined mail would be read again"),
+            );
+        }
+        if let After::Move(dest) = &after {
+            if same(dest, &folder) {
+                self.issue(
+                    &format!("{k}.after"),
+                    format!("\"move:{dest}\" moves mail into the folder being read: it would be read again"),
+                );
+            }
         }
         let idle_timeout = self.duration(
             &format!("{k}.idle_timeout"),

@@ -164,3 +164,33 @@ fn type_errors_name_the_key() {
     };
     assert_eq!(issues[0].key, "customer_access.portal_only_accounts");
 }
+
+#[test]
+fn imap_folders_that_would_loop_are_refused() {
+    let text = format!(
+        r#"{MINIMAL}
+[[mailboxes]]
+name = "support:desk"
+kind = "imap"
+desk = "IT"
+host = "127.0.0.1"
+tls = "none"
+username = "u"
+password = "p"
+folder = "INBOX"
+after = "move:inbox"
+quarantine_folder = "INBOX"
+"#
+    );
+    let Err(ConfigError::Invalid(issues)) = load(&text, &[]) else {
+        panic!("accepted")
+    };
+    let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+    for expected in [
+        "mailboxes[0].name",
+        "mailboxes[0].after",
+        "mailboxes[0].quarantine_folder",
+    ] {
+        assert!(keys.contains(&expected), "missing {expected} in {issues:?}");
+    }
+}
