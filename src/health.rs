@@ -38,6 +38,8 @@ impl Health {
         }
     }
 
+    /// Records a failure. `error` is shown on `/healthz`: pass the outermost message,
+    /// not the whole chain, which belongs in the log.
     pub fn failed(&self, source: &str, error: &str) {
         let now = crate::now();
         if let Ok(mut map) = self.0.write() {

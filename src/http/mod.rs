@@ -194,7 +194,9 @@ async fn healthz(State(state): State<AppState>) -> Response {
         tokio::time::timeout(Duration::from_secs(5), state.pipeline.store().ping()).await;
     let (db_ok, db_error) = match database {
         Ok(Ok(())) => (true, None),
-        Ok(Err(e)) => (false, Some(crate::outbox::error_chain(&e))),
+        // Only the outermost message: the page may be reachable from outside, the
+        // full chain (addresses, server replies) is in the log.
+        Ok(Err(e)) => (false, Some(e.to_string())),
         Err(_) => (false, Some("timed out".to_string())),
     };
     let sources = state.health.snapshot();

@@ -394,9 +394,7 @@ impl ImapSource {
                 Ok(()) => return,
                 Err(e) => {
                     let pause = backoff.next_pause();
-                    pipeline
-                        .health
-                        .failed(&self.name, &crate::outbox::error_chain(&e));
+                    pipeline.health.failed(&self.name, &e.to_string());
                     tracing::warn!(
                         mailbox = %self.name,
                         address = %self.address(),

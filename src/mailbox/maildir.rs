@@ -250,9 +250,7 @@ impl MaildirSource {
                 }
                 Err(e) => {
                     let pause = backoff.next_pause();
-                    pipeline
-                        .health
-                        .failed(&self.name, &crate::outbox::error_chain(&e));
+                    pipeline.health.failed(&self.name, &e.to_string());
                     tracing::warn!(mailbox = %self.name, error = %crate::outbox::error_chain(&e), retry_in = ?pause, "mailbox pass failed");
                     pause
                 }

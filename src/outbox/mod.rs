@@ -282,7 +282,10 @@ impl Worker {
         loop {
             // Small claims, each with the clock read afresh: a slow relay must not let a
             // lease run out while its rows are still waiting in this worker.
-            let rows = self.store.claim_outbox(5, now.max(crate::now()), 600).await?;
+            let rows = self
+                .store
+                .claim_outbox(5, now.max(crate::now()), 600)
+                .await?;
             if rows.is_empty() {
                 return Ok(report);
             }

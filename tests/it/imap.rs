@@ -482,6 +482,25 @@ fn a_broken_mailbox_does_not_stop_the_others() {
     daemon.wait_for("the broken mailbox's error", WAIT, || {
         daemon.log().contains(&format!("127.0.0.1:{dead_port}"))
     });
+    // /healthz says which mailbox is down, with the outermost message only.
+    let (status, _, body) = crate::browser::http(env.http_port, "GET", "/healthz", None);
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["mailboxes"]["support"]["ok"], true, "{health:#}");
+    assert_eq!(health["mailboxes"]["broken"]["ok"], false, "{health:#}");
+    let error = health["mailboxes"]["broken"]["last_error"]
+        .as_str()
+        .unwrap();
+    assert!(error.contains("cannot connect"), "{error}");
+    assert!(
+        !error.contains("os error"),
+        "only the outermost message: {error}"
+    );
     let log = daemon.stop();
+    assert!(
+        log.contains("os error"),
+        "the log has the whole chain: {log}"
+    );
     assert!(log.contains("mailbox broken: cannot connect"), "{log}");
 }

@@ -1,0 +1,3 @@
+//! Unit tests for `src/message/bounce.rs`.
+
+use super::*;
