@@ -1480,13 +1480,15 @@ impl Validator<'_> {
                 format!("{quarantine_folder:?} is the folder being read: quarantined mail would be read again"),
             );
         }
-        if let After::Move(dest) = &after {
-            if same(dest, &folder) {
-                self.issue(
-                    &format!("{k}.after"),
-                    format!("\"move:{dest}\" moves mail into the folder being read: it would be read again"),
-                );
-            }
+        if let After::Move(dest) = &after
+            && same(dest, &folder)
+        {
+            self.issue(
+                &format!("{k}.after"),
+                format!(
+                    "\"move:{dest}\" moves mail into the folder being read: it would be read again"
+                ),
+            );
         }
         let idle_timeout = self.duration(
             &format!("{k}.idle_timeout"),

@@ -3,6 +3,8 @@
 //! The caller owns the shutdown token (the binary cancels it on SIGTERM/SIGINT; tests
 //! cancel it themselves). On shutdown sources stop fetching and finish the batch in
 //! flight, the outbox gets one last pass, and everything is awaited up to a deadline.
+//! SIGHUP reloads the policy, directory and templates; a task that ends on its own
+//! stops the daemon with an error so the service manager restarts it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +12,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, MailboxKind};
+use crate::config::{Config, ConfigSource, MailboxKind};
 use crate::mailbox::imap::ImapSource;
 use crate::mailbox::maildir::MaildirSource;
 use crate::outbox::{FileTransport, SmtpTransport, Stamp, Templates, Transport, Worker};
 use crate::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
+use crate::systemd::Notifier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -25,6 +28,8 @@ pub enum DaemonError {
     Templates(#[from] crate::outbox::templates::TemplateError),
     #[error("cannot set up outgoing mail")]
     Outbox(#[from] crate::outbox::SendError),
+    #[error("stopped because a task ended unexpectedly: {0}")]
+    TaskDied(String),
     #[error("cannot listen on {address} (http.listen)")]
     Listen {
         address: std::net::SocketAddr,
@@ -79,25 +84,65 @@ pub fn outbox_worker(pipeline: &Pipeline) -> Result<Worker, crate::outbox::SendE
     })
 }
 
-/// Runs until `shutdown` is cancelled.
-pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), DaemonError> {
+/// Long-running tasks that ended while the daemon was not stopping.
+type Died = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Spawns a task that should run until shutdown; if it ends earlier it is recorded in
+/// `died`, so the supervisor stops the daemon (and systemd restarts it).
+fn supervised<F>(
+    tracker: &TaskTracker,
+    died: &Died,
+    shutdown: &CancellationToken,
+    name: String,
+    task: F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let died = died.clone();
+    let shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        task.await;
+        if !shutdown.is_cancelled() {
+            tracing::error!(task = %name, "a task ended unexpectedly; stopping so the service manager can restart intake");
+            if let Ok(mut d) = died.lock() {
+                d.push(name);
+            }
+        }
+    });
+}
+
+/// Runs until `shutdown` is cancelled. With `source`, SIGHUP reloads the configuration
+/// from it. Under systemd (`NOTIFY_SOCKET`) it reports `READY=1` once every mailbox has
+/// connected or reported its first failure, keeps `STATUS=` current and pings the
+/// watchdog from the supervision loop.
+pub async fn run(
+    config: Arc<Config>,
+    source: Option<ConfigSource>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.status("starting: opening the database");
     let pipeline = prepare(config.clone()).await?;
     let tracker = TaskTracker::new();
+    let died: Died = Arc::default();
     for mb in &config.mailboxes {
+        let pipeline = pipeline.clone();
+        let token = shutdown.child_token();
+        let name = format!("mailbox {}", mb.name);
         match &mb.kind {
             MailboxKind::Maildir(cfg) => {
                 let source = MaildirSource::new(mb.name.clone(), mb.desk.clone(), cfg.clone());
-                let pipeline = pipeline.clone();
-                let token = shutdown.child_token();
                 tracing::info!(mailbox = %mb.name, path = %cfg.path.display(), desk = %mb.desk, "watching maildir");
-                tracker.spawn(async move { source.run(pipeline, token).await });
+                supervised(&tracker, &died, &shutdown, name, async move {
+                    source.run(pipeline, token).await
+                });
             }
             MailboxKind::Imap(cfg) => {
                 let source = ImapSource::new(mb.name.clone(), mb.desk.clone(), (**cfg).clone());
-                let pipeline = pipeline.clone();
-                let token = shutdown.child_token();
                 tracing::info!(mailbox = %mb.name, address = %cfg.address(), folder = %cfg.folder, desk = %mb.desk, "watching imap folder");
-                tracker.spawn(async move { source.run(pipeline, token).await });
+                supervised(&tracker, &died, &shutdown, name, async move {
+                    source.run(pipeline, token).await
+                });
             }
         }
     }
@@ -112,25 +157,33 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         };
         let token = shutdown.child_token();
         tracing::info!(%address, public_url = %config.http.public_url, "serving verification pages");
-        tracker.spawn(async move {
-            if let Err(e) = crate::http::serve(listener, state, token).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        supervised(
+            &tracker,
+            &died,
+            &shutdown,
+            "HTTP server".into(),
+            async move {
+                if let Err(e) = crate::http::serve(listener, state, token).await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            },
+        );
     }
     {
         // Held requests and pending accounts past their time, once a minute.
-        let store = pipeline.store().clone();
+        let pipeline = pipeline.clone();
         let token = shutdown.child_token();
-        let hold_ttl = config.hold_ttl.as_secs() as i64;
-        tracker.spawn(async move {
+        supervised(&tracker, &died, &shutdown, "expiry".into(), async move {
             loop {
-                match store.expire(crate::now(), hold_ttl).await {
+                let hold_ttl = pipeline.config().hold_ttl.as_secs() as i64;
+                match pipeline.store().expire(crate::now(), hold_ttl).await {
                     Ok(e) if !e.requests.is_empty() || !e.accounts.is_empty() => {
                         tracing::info!(requests = ?e.requests, accounts = ?e.accounts, "expired unconfirmed requests and accounts");
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %crate::outbox::error_chain(&e), "expiry pass failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::outbox::error_chain(&e), "expiry pass failed")
+                    }
                 }
                 tokio::select! {
                     _ = token.cancelled() => return,
@@ -143,17 +196,55 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         let worker = worker.clone();
         let token = shutdown.child_token();
         let wake = pipeline.outbox_wake.clone();
-        tracker.spawn(async move { worker.run(token, wake).await });
+        supervised(&tracker, &died, &shutdown, "outbox".into(), async move {
+            worker.run(token, wake).await
+        });
     }
+    if let Some(source) = source {
+        let pipeline = pipeline.clone();
+        let notifier = notifier.clone();
+        let token = shutdown.child_token();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tracker.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = token.cancelled() => return,
+                            got = hup.recv() => {
+                                if got.is_none() {
+                                    return;
+                                }
+                                reload(&pipeline, &source, &notifier).await;
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload needs a restart")
+            }
+        }
+    }
+    let supervisor = {
+        let pipeline = pipeline.clone();
+        let notifier = notifier.clone();
+        let died = died.clone();
+        let stop = shutdown.clone();
+        let names: Vec<String> = config.mailboxes.iter().map(|m| m.name.clone()).collect();
+        tokio::spawn(async move { supervise(pipeline, notifier, names, died, stop).await })
+    };
     tracker.close();
     tracing::info!(
         config = %config.origin,
         database = %config.database.redacted_url(),
         mailboxes = config.mailboxes.len(),
+        watchdog = ?notifier.watchdog(),
         "intake running"
     );
 
     shutdown.cancelled().await;
+    notifier.notify("STOPPING=1");
+    notifier.status("stopping: finishing the batch in flight");
     tracing::info!("shutting down: finishing the batch in flight");
     if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
         .await
@@ -164,6 +255,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             SHUTDOWN_DEADLINE
         );
     }
+    supervisor.abort();
     // One last outbox pass so mail queued by the final batch is not left waiting.
     if let Ok(Err(e)) =
         tokio::time::timeout(Duration::from_secs(5), worker.drain_once(crate::now())).await
@@ -171,6 +263,158 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         tracing::warn!(error = %crate::outbox::error_chain(&e), "final outbox pass failed");
     }
     pipeline.store().close().await;
+    let died = died.lock().map(|d| d.clone()).unwrap_or_default();
+    if !died.is_empty() {
+        return Err(DaemonError::TaskDied(died.join(", ")));
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long `READY=1` waits for every mailbox's first report. A mailbox whose server
+/// is down must not keep the unit "activating" until systemd gives up on it.
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+/// The supervision loop: readiness, the status line, watchdog pings, and stopping the
+/// daemon when a task died.
+async fn supervise(
+    pipeline: Pipeline,
+    notifier: Arc<Notifier>,
+    mailboxes: Vec<String>,
+    died: Died,
+    shutdown: CancellationToken,
+) {
+    let watchdog = notifier.watchdog();
+    // Pings at a third of the interval, status at least every 10 s.
+    let tick = watchdog
+        .map(|w| w / 3)
+        .unwrap_or(Duration::from_secs(10))
+        .clamp(Duration::from_millis(100), Duration::from_secs(10));
+    let started = tokio::time::Instant::now();
+    let mut ready = false;
+    loop {
+        let dead = died.lock().map(|d| d.clone()).unwrap_or_default();
+        if !dead.is_empty() {
+            notifier.status(&format!("failed: {} ended", dead.join(", ")));
+            shutdown.cancel();
+            return;
+        }
+        if watchdog.is_some() {
+            notifier.notify("WATCHDOG=1");
+        }
+        let health = pipeline.health.snapshot();
+        if !ready
+            && (mailboxes.iter().all(|m| health.contains_key(m)) || started.elapsed() >= READY_WAIT)
+        {
+            ready = true;
+            notifier.notify("READY=1");
+            tracing::info!("ready");
+        }
+        let outbox = tokio::time::timeout(Duration::from_secs(2), pipeline.store().outbox_depth())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        notifier.status(&status_line(&pipeline.counters, outbox, &health));
+        tokio::time::sleep(tick).await;
+    }
+}
+
+/// `STATUS=`: what `systemctl status` shows.
+fn status_line(
+    counters: &crate::health::Counters,
+    outbox: Option<i64>,
+    health: &std::collections::BTreeMap<String, crate::health::SourceHealth>,
+) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let failing: Vec<&str> = health
+        .iter()
+        .filter(|(_, h)| !h.ok)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let mailboxes = if failing.is_empty() {
+        format!("{} mailbox(es) ok", health.len())
+    } else {
+        format!("failing: {}", failing.join(", "))
+    };
+    format!(
+        "{} messages ({} new requests, {} quarantined) since start; outbox {}; {}",
+        counters.processed.load(Relaxed),
+        counters.requests.load(Relaxed),
+        counters.quarantined.load(Relaxed),
+        outbox.map_or("unknown".to_string(), |n| format!("{n} pending")),
+        mailboxes
+    )
+}
+
+/// SIGHUP: loads the configuration again and, if it is valid, puts its policy,
+/// directory and templates in force. An invalid one is refused and the running one
+/// kept. Settings read once at start (mailboxes, database, HTTP, SMTP, outbox) are
+/// reported as needing a restart.
+async fn reload(pipeline: &Pipeline, source: &ConfigSource, notifier: &Notifier) {
+    notifier.notify("RELOADING=1");
+    tracing::info!(config = %source.describe(), "SIGHUP: reloading the configuration");
+    let src = source.clone();
+    let loaded = match tokio::task::spawn_blocking(move || Config::load(&src)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "configuration reload failed");
+            notifier.notify("READY=1");
+            return;
+        }
+    };
+    let outcome = match loaded {
+        Err(e) => Err(e.to_string()),
+        Ok(new) => match Templates::from_config(&new) {
+            Err(e) => Err(crate::outbox::error_chain(&e)),
+            Ok(templates) => match pipeline
+                .store()
+                .sync_directory(&new.directory, crate::now(), true)
+                .await
+            {
+                Err(e) => Err(crate::outbox::error_chain(&e)),
+                Ok(_) => {
+                    let old = pipeline.config();
+                    let restart = restart_only_changes(&old, &new);
+                    if !restart.is_empty() {
+                        tracing::warn!(sections = ?restart, "these settings changed but take effect only after a restart");
+                    }
+                    pipeline.replace(Arc::new(new), templates);
+                    Ok(())
+                }
+            },
+        },
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!("configuration reloaded: policy, directory and templates in force");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "configuration reload refused; the running configuration stays in force");
+            notifier.status(&format!("reload refused: {e}"));
+        }
+    }
+    notifier.notify("READY=1");
+}
+
+/// The sections a reload cannot apply to the running daemon.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    if differs(&old.mailboxes, &new.mailboxes) {
+        changed.push("mailboxes");
+    }
+    if differs(&old.database, &new.database) {
+        changed.push("database");
+    }
+    if differs(&old.http, &new.http) {
+        changed.push("http");
+    }
+    if differs(&old.smtp, &new.smtp) {
+        changed.push("smtp");
+    }
+    if differs(&old.outbox, &new.outbox) {
+        changed.push("outbox");
+    }
+    changed
 }

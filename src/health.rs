@@ -1,6 +1,7 @@
-//! What each mailbox last reported, for `/healthz` (and later the service status line).
+//! What each mailbox last reported, for `/healthz` and the service status line.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
@@ -13,6 +14,26 @@ pub struct SourceHealth {
     /// The last error, if the source is failing.
     pub last_error: Option<String>,
     pub since: i64,
+}
+
+/// Messages handled since start, for the service status line.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub processed: AtomicU64,
+    pub requests: AtomicU64,
+    pub quarantined: AtomicU64,
+}
+
+impl Counters {
+    /// Counts one message by its action.
+    pub fn count(&self, action: &str) {
+        self.processed.fetch_add(1, Ordering::Relaxed);
+        match action {
+            "create_request" => self.requests.fetch_add(1, Ordering::Relaxed),
+            "quarantine" => self.quarantined.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
 }
 
 /// Shared between the sources (writers) and the HTTP server (reader).

@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod policy;
 pub mod store;
+pub mod systemd;
 pub mod verify;
 
 /// The current time as unix seconds: the one clock the daemon reads. The policy never

@@ -116,26 +116,37 @@ impl PipelineError {
     }
 }
 
+/// What a reload replaces.
+struct Live {
+    config: Arc<Config>,
+    templates: Arc<Templates>,
+}
+
 /// The message-processing core shared by every source.
 #[derive(Clone)]
 pub struct Pipeline {
     store: Store,
-    config: Arc<Config>,
-    templates: Arc<Templates>,
+    /// The policy and templates in force; replaced whole on reload (SIGHUP).
+    live: Arc<std::sync::RwLock<Live>>,
     /// Notified after a commit that queued mail, to wake the outbox worker.
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// What each source last reported.
     pub health: crate::health::Health,
+    /// Messages handled since start.
+    pub counters: Arc<crate::health::Counters>,
 }
 
 impl Pipeline {
     pub fn new(store: Store, config: Arc<Config>, templates: Templates) -> Self {
         Pipeline {
             store,
-            config,
-            templates: Arc::new(templates),
+            live: Arc::new(std::sync::RwLock::new(Live {
+                config,
+                templates: Arc::new(templates),
+            })),
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
             health: crate::health::Health::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -143,8 +154,26 @@ impl Pipeline {
         &self.store
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration in force. Hold on to the `Arc` for the length of a piece of
+    /// work, so a reload cannot change the policy halfway through it.
+    pub fn config(&self) -> Arc<Config> {
+        match self.live.read() {
+            Ok(live) => live.config.clone(),
+            Err(poisoned) => poisoned.into_inner().config.clone(),
+        }
+    }
+
+    /// Puts a new configuration and templates in force for the next message. Mailboxes,
+    /// database, HTTP and SMTP settings are read once at start and need a restart.
+    pub fn replace(&self, config: Arc<Config>, templates: Templates) {
+        let live = Live {
+            config,
+            templates: Arc::new(templates),
+        };
+        match self.live.write() {
+            Ok(mut current) => *current = live,
+            Err(poisoned) => *poisoned.into_inner() = live,
+        }
     }
 
     /// Picks the desk: the mailbox's, else the first desk address among Delivered-To /
@@ -153,7 +182,7 @@ impl Pipeline {
         if let Some(d) = desk {
             return Some(d.clone());
         }
-        let policy = &self.config.policy;
+        let policy = &self.config().policy;
         msg.delivered_to
             .iter()
             .chain(msg.to.iter().map(|m| &m.address))
@@ -176,10 +205,10 @@ impl Pipeline {
             Ok(m) => m,
             Err(e) => return Ok(Decision::ignored(Reason::Unparseable, e.to_string())),
         };
-        if raw.len() as u64 > self.config.max_message_size {
+        if raw.len() as u64 > self.config().max_message_size {
             return Ok(oversized_decision(
                 raw.len() as u64,
-                self.config.max_message_size,
+                self.config().max_message_size,
             ));
         }
         let Some(desk) = self.route(&msg, desk) else {
@@ -210,15 +239,18 @@ impl Pipeline {
             true,
         )
         .await?;
-        let mut decision = policy::decide(&facts.facts, &self.config.policy);
+        let mut decision = policy::decide(&facts.facts, &self.config().policy);
         self.limit_mail(&mut conn, &mut Deferred::default(), &mut decision, now)
             .await?;
         Ok(decision)
     }
 
     /// The mail templates (for other services that queue mail).
-    pub fn templates(&self) -> &Templates {
-        &self.templates
+    pub fn templates(&self) -> Arc<Templates> {
+        match self.live.read() {
+            Ok(live) => live.templates.clone(),
+            Err(poisoned) => poisoned.into_inner().templates.clone(),
+        }
     }
 
     /// Applies the mail rate limits to a decision that sends mail (the pure second step
@@ -239,7 +271,7 @@ impl Pipeline {
         recipients.dedup();
         let refs: Vec<&crate::address::EmailAddress> = recipients.iter().collect();
         let counts = deferred.mail_counts(conn, &refs, now).await?;
-        policy::limit_emails(decision, &counts, &self.config.policy.mail_limits);
+        policy::limit_emails(decision, &counts, &self.config().policy.mail_limits);
         Ok(())
     }
 
@@ -281,6 +313,7 @@ impl Pipeline {
         }
         for (env, o) in batch.iter().zip(&outcomes) {
             let (action, reason) = o.summary();
+            self.counters.count(action);
             tracing::info!(source = %env.source.source, reference = %env.source.reference, action, reason, "processed");
         }
         Ok(outcomes)
@@ -386,6 +419,7 @@ impl Pipeline {
         now: i64,
         deferred: &mut Deferred,
     ) -> Result<Outcome, PipelineError> {
+        let config = self.config();
         let content_hash = prepared.content_hash;
         if let Some(error) = &env.fetch_error {
             return self
@@ -400,10 +434,10 @@ impl Pipeline {
                 )
                 .await;
         }
-        if env.size > self.config.max_message_size {
+        if env.size > config.max_message_size {
             let detail = format!(
                 "{} bytes is over the limit of {} bytes",
-                env.size, self.config.max_message_size
+                env.size, config.max_message_size
             );
             let partial = prepared.msg.ok();
             return self
@@ -438,14 +472,14 @@ impl Pipeline {
             tracing::Span::current().record("message_id", id.as_str());
         }
         let desk = self.route(&msg, env.desk.as_ref());
-        let count_recent = self.config.policy.hygiene.max_requests_per_sender_per_hour > 0;
+        let count_recent = config.policy.hygiene.max_requests_per_sender_per_hour > 0;
         let claimed =
             store::claim_ledger(conn, &env.source, &msg, &content_hash, desk.as_ref(), now).await?;
         let Some(ledger_id) = claimed else {
             let decision = match &desk {
                 Some(d) => {
                     let g = store::gather_facts(conn, &msg, d, index, now, true, false).await?;
-                    policy::decide(&g.facts, &self.config.policy)
+                    policy::decide(&g.facts, &config.policy)
                 }
                 None => no_desk_decision(),
             };
@@ -456,7 +490,7 @@ impl Pipeline {
         let (mut decision, known) = match &desk {
             Some(d) => {
                 let g = store::gather_facts(conn, &msg, d, index, now, false, count_recent).await?;
-                (policy::decide(&g.facts, &self.config.policy), g.known)
+                (policy::decide(&g.facts, &config.policy), g.known)
             }
             None => (no_desk_decision(), Known::default()),
         };
@@ -472,10 +506,10 @@ impl Pipeline {
                 decision: &decision,
                 known: &known,
                 ledger_id: Some(ledger_id),
-                hold_ttl_secs: self.config.hold_ttl.as_secs() as i64,
+                hold_ttl_secs: config.hold_ttl.as_secs() as i64,
                 now,
                 orgs: index,
-                renderer: self.templates.as_ref(),
+                renderer: self.templates().as_ref(),
             },
             deferred,
         )

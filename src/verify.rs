@@ -128,7 +128,7 @@ pub async fn confirm(
                 hold_ttl_secs: pipeline.config().hold_ttl.as_secs() as i64,
                 now,
                 orgs: &index,
-                renderer: pipeline.templates(),
+                renderer: &*pipeline.templates(),
             },
             h.id,
             &h.key,

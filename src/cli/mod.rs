@@ -321,7 +321,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let config = load_config(&cli)?;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone())?;
-            crate::daemon::run(config, shutdown).await?;
+            let source = ConfigSource::locate(cli.config.as_deref());
+            crate::daemon::run(config, Some(source), shutdown).await?;
             return Ok(EX_OK);
         }
         _ => {}

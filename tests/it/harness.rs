@@ -547,6 +547,15 @@ impl Daemon {
         }
     }
 
+    /// Sends a signal (`"HUP"`, `"KILL"`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
     /// Sends SIGTERM, waits for a clean exit (within 15 s) and returns the log.
     pub fn stop(mut self) -> String {
         let pid = self.child.id().to_string();
@@ -584,6 +593,11 @@ impl Drop for Daemon {
 
 /// Starts `intake run` for `env`.
 pub fn start_daemon(env: &Env) -> Daemon {
+    start_daemon_with(env, &[])
+}
+
+/// Starts `intake run` for `env` with extra environment variables.
+pub fn start_daemon_with(env: &Env, vars: &[(&str, &str)]) -> Daemon {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let log = env.path(&format!(
         "intake-{}.log",
@@ -596,6 +610,7 @@ pub fn start_daemon(env: &Env) -> Daemon {
         .arg("run")
         .current_dir(env.dir.path())
         .env("INTAKE_LOG", "info")
+        .envs(vars.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(file))

@@ -11,4 +11,5 @@ mod imap;
 mod policy_paths;
 mod robustness;
 mod smtp;
+mod service;
 mod verification;
