@@ -209,7 +209,9 @@ fn expected_rows() -> Vec<Expected> {
 }
 
 /// Ground-truth rows that describe delivery reports: ARF feedback and RFC 3834
-/// auto-replies are not bounces for us.
+/// auto-replies are not bounces for us. Rows with reason `delivered` (success DSNs) stay:
+/// `detect` returns them as a `Bounce` whose recipients are `delivered` and not
+/// permanent, so no request is opened and nobody is marked undeliverable.
 fn bounce_rows() -> Vec<Expected> {
     expected_rows()
         .into_iter()
@@ -295,17 +297,22 @@ fn recognises_sisimai_delivery_reports() {
 /// 1. our `recipients[recipient_index - 1]` exists and has an address (the table has no
 ///    addresses to compare with), and
 /// 2. when sisimai's `delivery_status` has class 5, our `permanent` is true; class 4 or 2
-///    (delayed, or delivered): `permanent` is false; and
+///    (temporary, or a success DSN): `permanent` is false; and
 /// 3. when sisimai says `hard_bounce` true, our `permanent` is true.
 ///
 /// sisimai's `hard_bounce` is a verdict on its *reason*, not on the status class: it is
 /// false for every reason but user/host unknown and a few more, so "5.2.2 mailbox full" or
 /// "5.7.1 blocked" are `hard_bounce=false` there while our contract says 5.x.x is
 /// permanent. Requiring `permanent == hard_bounce` on those rows would contradict the
-/// documented meaning of `permanent`, so `hard_bounce=false` is not used against a 5.x.x
-/// row; that literal agreement is printed for information. One row (lhost-postfix
-/// userunknown with a 4.x.x status) has class 4 and `hard_bounce=true` at once: its class
-/// and its flag contradict each other, so only rule 1 applies to it.
+/// documented meaning of `permanent`, so `hard_bounce=false` is not used against a class 5
+/// row; that literal agreement is printed for information. One row
+/// (lhost-postfix-05, 4.1.1 userunknown) has class 4 and `hard_bounce=true` at once: its
+/// class and its flag contradict each other, so only rule 1 applies to it.
+///
+/// Known honest misses: sisimai invents statuses such as 5.0.947 ("expired") for reports
+/// that say "delayed"/"retry timeout exceeded" (we call those temporary), prefers the
+/// Diagnostic-Code over a contradicting Status field (we keep the Status), and two files
+/// (rfc3464-28, rhost-cox-01) hold two messages each, of which `detect` reads the first.
 #[test]
 fn failed_recipients_match() {
     let rows = bounce_rows();

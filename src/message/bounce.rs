@@ -8,27 +8,35 @@
 //!   `multipart/report; report-type=delivery-status`: [`BounceFormat::Dsn`] when the
 //!   delivery-status part is there, its per-recipient blocks are the recipients;
 //! * an `X-Failed-Recipients` header (Exim, Gmail, Google Groups);
-//! * a sender that is a mail system (MAILER-DAEMON, postmaster, "Mail Delivery System",
-//!   also `From: MAILER-DAEMON <>`) or a null `Return-Path`, together with a typical
-//!   subject or body phrase (qmail, Exim, Postfix, Sendmail, Exchange/Office 365, Yahoo,
-//!   Lotus Notes, Japanese carriers, ...);
-//! * Amazon SES bounce and delivery notifications delivered by SNS email.
+//! * a mail-system sender (MAILER-DAEMON, "Mail Delivery System", also
+//!   `From: MAILER-DAEMON <>`) with a typical subject or body phrase (qmail, Exim,
+//!   Postfix, Sendmail, Exchange/Office 365, Yahoo, Lotus Notes, Japanese carriers, ...);
+//!   a postmaster sender, who may be a person, needs more: both phrases, or one plus a
+//!   null `Return-Path`, `Auto-Submitted` or the returned original, or an SMTP transcript;
+//! * a null `Return-Path` with failure wording and a failure subject or the returned
+//!   original;
+//! * Amazon SES bounce and delivery notifications delivered by SNS email, and fml
+//!   mailing-list refusals.
 //!
 //! Feedback reports (ARF, `report-type=feedback-report`), read receipts
-//! (`disposition-notification`) and auto-replies are not bounces: `None`.
+//! (`disposition-notification`) and auto-replies are not bounces: `None`. Neither is a
+//! bounce that a person forwards (it comes from the person, with no machine marks): that
+//! is a question for the service desk.
 //!
-//! Success DSNs (every recipient `Action: delivered`, `relayed` or `expanded`) are
-//! returned as a [`Bounce`] too, so the caller never opens a request for them, but their
-//! recipients have `permanent == false` and such an action: [`Bounce::is_failure`] is
-//! false for them and they must not mark anyone undeliverable.
+//! Success DSNs (every recipient `Action: delivered`, `relayed` or `expanded`, or a 2.x.x
+//! status) are returned as a [`Bounce`] too, so the caller never opens a request for them,
+//! but their recipients have `permanent == false`: [`Bounce::is_failure`] is false for
+//! them and they must not mark anyone undeliverable.
 //!
 //! Permanence follows the status class, never the reason: `5.x.x` is permanent (even
 //! "mailbox full" 5.2.2), `4.x.x` is temporary (even a final "gave up after 5 days"
-//! 4.4.7), `Action: delayed`/`delivered`/`relayed`/`expanded` are never permanent. Without
-//! any enhanced status code the SMTP reply code class decides (5xx/4xx), then the action,
-//! then the wording (a delay warning is temporary, any other failure notice permanent).
+//! 4.4.7), `Action: delayed`/`delivered`/`relayed`/`expanded` are never permanent.
+//! Without an enhanced status code the SMTP reply code class decides (5xx/4xx), then the
+//! action (`failed` is permanent, an unknown one is not), then the wording: a delay
+//! warning, or giving up after temporary failures ("retry timeout exceeded"), is
+//! temporary; any other failure notice is permanent.
 
-use std::borrow::Cow;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
 
@@ -99,6 +107,10 @@ pub const MAX_DIAGNOSTIC_CHARS: usize = 500;
 const SCAN_LIMIT: usize = 256 * 1024;
 /// At most this many recipients are read from one report.
 const MAX_RECIPIENTS: usize = 1000;
+/// Failure and delay wording is looked for in this many bytes of the report's prose.
+const PHRASE_SCAN_LIMIT: usize = 32 * 1024;
+/// At most this many recipients are read from a report's prose.
+const MAX_TEXT_RECIPIENTS: usize = 100;
 /// At most this many text parts are scanned.
 const MAX_TEXT_PARTS: usize = 8;
 
@@ -217,7 +229,9 @@ fn analyse(msg: &Message<'_>) -> Option<Bounce> {
         read_original_headers(q, &mut original);
         parts.original = original;
     }
-    let notice_lc = notice.to_ascii_lowercase();
+    // Wording is looked for near the top: reports say what they are in the first lines.
+    let notice_lc = head(&notice, PHRASE_SCAN_LIMIT).to_ascii_lowercase();
+    let lines = Lines::new(&notice);
 
     // RFC 3464.
     let mut dsn_recipients = Vec::new();
@@ -249,9 +263,9 @@ fn analyse(msg: &Message<'_>) -> Option<Bounce> {
     if structural {
         let mut recipients = dsn_recipients;
         if recipients.is_empty() {
-            recipients = heuristic_recipients(&env, &parts, &notice, &notice_lc, &exclude);
+            recipients = heuristic_recipients(&env, &parts, &notice, &notice_lc, &lines, &exclude);
         } else {
-            fill_from_text(&mut recipients, &env, &notice, &exclude);
+            fill_from_text(&mut recipients, &env, &lines, &exclude);
         }
         return Some(Bounce {
             recipients,
@@ -275,7 +289,7 @@ fn analyse(msg: &Message<'_>) -> Option<Bounce> {
     if !looks_like_bounce(&env, &notice_lc, parts.original.found) {
         return None;
     }
-    let recipients = heuristic_recipients(&env, &parts, &notice, &notice_lc, &exclude);
+    let recipients = heuristic_recipients(&env, &parts, &notice, &notice_lc, &lines, &exclude);
     Some(Bounce {
         recipients,
         original_message_id,
@@ -288,13 +302,41 @@ fn envelope(msg: &Message<'_>) -> Envelope {
         subject: msg.subject().unwrap_or("").to_ascii_lowercase(),
         ..Envelope::default()
     };
-    for (name, value) in msg.headers_raw() {
-        let value = one_line(value, 4096);
-        match name.to_ascii_lowercase().as_str() {
+    for (name, raw_value) in msg.headers_raw() {
+        let name = name.to_ascii_lowercase();
+        if !matches!(
+            name.as_str(),
+            "from"
+                | "return-path"
+                | "x-failed-recipients"
+                | "auto-submitted"
+                | "x-autoreply"
+                | "x-autorespond"
+                | "x-auto-reply"
+                | "x-autoresponder"
+                | "x-autogenerated"
+                | "x-ms-exchange-inbox-rules-loop"
+                | "x-mlserver"
+        ) {
+            continue;
+        }
+        let value = one_line(raw_value, 4096);
+        match name.as_str() {
             "from" if env.from_raw.is_empty() => env.from_raw = value.to_ascii_lowercase(),
             "return-path" => {
                 let v = value.trim();
-                if v == "<>" || v.is_empty() || v == "<<>>" {
+                let local = v
+                    .trim_matches(['<', '>'])
+                    .split('@')
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                // Null, or the null sender as some MTAs rewrite it.
+                if v == "<>"
+                    || v.is_empty()
+                    || v == "<<>>"
+                    || matches!(local.as_str(), "mailer-daemon" | "double-bounce")
+                {
                     env.null_return_path = true;
                 } else if let Some(a) = first_address(v) {
                     push_unique(&mut env.own_addresses, &a);
@@ -396,10 +438,8 @@ fn collect_parts(msg: &Message<'_>) -> Parts {
             _ => {}
         }
         match &part.body {
-            PartType::Message(nested) => {
-                if !parts.original.found {
-                    read_original(nested, &mut parts.original);
-                }
+            PartType::Message(nested) if !parts.original.found => {
+                read_original(nested, &mut parts.original);
             }
             PartType::Text(text) => {
                 if ctype == "message" {
@@ -740,32 +780,35 @@ fn permanence(
         Some(4) => return false,
         _ => {}
     }
-    if action == Some("failed") {
-        return true;
+    match action {
+        Some("failed") => true,
+        // An action we do not know, without any code: nothing says the address is bad.
+        Some(_) => false,
+        None => !delay_wording,
     }
-    !delay_wording
 }
 
 // ---------------------------------------------------------------------------------------
 // Non-standard reports
 // ---------------------------------------------------------------------------------------
 
-/// Local parts and display-name words of mail systems.
+/// Local parts and display-name words of mail systems: never a person.
 const DAEMON_MARKERS: &[&str] = &[
     "mailer-daemon",
     "mailer daemon",
     "mailer_daemon",
     "mailerdaemon",
     "mail-daemon",
-    "postmaster",
-    "post_master",
     "mail delivery",
     "mail deliver system",
     "mail.delivery.system",
-    "mail administrator",
     "ndr administrator",
     "interscan",
 ];
+
+/// Senders that are mail administrators: usually the mail system, sometimes a person
+/// writing about mail problems.
+const ADMIN_MARKERS: &[&str] = &["postmaster", "post_master", "mail administrator"];
 
 /// Subject phrases of failure and delay notices.
 const SUBJECT_PHRASES: &[&str] = &[
@@ -925,12 +968,17 @@ fn contains_any(haystack: &str, needles: &[&str]) -> bool {
 const CARRIER_BOUNCE_DOMAINS: &[&str] = &[".dion.ne.jp", "auone-net.jp"];
 
 fn looks_like_bounce(env: &Envelope, notice_lc: &str, returns_original: bool) -> bool {
-    let subject_phrase = contains_any(&env.subject, SUBJECT_PHRASES);
-    let autoreply_subject = contains_any(&env.subject, AUTOREPLY_SUBJECTS);
     if !env.failed_recipients.is_empty() {
         return true;
     }
-    if autoreply_subject || env.autoreply_header {
+    let subject_phrase = contains_any(&env.subject, SUBJECT_PHRASES);
+    let body_phrase = contains_any(notice_lc, BODY_PHRASES);
+    let daemon = contains_any(&env.from_raw, DAEMON_MARKERS)
+        || (env.from_raw.contains("no-reply@")
+            && contains_any(&env.from_raw, CARRIER_BOUNCE_DOMAINS));
+    let admin = contains_any(&env.from_raw, ADMIN_MARKERS);
+    let autoreply = contains_any(&env.subject, AUTOREPLY_SUBJECTS) || env.autoreply_header;
+    if autoreply && !((daemon || admin) && subject_phrase) {
         return false;
     }
     if env.fml_list
@@ -938,12 +986,25 @@ fn looks_like_bounce(env: &Envelope, notice_lc: &str, returns_original: bool) ->
     {
         return true;
     }
-    let daemon = contains_any(&env.from_raw, DAEMON_MARKERS)
-        || (env.from_raw.contains("no-reply@")
-            && contains_any(&env.from_raw, CARRIER_BOUNCE_DOMAINS));
-    let body_phrase = contains_any(notice_lc, BODY_PHRASES);
+    // Machine-made: a null sender, Auto-Submitted, or the returned original attached.
+    let automatic = env.null_return_path
+        || env
+            .auto_submitted
+            .as_deref()
+            .is_some_and(|a| !a.starts_with("no"))
+        || returns_original;
     if daemon {
         return subject_phrase || body_phrase;
+    }
+    if admin {
+        // A postmaster may write to the service desk about mail problems in person: the
+        // sender alone needs both wordings, or one plus a machine mark or an SMTP
+        // transcript.
+        let transcript = notice_lc.contains("rcpt to")
+            && notice_lc.lines().any(|l| find_reply_class(l).is_some());
+        return (subject_phrase && body_phrase)
+            || (automatic && (subject_phrase || body_phrase))
+            || (transcript && body_phrase);
     }
     // A null sender alone is common to all automatic mail; with failure wording and
     // either a failure subject or the returned original, it is a bounce.
@@ -964,6 +1025,9 @@ fn notice_text(texts: &[String]) -> (String, Option<&str>) {
                 if quoted.is_none() {
                     quoted = text.get(offset..);
                 }
+                break;
+            }
+            if out.len() >= SCAN_LIMIT {
                 break;
             }
             out.push_str(line.trim_end_matches(['\r', '\n']));
@@ -1066,12 +1130,11 @@ fn heuristic_recipients(
     parts: &Parts,
     notice: &str,
     notice_lc: &str,
+    lines: &Lines<'_>,
     exclude: &[String],
 ) -> Vec<BounceRecipient> {
     let delay = contains_any(&env.subject, DELAY_PHRASES) || contains_any(notice_lc, DELAY_PHRASES);
     let expiry = contains_any(notice_lc, EXPIRY_PHRASES);
-    let lines: Vec<&str> = notice.lines().collect();
-    let lines_lc: Vec<String> = lines.iter().map(|l| l.to_ascii_lowercase()).collect();
 
     // DSN fields quoted in the text (broken MIME, forwarded or inline reports).
     let mut embedded = Vec::new();
@@ -1095,21 +1158,23 @@ fn heuristic_recipients(
         addresses = if env.fml_list {
             // fml names the list that refused the post first, then its help addresses.
             lines
+                .addresses
                 .iter()
-                .flat_map(|l| addresses_in(l))
+                .flatten()
                 .map(|(_, a)| a)
                 .find(|a| !is_excluded_address(a, exclude))
+                .cloned()
                 .into_iter()
                 .collect()
         } else {
-            text_addresses(&lines, &lines_lc, |a| is_excluded_address(a, exclude))
+            text_addresses(lines, |a| is_excluded_address(a, exclude))
         };
     }
     if addresses.is_empty() {
         // Nothing but addresses we took for the sender's or the mail system's: a message
         // to oneself, or to postmaster. Only the report's own From is never the recipient.
         let from = first_address(&env.from_raw);
-        addresses = text_addresses(&lines, &lines_lc, |a| Some(a) == from.as_deref());
+        addresses = text_addresses(lines, |a| Some(a) == from.as_deref());
     }
     if addresses.is_empty() && parts.original.recipients.len() == 1 {
         addresses = parts.original.recipients.clone();
@@ -1120,15 +1185,17 @@ fn heuristic_recipients(
     }
     let global_status = find_failure_code(notice);
     let global_reply = lines
+        .text
         .iter()
         .filter(|l| looks_like_smtp_line(l))
         .find_map(|l| find_reply_class(l));
 
+    addresses.truncate(MAX_TEXT_RECIPIENTS);
     let candidates = addresses.clone();
     addresses
         .into_iter()
         .map(|a| {
-            let window = recipient_window(&a, &candidates, &lines, &lines_lc);
+            let window = recipient_window(&a, &candidates, lines);
             let status = find_failure_code(&window).or_else(|| global_status.clone());
             let reply = find_reply_class(&window).or(global_reply);
             let from_embedded = embedded
@@ -1166,37 +1233,41 @@ fn heuristic_recipients(
 /// nothing better. When the report introduces a list ("did not reach the following
 /// recipient(s):"), addresses after that line are preferred over earlier ones (Exchange
 /// repeats the original To: above the list).
-fn text_addresses(
-    lines: &[&str],
-    lines_lc: &[String],
-    excluded: impl Fn(&str) -> bool,
-) -> Vec<String> {
-    let intro = lines_lc.iter().position(|l| contains_any(l, LIST_INTROS));
+fn text_addresses(lines: &Lines<'_>, excluded: impl Fn(&str) -> bool) -> Vec<String> {
+    let intro = lines
+        .lower
+        .iter()
+        .position(|l| contains_any(l, LIST_INTROS));
     // (address, line, named as a recipient)
     let mut found: Vec<(String, usize, bool)> = Vec::new();
-    for (i, (line, lc)) in lines.iter().zip(lines_lc).enumerate() {
-        if is_excluded_line(lc) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, ((line, lc), addresses)) in lines
+        .text
+        .iter()
+        .zip(&lines.lower)
+        .zip(&lines.addresses)
+        .enumerate()
+    {
+        if addresses.is_empty() || is_excluded_line(lc) {
             continue;
         }
         let evidence = find_reply_class(line).is_some()
             || find_status_code(line).is_some()
             || contains_any(lc, FAILURE_WORDS);
-        for (offset, a) in addresses_in(line) {
-            if excluded(&a) || found.len() >= MAX_RECIPIENTS {
+        for (offset, a) in addresses {
+            if excluded(a) {
                 continue;
             }
-            let named = evidence || names_recipient(lc.get(..offset).unwrap_or(""));
-            match found.iter_mut().find(|(x, _, _)| *x == a) {
-                Some(entry) => {
-                    // Prefer the occurrence in the introduced list.
-                    if named && !entry.2 {
-                        entry.2 = true;
-                    }
-                    if intro.is_some_and(|n| entry.1 < n && i >= n) {
-                        entry.1 = i;
-                    }
+            let named = evidence || names_recipient(lc.get(..*offset).unwrap_or(""));
+            if let Some(entry) = seen.get(a.as_str()).and_then(|&k| found.get_mut(k)) {
+                // Named once is enough; prefer the occurrence in the introduced list.
+                entry.2 |= named;
+                if intro.is_some_and(|n| entry.1 < n && i >= n) {
+                    entry.1 = i;
                 }
-                None => found.push((a, i, named)),
+            } else if found.len() < MAX_RECIPIENTS {
+                seen.insert(a, found.len());
+                found.push((a.clone(), i, named));
             }
         }
     }
@@ -1292,7 +1363,7 @@ fn names_recipient(before_lc: &str) -> bool {
 fn fill_from_text(
     recipients: &mut [BounceRecipient],
     env: &Envelope,
-    notice: &str,
+    lines: &Lines<'_>,
     exclude: &[String],
 ) {
     let missing_address = recipients.iter().any(|r| r.address.is_none());
@@ -1300,10 +1371,8 @@ fn fill_from_text(
     if !missing_address && !missing_status {
         return;
     }
-    let lines: Vec<&str> = notice.lines().collect();
-    let lines_lc: Vec<String> = lines.iter().map(|l| l.to_ascii_lowercase()).collect();
     let mut candidates = env.failed_recipients.clone();
-    for a in text_addresses(&lines, &lines_lc, |a| is_excluded_address(a, exclude)) {
+    for a in text_addresses(lines, |a| is_excluded_address(a, exclude)) {
         push_unique(&mut candidates, &a);
     }
     if missing_address {
@@ -1330,7 +1399,7 @@ fn fill_from_text(
         let Some(address) = r.address.as_ref() else {
             continue;
         };
-        let window = recipient_window(address.as_str(), &candidates, &lines, &lines_lc);
+        let window = recipient_window(address.as_str(), &candidates, lines);
         if let Some(status) = find_status_code(&window) {
             if !r.is_success() && r.action.as_deref() != Some("delayed") {
                 r.permanent = status.starts_with('5');
@@ -1344,29 +1413,36 @@ fn fill_from_text(
 }
 
 /// The lines where `address` appears, each with the lines that follow it up to a blank
-/// line or another address.
-fn recipient_window(
-    address: &str,
-    candidates: &[String],
-    lines: &[&str],
-    lines_lc: &[String],
-) -> String {
+/// line or another recipient's address.
+fn recipient_window(address: &str, candidates: &[String], lines: &Lines<'_>) -> String {
     let mut out = String::new();
-    let mut i = 0;
-    while i < lines.len() && out.len() < 4096 {
-        if !lines_lc[i].contains(address) || is_excluded_line(&lines_lc[i]) {
-            i += 1;
+    let mut next = 0;
+    for &i in lines.occurrences.get(address).into_iter().flatten() {
+        if i < next || out.len() >= 4096 {
             continue;
         }
-        out.push_str(lines[i].trim());
-        out.push(' ');
+        let (Some(text), Some(lower)) = (lines.text.get(i), lines.lower.get(i)) else {
+            continue;
+        };
+        if is_excluded_line(lower) {
+            continue;
+        }
+        // The address line itself only when it says more than the address.
+        let rest = lower.replace(address, "");
+        if rest.chars().filter(|c| c.is_alphanumeric()).count() > 2 {
+            out.push_str(text.trim());
+            out.push(' ');
+        }
         let mut j = i + 1;
-        while j < lines.len() && j <= i + 8 {
-            let l = lines[j].trim();
+        while j <= i + 8 {
+            let (Some(l), Some(addresses)) = (lines.text.get(j), lines.addresses.get(j)) else {
+                break;
+            };
+            let l = l.trim();
             if l.is_empty() {
                 break;
             }
-            let other_recipient = addresses_in(l)
+            let other_recipient = addresses
                 .iter()
                 .any(|(_, a)| a != address && candidates.contains(a));
             if other_recipient && !looks_like_smtp_line(l) {
@@ -1376,9 +1452,52 @@ fn recipient_window(
             out.push(' ');
             j += 1;
         }
-        i = j.max(i + 1);
+        next = j;
     }
     out
+}
+
+/// The report's prose split into lines once, with the addresses on each line.
+struct Lines<'a> {
+    text: Vec<&'a str>,
+    /// ASCII-lowercased, same byte offsets as `text`.
+    lower: Vec<String>,
+    addresses: Vec<Vec<(usize, String)>>,
+    /// Line numbers where each address occurs.
+    occurrences: HashMap<String, Vec<usize>>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(notice: &'a str) -> Lines<'a> {
+        let text: Vec<&str> = notice.lines().collect();
+        let lower = text.iter().map(|l| l.to_ascii_lowercase()).collect();
+        let mut occurrences: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut total = 0usize;
+        let addresses = text
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if total >= MAX_RECIPIENTS * 4 {
+                    return Vec::new();
+                }
+                let found = addresses_in(l);
+                total += found.len();
+                for (_, a) in &found {
+                    let at = occurrences.entry(a.clone()).or_default();
+                    if at.last() != Some(&i) {
+                        at.push(i);
+                    }
+                }
+                found
+            })
+            .collect();
+        Lines {
+            text,
+            lower,
+            addresses,
+            occurrences,
+        }
+    }
 }
 
 fn looks_like_smtp_line(line: &str) -> bool {
@@ -1650,23 +1769,23 @@ fn push_unique(list: &mut Vec<String>, item: &str) {
     }
 }
 
-fn cap(mut s: String) -> String {
-    if s.len() > SCAN_LIMIT {
-        let mut end = SCAN_LIMIT;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
-}
-
-fn cap_str(s: &Cow<'_, str>) -> String {
-    let mut end = s.len().min(SCAN_LIMIT);
+/// The first `max` bytes of `s`, cut at a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    s[..end].to_string()
+    &s[..end]
+}
+
+fn cap(mut s: String) -> String {
+    let end = head(&s, SCAN_LIMIT).len();
+    s.truncate(end);
+    s
+}
+
+fn cap_str(s: &str) -> String {
+    head(s, SCAN_LIMIT).to_string()
 }
 
 fn cap_bytes(b: &[u8]) -> String {
