@@ -5,6 +5,7 @@
 //! 65 bad input, 69 not found, 70 internal error, 75 temporary failure (retry later),
 //! 78 configuration error.
 
+mod admin;
 mod table;
 
 use std::io::Read;
@@ -106,9 +107,18 @@ pub enum Command {
     /// Requests: list and show.
     #[command(subcommand)]
     Requests(RequestsCommand),
-    /// Accounts: list and show.
+    /// Accounts: list, show, add, deactivate, reactivate, rename, merge.
     #[command(subcommand)]
     Accounts(AccountsCommand),
+    /// Organizations: list, show, add, remove, add-member, remove-member.
+    #[command(subcommand)]
+    Orgs(admin::OrgsCommand),
+    /// Desks: customers list, add, remove.
+    #[command(subcommand)]
+    Desks(admin::DesksCommand),
+    /// Agents: list, add, remove.
+    #[command(subcommand)]
+    Agents(admin::AgentsCommand),
     /// Every decision that touched an address: why does this person have an account?
     Audit {
         address: String,
@@ -175,6 +185,8 @@ pub enum AccountsCommand {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Admin(admin::AccountsAdminCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -382,6 +394,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => process(config, &paths, desk.as_deref(), no_send, json).await,
         Command::Requests(cmd) => requests(config, cmd).await,
         Command::Accounts(cmd) => accounts(config, cmd).await,
+        Command::Orgs(cmd) => admin::orgs(config, cmd).await,
+        Command::Desks(cmd) => admin::desks_command(config, cmd).await,
+        Command::Agents(cmd) => admin::agents(config, cmd).await,
         Command::Audit { address, json } => audit(config, &address, json).await,
         Command::Quarantine(cmd) => quarantine(config, cmd).await,
         Command::Outbox(cmd) => outbox(config, cmd).await,
@@ -813,6 +828,7 @@ async fn accounts(config: Arc<Config>, cmd: AccountsCommand) -> anyhow::Result<u
     }
     Ok(EX_OK)
 }
+        AccountsCommand::Admin(cmd) => return admin::accounts(&config, &store, cmd).await,
 
 fn print_audit(history: &[crate::store::AuditEntry]) {
     let mut t = Table::new(&[

@@ -5,6 +5,7 @@
 //!
 //! Times are unix seconds in BIGINT columns; enums are TEXT with CHECK constraints.
 
+mod admin;
 mod apply;
 mod directory;
 mod facts;
@@ -24,6 +25,10 @@ use crate::config::DatabaseConfig;
 
 pub use apply::{
     ApplyInput, ApplyResult, Deferred, MailContext, MailRenderer, QuarantineRecord, RenderedMail,
+pub use admin::{
+    Actor, AddedAccount, AdminError, AgentRow, CLI_ORIGIN, DeskCustomerRow, MemberRow, MergeReport,
+    NewAccount, OrganizationDetail, OrganizationRow, StatusChange,
+};
     SourceRef, apply, apply_release, claim_ledger, dedupe_key, new_token, record_quarantine,
     token_hash,
 };

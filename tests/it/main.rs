@@ -1,6 +1,9 @@
 //! One integration-test binary: the real `intake` binary against real SQLite and
 //! PostgreSQL databases, a real Maildir and the file transport.
 
+mod admin;
+mod audit_view;
+mod bounces;
 mod browser;
 mod cli;
 mod concurrency;
