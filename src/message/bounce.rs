@@ -114,6 +114,80 @@ const MAX_TEXT_RECIPIENTS: usize = 100;
 /// At most this many text parts are scanned.
 const MAX_TEXT_PARTS: usize = 8;
 
+/// Whether a message's headers leave room for a delivery report, so that [`detect`]
+/// (a full MIME parse) runs only for those. Deliberately broad: every report the
+/// corpus test recognises passes it (see `tests/bounces.rs`); mail from people, with a
+/// person's From, no report type, a normal Return-Path and an ordinary subject, does not.
+pub fn worth_checking(msg: &crate::message::InboundMessage) -> bool {
+    let s = &msg.signals;
+    if s.report_type.is_some()
+        || s.null_return_path
+        || s.from_mail_system
+        || s.failed_recipients
+        || s.auto_submitted.as_deref().is_some_and(|v| v != "no")
+    {
+        return true;
+    }
+    let Some(from) = msg.from_mailbox() else {
+        return true;
+    };
+    let local = from.address.local_part();
+    let domain = from.address.domain();
+    let name = from
+        .display_name
+        .as_deref()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if from.address.is_mailer_daemon()
+        || local.contains("daemon")
+        || local.contains("bounce")
+        || local.contains("postmaster")
+        || local.contains("post_master")
+        || local.contains("noreply")
+        || local.contains("no-reply")
+        || local.ends_with("-admin")
+        || local.starts_with("fml")
+        || domain.ends_with("amazonaws.com")
+        || domain.ends_with("amazonses.com")
+        || name.contains("mail deliver")
+        || name.contains("postmaster")
+        || name.contains("daemon")
+    {
+        return true;
+    }
+    let subject = msg
+        .subject
+        .as_deref()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    [
+        "undeliver",
+        "deliver",
+        "returned",
+        "return",
+        "failure",
+        "failed",
+        "fail",
+        "bounce",
+        "rejected",
+        "error",
+        "notification",
+        "warning",
+        "delay",
+        "nondeliver",
+        "non-deliver",
+        "unable",
+        "could not",
+        "problem",
+        "mail system",
+        "エラー",
+        "不達",
+        "配信",
+    ]
+    .iter()
+    .any(|w| subject.contains(w))
+}
+
 /// Whether the message is a delivery failure report, and what it says. `raw` is the whole
 /// message. Never panics.
 pub fn detect(raw: &[u8]) -> Option<Bounce> {

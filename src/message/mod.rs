@@ -62,8 +62,11 @@ pub struct Signals {
     /// The From names a mail system (MAILER-DAEMON, postmaster, Mail Delivery System),
     /// even when its address is empty or broken (`From: MAILER-DAEMON <>`).
     pub from_mail_system: bool,
-    /// The message is a delivery failure report (see `message::bounce`).
+    /// The message is a delivery report (see `message::bounce`): set by
+    /// [`check_bounce`].
     pub bounce: bool,
+    /// An `X-Failed-Recipients` header (Exim, Gmail).
+    pub failed_recipients: bool,
     /// `report-type` of a `multipart/report` (delivery-status, disposition-notification,
     /// feedback-report), lowercased.
     pub report_type: Option<String>,
@@ -100,6 +103,8 @@ pub struct InboundMessage {
     /// `Return-Path` as written (`<>` for the null sender).
     pub return_path: Option<String>,
     pub signals: Signals,
+    /// What a delivery report says, when the message is one ([`check_bounce`]).
+    pub bounce: Option<bounce::Bounce>,
     pub auth_results: Vec<AuthResult>,
     /// The text body; converted from HTML when the message has no text part.
     pub text_body: String,
@@ -141,6 +146,7 @@ impl InboundMessage {
             delivered_to: Vec::new(),
             return_path: None,
             signals: Signals::default(),
+            bounce: None,
             auth_results: Vec::new(),
             text_body: String::new(),
             attachments: Vec::new(),
@@ -232,8 +238,19 @@ fn run_parser<'x>(
 /// Parses headers and body. Never panics.
 pub fn parse(raw: &[u8]) -> Result<InboundMessage, ParseError> {
     let mut msg = parse_headers(raw)?;
+    check_bounce(&mut msg, raw);
     msg.set_body(parse_body(raw));
     Ok(msg)
+}
+
+/// Reads a delivery report out of the message when its headers make that worth the
+/// cost (a full MIME parse): sets `bounce` and `signals.bounce`. Ordinary mail from
+/// people does not pass the header check and costs nothing more.
+pub fn check_bounce(msg: &mut InboundMessage, raw: &[u8]) {
+    if bounce::worth_checking(msg) {
+        msg.bounce = bounce::detect(raw);
+        msg.signals.bounce = msg.bounce.is_some();
+    }
 }
 
 /// Parses the body: text (HTML converted when there is no text part) and attachments.
@@ -377,6 +394,7 @@ pub fn parse_headers(raw: &[u8]) -> Result<InboundMessage, ParseError> {
                     || lower.contains("mail delivery system");
             }
             "x-intake-loop" => signals.loop_ids.push(unfold(value)),
+            "x-failed-recipients" => signals.failed_recipients = true,
             "return-path" if return_path.is_none() => {
                 let v = unfold(value);
                 signals.null_return_path = v.trim() == "<>" || v.trim().is_empty();
@@ -421,6 +439,7 @@ pub fn parse_headers(raw: &[u8]) -> Result<InboundMessage, ParseError> {
         delivered_to,
         return_path,
         signals,
+        bounce: None,
         auth_results,
         text_body: String::new(),
         attachments: Vec::new(),

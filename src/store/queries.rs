@@ -80,7 +80,10 @@ pub struct AccountDetail {
     #[serde(flatten)]
     pub account: AccountRow,
     pub verified_at: Option<i64>,
+    /// When a permanent bounce of our mail to the address arrived: we send it no more mail.
     pub undeliverable_at: Option<i64>,
+    /// Temporary failures of our mail to the address.
+    pub soft_bounces: i64,
     pub desks: Vec<String>,
     pub reported: Vec<String>,
     pub participating: Vec<String>,
@@ -320,8 +323,8 @@ impl Store {
     pub async fn show_account(&self, address: &str) -> Result<AccountDetail, StoreError> {
         let mut conn = self.acquire().await?;
         let row = sqlx::query(
-            "SELECT id, address, display_name, kind, status, origin, created_at, verified_at, undeliverable_at \
-             FROM accounts WHERE address = $1",
+            "SELECT id, address, display_name, kind, status, origin, created_at, verified_at, undeliverable_at, \
+               soft_bounces FROM accounts WHERE address = $1",
         )
         .bind(address)
         .fetch_optional(&mut *conn)
@@ -361,6 +364,7 @@ impl Store {
             account,
             verified_at: row.try_get(7).ctx("read account")?,
             undeliverable_at: row.try_get(8).ctx("read account")?,
+            soft_bounces: row.try_get(9).ctx("read account")?,
             desks,
             reported,
             participating,
