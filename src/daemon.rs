@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigSource, MailboxKind};
 use crate::mailbox::imap::ImapSource;
+use crate::mailbox::lease::{Board, run_leased};
 use crate::mailbox::maildir::MaildirSource;
 use crate::outbox::{FileTransport, SmtpTransport, Stamp, Templates, Transport, Worker};
 use crate::pipeline::Pipeline;
@@ -81,6 +82,7 @@ pub fn outbox_worker(pipeline: &Pipeline) -> Result<Worker, crate::outbox::SendE
         max_attempts: config.outbox.max_attempts,
         poll_interval: config.outbox.poll_interval,
         retry_first_secs: config.outbox.retry_first.as_secs().max(1) as i64,
+        claim_lease_secs: crate::outbox::claim_lease_secs(config.smtp.as_ref().map(|s| s.timeout)),
     })
 }
 
@@ -125,23 +127,57 @@ pub async fn run(
     let pipeline = prepare(config.clone()).await?;
     let tracker = TaskTracker::new();
     let died: Died = Arc::default();
+    // Each mailbox is worked under a lease, so several instances on one database
+    // share the mailboxes instead of racing for the same messages.
+    let board = Arc::new(Board::new(
+        crate::mailbox::lease::instance_id(),
+        config.database.mailbox_lease,
+        config.mailboxes.len(),
+    ));
+    crate::mailbox::lease::beat(pipeline.store(), &board).await;
+    {
+        let store = pipeline.store().clone();
+        let board = board.clone();
+        let token = shutdown.child_token();
+        supervised(&tracker, &died, &shutdown, "heartbeat".into(), async move {
+            crate::mailbox::lease::heartbeat(store, board, token).await
+        });
+    }
     for mb in &config.mailboxes {
         let pipeline = pipeline.clone();
         let token = shutdown.child_token();
-        let name = format!("mailbox {}", mb.name);
+        let task = format!("mailbox {}", mb.name);
+        let name = mb.name.clone();
+        let board = board.clone();
         match &mb.kind {
             MailboxKind::Maildir(cfg) => {
-                let source = MaildirSource::new(mb.name.clone(), mb.desk.clone(), cfg.clone());
+                let source = Arc::new(MaildirSource::new(
+                    mb.name.clone(),
+                    mb.desk.clone(),
+                    cfg.clone(),
+                ));
                 tracing::info!(mailbox = %mb.name, path = %cfg.path.display(), desk = %mb.desk, "watching maildir");
-                supervised(&tracker, &died, &shutdown, name, async move {
-                    source.run(pipeline, token).await
+                supervised(&tracker, &died, &shutdown, task, async move {
+                    run_leased(pipeline, name, board, token, |p, t| {
+                        let source = source.clone();
+                        async move { source.run(p, t).await }
+                    })
+                    .await
                 });
             }
             MailboxKind::Imap(cfg) => {
-                let source = ImapSource::new(mb.name.clone(), mb.desk.clone(), (**cfg).clone());
+                let source = Arc::new(ImapSource::new(
+                    mb.name.clone(),
+                    mb.desk.clone(),
+                    (**cfg).clone(),
+                ));
                 tracing::info!(mailbox = %mb.name, address = %cfg.address(), folder = %cfg.folder, desk = %mb.desk, "watching imap folder");
-                supervised(&tracker, &died, &shutdown, name, async move {
-                    source.run(pipeline, token).await
+                supervised(&tracker, &died, &shutdown, task, async move {
+                    run_leased(pipeline, name, board, token, |p, t| {
+                        let source = source.clone();
+                        async move { source.run(p, t).await }
+                    })
+                    .await
                 });
             }
         }
@@ -237,6 +273,7 @@ pub async fn run(
     tracing::info!(
         config = %config.origin,
         database = %config.database.redacted_url(),
+        instance = %board.holder,
         mailboxes = config.mailboxes.len(),
         watchdog = ?notifier.watchdog(),
         "intake running"

@@ -2,6 +2,7 @@
 //! (`intake process`), and standard input for MTA pipe delivery (`intake deliver`).
 
 pub mod imap;
+pub mod lease;
 pub mod maildir;
 pub mod tls;
 

@@ -273,6 +273,22 @@ pub struct Worker {
     pub poll_interval: Duration,
     /// The first retry's delay; later ones double.
     pub retry_first_secs: i64,
+    /// How long a claimed mail is this worker's before another may send it: longer
+    /// than one send can take. If the worker dies, its claimed mail waits this long.
+    pub claim_lease_secs: i64,
+}
+
+/// Mails claimed at once: small, so a worker that dies strands few, and its lease
+/// (`claim_lease_secs`) need only cover a few sends.
+const CLAIM: i64 = 2;
+
+/// The claim lease for a transport: an SMTP send is up to six commands (connect,
+/// EHLO, STARTTLS/AUTH, MAIL, RCPT, DATA), each bounded by the timeout.
+pub fn claim_lease_secs(smtp_timeout: Option<Duration>) -> i64 {
+    match smtp_timeout {
+        Some(t) => CLAIM * (6 * t.as_secs().max(1) as i64) + 5,
+        None => 30,
+    }
 }
 
 impl Worker {
@@ -284,7 +300,7 @@ impl Worker {
             // lease run out while its rows are still waiting in this worker.
             let rows = self
                 .store
-                .claim_outbox(5, now.max(crate::now()), 600)
+                .claim_outbox(CLAIM, now.max(crate::now()), self.claim_lease_secs)
                 .await?;
             if rows.is_empty() {
                 return Ok(report);
@@ -296,7 +312,7 @@ impl Worker {
                 };
                 match result {
                     Ok(()) => {
-                        self.store.outbox_sent(row.id, now).await?;
+                        self.record_sent(row.id, now).await?;
                         report.sent += 1;
                         tracing::info!(outbox_id = row.id, kind = %row.kind, to = %row.to, "mail sent");
                     }
@@ -315,6 +331,26 @@ impl Worker {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Marks a mail the transport accepted as sent. While the database is away for a
+    /// moment (a restart, a failover) it keeps trying, for up to the claim lease:
+    /// giving up at once left the row claimed, and the mail went out a second time when
+    /// the claim ran out (crash::postgres_crash_and_restart_under_a_running_backlog_loses_nothing).
+    async fn record_sent(&self, id: i64, now: i64) -> Result<(), StoreError> {
+        let deadline =
+            std::time::Instant::now() + Duration::from_secs(self.claim_lease_secs.max(1) as u64);
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.store.outbox_sent(id, now).await {
+                Err(e) if e.is_transient() && std::time::Instant::now() + pause < deadline => {
+                    tracing::warn!(outbox_id = id, error = %error_chain(&e), "cannot record a sent mail yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
             }
         }
     }

@@ -1,0 +1,130 @@
+//! Several instances on one PostgreSQL: mailboxes are shared by lease, an instance
+//! killed with SIGKILL mid-run has its mailboxes taken over, and every message is
+//! processed once and every invitation sent once.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::dovecot::Dovecot;
+use crate::harness::*;
+use crate::smtp::{Mode, Smtp};
+
+const FOLDERS: [(&str, &str); 3] = [
+    ("support", "INBOX"),
+    ("sales", "Sales"),
+    ("billing", "Billing"),
+];
+const PER_FOLDER: usize = 300;
+
+fn request_count(env: &Env) -> usize {
+    env.json(&["requests", "list", "--json", "--limit", "100000"])
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0)
+}
+
+fn recipients(smtp: &Smtp) -> Vec<String> {
+    smtp.messages()
+        .iter()
+        .map(|m| {
+            let text = String::from_utf8_lossy(m);
+            text.lines()
+                .find_map(|l| l.strip_prefix("To: ").map(|t| t.trim().to_string()))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[test]
+fn three_instances_share_mailboxes_and_survive_a_sigkill() {
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client();
+    for (_, folder) in &FOLDERS[1..] {
+        imap.command(&format!("CREATE {folder}"));
+    }
+    for (f, (_, folder)) in FOLDERS.iter().enumerate() {
+        for i in 0..PER_FOLDER {
+            let raw = format!(
+                "From: <s{f}-{i}@outside.example>\r\nTo: it@desk.example\r\n\
+                 Subject: Question {f}-{i}\r\nMessage-ID: <scale-{f}-{i}@outside.example>\r\n\r\n\
+                 Hello.\r\n"
+            );
+            imap.append(folder, raw.as_bytes());
+        }
+    }
+    let smtp = Smtp::start(Mode::Plain, None);
+    let mailboxes: String = FOLDERS
+        .iter()
+        .map(|(name, folder)| {
+            dovecot
+                .mailbox_toml("")
+                .replace("name = \"support\"", &format!("name = \"{name}\""))
+                .replace("folder = \"INBOX\"", &format!("folder = \"{folder}\""))
+        })
+        .collect();
+    let env = Env::with_extra(
+        Backend::Postgres,
+        &Site::default(),
+        &DeskSettings::default(),
+        &format!("{mailboxes}\n{}", smtp.toml("")),
+    );
+    let vars = [
+        ("INTAKE__DATABASE__MAILBOX_LEASE", "3s"),
+        ("INTAKE__OUTBOX__MAX_PER_HOUR", "100000"),
+        ("INTAKE__HTTP__LISTEN", "127.0.0.1:0"),
+        ("INTAKE__SMTP__TIMEOUT", "1s"),
+    ];
+    let first = start_daemon_with(&env, &vars);
+    let second = start_daemon_with(&env, &vars);
+    let third = start_daemon_with(&env, &vars);
+    let total = FOLDERS.len() * PER_FOLDER;
+    first.wait_for("part of the backlog", Duration::from_secs(60), || {
+        request_count(&env) >= total / 4
+    });
+    // Mid-run, with mail in flight: no goodbye, no release.
+    first.signal("KILL");
+    second.wait_for("the whole backlog", Duration::from_secs(120), || {
+        request_count(&env) == total
+    });
+    second.wait_for("every invitation", Duration::from_secs(60), || {
+        smtp.messages().len() >= total
+    });
+    // A little longer: a second copy of anything would show up now.
+    std::thread::sleep(Duration::from_secs(2));
+    let logs = [first.log(), second.stop(), third.stop()];
+
+    assert_eq!(request_count(&env), total, "every message once");
+    let sent = recipients(&smtp);
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &sent {
+        *counts.entry(r.as_str()).or_default() += 1;
+    }
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "mailed twice: {doubled:?}");
+    assert_eq!(counts.len(), total, "everyone invited");
+    for (_, folder) in &FOLDERS {
+        assert_eq!(
+            imap.status(folder),
+            (PER_FOLDER as u32, 0),
+            "{folder} all seen"
+        );
+    }
+    // The work was shared, and the dead instance's mailboxes were taken over.
+    let working: Vec<usize> = logs
+        .iter()
+        .map(|l| l.matches("action=\"create_request\"").count())
+        .collect();
+    println!("requests created per instance (first was killed): {working:?}");
+    assert!(
+        working.iter().filter(|n| **n > 0).count() >= 2,
+        "requests created per instance: {working:?}"
+    );
+    assert!(
+        logs[1..]
+            .iter()
+            .any(|l| l.contains("took over the mailbox")),
+        "no takeover:\n{}\n{}",
+        logs[1],
+        logs[2]
+    );
+}
