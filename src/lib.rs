@@ -11,6 +11,7 @@ pub mod http;
 pub mod keys;
 pub mod mailbox;
 pub mod message;
+pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod policy;

@@ -1,9 +1,13 @@
-//! The HTTP server: verification pages and `/healthz`. Plain, accessible HTML with no
-//! external assets (nothing to load from elsewhere, nothing to track).
+//! The HTTP server: verification pages, `/healthz`, and the operator endpoints `/audit`
+//! and `/metrics` (see [`audit`]). Plain, accessible HTML with no external assets
+//! (nothing to load from elsewhere, nothing to track).
 //!
 //! `GET /verify/{token}` never changes anything — mail scanners and link previews fetch
 //! links — it shows what confirming does and a form; `POST` confirms.
 
+pub mod audit;
+
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -30,18 +34,24 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/verify/{token}", get(verify_page).post(confirm))
         .route("/healthz", get(healthz))
+        .route("/audit", get(audit::page))
+        .route("/metrics", get(audit::metrics))
         .with_state(state)
 }
 
-/// Serves until `shutdown`.
+/// Serves until `shutdown`. Handlers see the peer address (`ConnectInfo`): `/audit` and
+/// `/metrics` answer only loopback peers unless a token is configured.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 fn page(status: StatusCode, title: &str, body: &str) -> Response {
