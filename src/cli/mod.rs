@@ -6,6 +6,9 @@
 //! 78 configuration error.
 
 mod admin;
+mod import;
+mod mbox;
+mod simulate;
 mod table;
 
 use std::io::Read;
@@ -101,6 +104,30 @@ pub enum Command {
         /// Do not write queued mail to the outbox directory afterwards.
         #[arg(long)]
         no_send: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a backlog: mbox files and Maildirs, in batches, with progress. Resumable:
+    /// interrupted and run again, it continues where it stopped.
+    Import {
+        /// mbox files and Maildirs (cur/ and new/).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The desk the mail is for (default: routed by its addresses).
+        #[arg(long)]
+        desk: Option<String>,
+        /// Do not write queued mail to the outbox directory afterwards.
+        #[arg(long)]
+        no_send: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide recent mail again under this configuration's policy (--config NEW.toml) and
+    /// show what would change. Writes nothing.
+    Simulate {
+        /// How far back: 30d, 12h, 90m, or a date (2026-11-01).
+        #[arg(long, default_value = "30d")]
+        since: String,
         #[arg(long)]
         json: bool,
     },
@@ -392,6 +419,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             no_send,
             json,
         } => process(config, &paths, desk.as_deref(), no_send, json).await,
+        Command::Import {
+            paths,
+            desk,
+            no_send,
+            json,
+        } => import::import(config, &paths, desk.as_deref(), no_send, json).await,
+        Command::Simulate { since, json } => simulate::simulate(config, &since, json).await,
         Command::Requests(cmd) => requests(config, cmd).await,
         Command::Accounts(cmd) => accounts(config, cmd).await,
         Command::Orgs(cmd) => admin::orgs(config, cmd).await,
@@ -816,7 +850,10 @@ async fn accounts(config: Arc<Config>, cmd: AccountsCommand) -> anyhow::Result<u
                     println!("verified: {}", when(v));
                 }
                 if let Some(u) = a.undeliverable_at {
-                    println!("undeliverable since: {}", when(u));
+                    println!("undeliverable since: {} (a permanent bounce)", when(u));
+                }
+                if a.soft_bounces > 0 {
+                    println!("temporary bounces: {}", a.soft_bounces);
                 }
                 println!("organizations: {}", a.account.organizations.join(", "));
                 println!("customer of desks: {}", a.desks.join(", "));
@@ -825,10 +862,10 @@ async fn accounts(config: Arc<Config>, cmd: AccountsCommand) -> anyhow::Result<u
                 print_audit(&a.history);
             }
         }
+        AccountsCommand::Admin(cmd) => return admin::accounts(&config, &store, cmd).await,
     }
     Ok(EX_OK)
 }
-        AccountsCommand::Admin(cmd) => return admin::accounts(&config, &store, cmd).await,
 
 fn print_audit(history: &[crate::store::AuditEntry]) {
     let mut t = Table::new(&[
