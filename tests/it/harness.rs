@@ -115,9 +115,15 @@ fn start_cluster() -> PgCluster {
         "initdb",
     );
     let port = free_port();
+    // Tests trade durability for speed; benchmarks (INTAKE_PG_DURABLE=1) measure a
+    // cluster with PostgreSQL's default, crash-safe settings.
+    let durability = if std::env::var_os("INTAKE_PG_DURABLE").is_some() {
+        ""
+    } else {
+        " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    };
     let opts = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-         -c full_page_writes=off -c max_connections=300",
+        "-p {port} -k {} -c listen_addresses=127.0.0.1{durability} -c max_connections=300",
         dir.display()
     );
     run_ok(
@@ -617,4 +623,157 @@ pub fn start_daemon_with(env: &Env, vars: &[(&str, &str)]) -> Daemon {
         .spawn()
         .expect("start intake run");
     Daemon { child, log }
+}
+
+impl Daemon {
+    /// How `intake run` ended, if it already has (by itself); does not wait.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait for intake run")
+    }
+
+    /// SIGKILL: no shutdown path runs, as in a crash or an OOM kill. Waits until the
+    /// process is gone (its sockets and locks released) and returns its log.
+    pub fn kill(mut self) -> String {
+        // `Child::kill` is SIGKILL on Unix.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log()
+    }
+}
+
+/// A PostgreSQL cluster of one test's own, for tests that stop or restart the server:
+/// the shared cluster serves every other test running at the same time. Stopped and
+/// removed on drop (and by a reaper if the test process dies first). Always runs Debian's `initdb`/`pg_ctl`, even when
+/// `INTAKE_TEST_DATABASE_URL` names an outside server, which a test cannot restart.
+pub struct OwnCluster {
+    dir: PathBuf,
+    data: PathBuf,
+    opts: String,
+    root: bool,
+    pub port: u16,
+}
+
+impl OwnCluster {
+    pub fn start() -> OwnCluster {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let root = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "intake-pg-own-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the cluster directory");
+        if root {
+            run_ok(
+                Command::new("chown").arg("postgres:postgres").arg(&dir),
+                "chown the cluster directory",
+            );
+        }
+        let data = dir.join("data");
+        run_ok(
+            as_postgres(root, &pg_bin("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+                .stdout(Stdio::null()),
+            "initdb",
+        );
+        let port = free_port();
+        // Durable, unlike the shared cluster (fsync and synchronous_commit off, for
+        // speed): there, a crash loses transactions whose commit was already reported,
+        // which no client can survive.
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100",
+            dir.display()
+        );
+        let cluster = OwnCluster {
+            dir,
+            data,
+            opts,
+            root,
+            port,
+        };
+        cluster.start_again();
+        let script = format!(
+            "while [ -d /proc/{pid} ]; do sleep 0.5; done; {pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            pg_ctl = pg_bin("pg_ctl").display(),
+            data = cluster.data.display(),
+            dir = cluster.dir.display()
+        );
+        // The reaper outlives us on purpose: it is reaped by init, not waited for here.
+        #[allow(clippy::zombie_processes)]
+        as_postgres(root, Path::new("/bin/sh"))
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the cluster reaper");
+        cluster
+    }
+
+    /// A fresh database in this cluster; returns its URL.
+    pub fn database(&self, name: &str) -> String {
+        let base = format!("postgres://postgres@127.0.0.1:{}", self.port);
+        run_ok(
+            Command::new("psql")
+                .arg(format!("{base}/postgres"))
+                .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+                .arg(format!("CREATE DATABASE {name}")),
+            "create a database",
+        );
+        format!("{base}/{name}")
+    }
+
+    fn pg_ctl(&self, args: &[&str], what: &str) {
+        run_ok(
+            as_postgres(self.root, &pg_bin("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(args)
+                .stdout(Stdio::null()),
+            what,
+        );
+    }
+
+    /// Stops the server the way a crash does (`-m immediate`: no checkpoint, every
+    /// connection cut); the next start runs crash recovery.
+    pub fn crash(&self) {
+        self.pg_ctl(&["-m", "immediate", "stop"], "pg_ctl stop -m immediate");
+    }
+
+    /// Starts the (stopped) server again on the same port and data directory.
+    pub fn start_again(&self) {
+        let log = self.dir.join("log");
+        let log = log.to_str().expect("utf-8 path");
+        self.pg_ctl(
+            &["-o", &self.opts, "-l", log, "-w", "start"],
+            "pg_ctl start",
+        );
+    }
+
+    /// `pg_ctl restart -m fast`: the administrator's restart (connections are cut).
+    pub fn restart(&self) {
+        let log = self.dir.join("log");
+        let log = log.to_str().expect("utf-8 path");
+        self.pg_ctl(
+            &["-m", "fast", "-o", &self.opts, "-l", log, "-w", "restart"],
+            "pg_ctl restart",
+        );
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(self.root, &pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
