@@ -103,6 +103,9 @@ impl ConfigSource {
 pub struct DatabaseConfig {
     pub url: SecretString,
     pub max_connections: u32,
+    /// How long an instance's claim on a mailbox lasts without renewal: how soon
+    /// another instance takes over when it dies.
+    pub mailbox_lease: Duration,
 }
 
 impl DatabaseConfig {
@@ -121,6 +124,7 @@ impl fmt::Debug for DatabaseConfig {
         f.debug_struct("DatabaseConfig")
             .field("url", &self.redacted_url())
             .field("max_connections", &self.max_connections)
+            .field("mailbox_lease", &self.mailbox_lease)
             .finish()
     }
 }
@@ -300,6 +304,8 @@ pub struct HttpConfig {
     /// Where the verification pages and `/healthz` are served; `None` turns the server off.
     pub listen: Option<SocketAddr>,
     pub public_url: String,
+    /// Bearer token for `/audit` and `/metrics`; without it they answer loopback peers only.
+    pub audit_token: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -591,6 +597,7 @@ struct RawDatabase {
     url: Option<String>,
     url_file: Option<String>,
     max_connections: Option<u32>,
+    mailbox_lease: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -710,6 +717,8 @@ struct RawQuarantine {
 struct RawHttp {
     listen: Option<String>,
     public_url: Option<String>,
+    audit_token: Option<String>,
+    audit_token_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -909,6 +918,17 @@ impl Validator<'_> {
         let max_connections = raw.database.max_connections.unwrap_or(8);
         if max_connections == 0 {
             self.issue("database.max_connections", "must be at least 1");
+        }
+        let mailbox_lease = self.duration(
+            "database.mailbox_lease",
+            raw.database.mailbox_lease.as_deref(),
+            Duration::from_secs(30),
+        );
+        if mailbox_lease < Duration::from_secs(3) || mailbox_lease > Duration::from_secs(3600) {
+            self.issue(
+                "database.mailbox_lease",
+                "must be between 3s and 1h (renewed every third of it)",
+            );
         }
 
         // Site customer access.
@@ -1232,6 +1252,30 @@ impl Validator<'_> {
                 format!("{public_url:?} must start with http:// or https://"),
             );
         }
+        let token_key = if raw.http.audit_token_file.is_some() {
+            "http.audit_token_file"
+        } else {
+            "http.audit_token"
+        };
+        let audit_token = self
+            .secret(
+                "http.audit_token",
+                raw.http.audit_token,
+                raw.http.audit_token_file,
+            )
+            .filter(|t| {
+                // It travels in an Authorization header and guards the audit log.
+                let problem = if t.len() < 16 {
+                    "the token is too short: use at least 16 characters (e.g. from `openssl rand -hex 32`)"
+                } else if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                    "the token may only contain visible ASCII characters (no spaces)"
+                } else {
+                    return true;
+                };
+                self.issue(token_key, problem);
+                false
+            })
+            .map(SecretString::from);
         let max_message_size = match raw.limits.max_message_size {
             None => 30 * 1024 * 1024,
             Some(RawSize::Bytes(b)) => b,
@@ -1292,6 +1336,7 @@ impl Validator<'_> {
             database: DatabaseConfig {
                 url: SecretString::from(url),
                 max_connections,
+                mailbox_lease,
             },
             policy,
             desk_from,
@@ -1306,7 +1351,11 @@ impl Validator<'_> {
             mailboxes,
             outbox,
             smtp,
-            http: HttpConfig { listen, public_url },
+            http: HttpConfig {
+                listen,
+                public_url,
+                audit_token,
+            },
             directory,
         })
     }

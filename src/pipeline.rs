@@ -51,7 +51,13 @@ struct Prepared {
 impl Prepared {
     fn new(env: &Envelope) -> Prepared {
         Prepared {
-            msg: message::parse_headers(&env.raw),
+            msg: message::parse_headers(&env.raw).map(|mut m| {
+                // Not for oversized messages: only their head is here.
+                if env.size == env.raw.len() as u64 {
+                    message::check_bounce(&mut m, &env.raw);
+                }
+                m
+            }),
             content_hash: env
                 .content_hash
                 .clone()
@@ -106,14 +112,26 @@ impl Outcome {
 pub enum PipelineError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("mailbox {0}: another instance took over the mailbox's lease; nothing was committed")]
+    LeaseLost(String),
 }
 
 impl PipelineError {
     pub fn is_transient(&self) -> bool {
         match self {
             PipelineError::Store(e) => e.is_transient(),
+            PipelineError::LeaseLost(_) => true,
         }
     }
+}
+
+/// The lease a source works under: every batch renews it in its own transaction, and
+/// fails without committing anything when it is gone (see `store::lease`).
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub mailbox: String,
+    pub holder: String,
+    pub ttl_secs: i64,
 }
 
 /// What a reload replaces.
@@ -134,6 +152,8 @@ pub struct Pipeline {
     pub health: crate::health::Health,
     /// Messages handled since start.
     pub counters: Arc<crate::health::Counters>,
+    /// The mailbox lease this pipeline's batches must hold, if any.
+    fence: Option<Arc<Fence>>,
 }
 
 impl Pipeline {
@@ -147,6 +167,15 @@ impl Pipeline {
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
             health: crate::health::Health::default(),
             counters: Arc::default(),
+            fence: None,
+        }
+    }
+
+    /// This pipeline, committing only while `fence` holds.
+    pub fn with_fence(&self, fence: Fence) -> Pipeline {
+        Pipeline {
+            fence: Some(Arc::new(fence)),
+            ..self.clone()
         }
     }
 
@@ -201,10 +230,11 @@ impl Pipeline {
         desk: Option<&DeskKey>,
         now: i64,
     ) -> Result<Decision, PipelineError> {
-        let msg = match message::parse_headers(raw) {
+        let mut msg = match message::parse_headers(raw) {
             Ok(m) => m,
             Err(e) => return Ok(Decision::ignored(Reason::Unparseable, e.to_string())),
         };
+        message::check_bounce(&mut msg, raw);
         if raw.len() as u64 > self.config().max_message_size {
             return Ok(oversized_decision(
                 raw.len() as u64,
@@ -298,6 +328,7 @@ impl Pipeline {
         now: i64,
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
+        let started = std::time::Instant::now();
         let outcomes = match self.run_batch(batch, now, false, progress).await {
             Err(e) if !e.is_transient() => {
                 tracing::warn!(error = %crate::outbox::error_chain(&e), "a message failed; retrying the batch message by message");
@@ -305,6 +336,7 @@ impl Pipeline {
             }
             other => other?,
         };
+        crate::metrics::PROCESSING.observe_many(started.elapsed(), outcomes.len() as u64);
         if outcomes
             .iter()
             .any(|o| matches!(o, Outcome::Decided { applied, .. } if applied.emails_queued > 0))
@@ -330,6 +362,11 @@ impl Pipeline {
     ) -> Result<Vec<Outcome>, PipelineError> {
         let prepared: Vec<Prepared> = batch.iter().map(Prepared::new).collect();
         let mut wtx = self.store.begin_write().await?;
+        if let Some(f) = &self.fence
+            && !store::fence(wtx.conn(), &f.mailbox, &f.holder, f.ttl_secs).await?
+        {
+            return Err(PipelineError::LeaseLost(f.mailbox.clone()));
+        }
         let index = DirectoryIndex::load(wtx.conn()).await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut deferred = Deferred::default();
@@ -487,19 +524,23 @@ impl Pipeline {
                 decision: Box::new(decision),
             });
         };
-        let (mut decision, known) = match &desk {
+        let (mut decision, known, facts) = match &desk {
             Some(d) => {
                 let g = store::gather_facts(conn, &msg, d, index, now, false, count_recent).await?;
-                (policy::decide(&g.facts, &config.policy), g.known)
+                (
+                    policy::decide(&g.facts, &config.policy),
+                    g.known,
+                    Some(g.facts),
+                )
             }
-            None => (no_desk_decision(), Known::default()),
+            None => (no_desk_decision(), Known::default(), None),
         };
         self.limit_mail(conn, deferred, &mut decision, now).await?;
         // Only messages that become (or join) a request need their body decoded.
         if !decision.is_passive() {
             msg.set_body(message::parse_body(&env.raw));
         }
-        let applied = store::apply(
+        let applied = store::apply_with_facts(
             conn,
             ApplyInput {
                 msg: &msg,
@@ -511,6 +552,7 @@ impl Pipeline {
                 orgs: index,
                 renderer: self.templates().as_ref(),
             },
+            facts.as_ref(),
             deferred,
         )
         .await?;

@@ -246,6 +246,8 @@ struct AuditRow {
     reason: &'static str,
     request_key: Option<String>,
     decision: String,
+    /// The facts the decision was made on (`intake simulate`), for message decisions.
+    facts: Option<String>,
     addresses: Vec<AuditAddress>,
 }
 
@@ -413,9 +415,9 @@ impl Deferred {
         }
         for chunk in std::mem::take(&mut self.audits).chunks(CHUNK) {
             let sql = format!(
-                "INSERT INTO audit (ledger_id, created_at, desk, action, reason, request_key, decision) \
+                "INSERT INTO audit (ledger_id, created_at, desk, action, reason, request_key, decision, facts) \
                  VALUES {} RETURNING id, ledger_id",
-                values_list(conn, chunk.len(), 7)
+                values_list(conn, chunk.len(), 8)
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for a in chunk {
@@ -426,7 +428,8 @@ impl Deferred {
                     .bind(a.action)
                     .bind(a.reason)
                     .bind(a.request_key.as_deref())
-                    .bind(a.decision.as_str());
+                    .bind(a.decision.as_str())
+                    .bind(a.facts.as_deref());
             }
             let mut audit_ids: HashMap<i64, i64> = HashMap::new();
             for row in q.fetch_all(&mut *conn).await.ctx("write audit rows")? {
@@ -497,13 +500,29 @@ impl Deferred {
 ///
 /// Statements are batched (multi-row inserts; ids known from gathering the facts)
 /// because every statement is a round trip to the database.
+///
+/// The audit row records the facts the decision was made on (`intake simulate`); they
+/// are gathered again here. [`apply_with_facts`] takes the caller's instead, which saves
+/// those lookups.
 pub async fn apply(
     conn: &mut AnyConnection,
     input: ApplyInput<'_>,
     deferred: &mut Deferred,
 ) -> Result<ApplyResult, StoreError> {
+    apply_with_facts(conn, input, None, deferred).await
+}
+
+/// [`apply`], with the facts `input.decision` was made on when the caller has them.
+pub async fn apply_with_facts(
+    conn: &mut AnyConnection,
+    input: ApplyInput<'_>,
+    facts: Option<&crate::policy::Facts>,
+    deferred: &mut Deferred,
+) -> Result<ApplyResult, StoreError> {
     let d = input.decision;
     let now = input.now;
+    // Before anything is written: the facts as `decide` saw them.
+    let facts = super::import::snapshot_facts(conn, &input, facts).await?;
     let mut result = ApplyResult::default();
     let mut request: Option<(i64, RequestKey)> = None;
     let active = matches!(
@@ -512,6 +531,12 @@ pub async fn apply(
     );
     let held = d.action == Action::HoldForVerification;
     let ids = resolve_accounts(conn, &input, active, active && !held, &mut result).await?;
+    let bounced = match &input.msg.bounce {
+        Some(b) if d.reason == Reason::DeliveryStatusNotification => {
+            super::bounce::record_bounce(conn, b, now).await?
+        }
+        _ => Vec::new(),
+    };
 
     if active && let (Some(desk), Some(address)) = (&d.desk, &d.requester.address) {
         let requester_id = ids.get(address.as_str()).copied();
@@ -596,7 +621,14 @@ pub async fn apply(
             d.explanation.clone(),
         ));
     }
-    deferred.audits.push(audit_row(&input, request_key));
+    let mut audit = audit_row(&input, request_key);
+    audit.facts = facts;
+    for b in bounced {
+        if !audit.addresses.iter().any(|a| a.0 == b.0 && a.1 == b.1) {
+            audit.addresses.push(b);
+        }
+    }
+    deferred.audits.push(audit);
     Ok(result)
 }
 
@@ -885,6 +917,7 @@ fn audit_row(input: &ApplyInput<'_>, request_key: Option<String>) -> AuditRow {
         reason: d.reason.code(),
         request_key,
         decision: serde_json::to_string(d).unwrap_or_default(),
+        facts: None,
         addresses,
     }
 }

@@ -7,8 +7,11 @@
 
 mod admin;
 mod apply;
+mod bounce;
 mod directory;
 mod facts;
+mod import;
+mod lease;
 mod queries;
 mod verify;
 
@@ -23,17 +26,19 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::config::DatabaseConfig;
 
-pub use apply::{
-    ApplyInput, ApplyResult, Deferred, MailContext, MailRenderer, QuarantineRecord, RenderedMail,
 pub use admin::{
     Actor, AddedAccount, AdminError, AgentRow, CLI_ORIGIN, DeskCustomerRow, MemberRow, MergeReport,
     NewAccount, OrganizationDetail, OrganizationRow, StatusChange,
 };
-    SourceRef, apply, apply_release, claim_ledger, dedupe_key, new_token, record_quarantine,
-    token_hash,
+pub use apply::{
+    ApplyInput, ApplyResult, Deferred, MailContext, MailRenderer, QuarantineRecord, RenderedMail,
+    SourceRef, apply, apply_release, apply_with_facts, claim_ledger, dedupe_key, new_token,
+    record_quarantine, token_hash,
 };
 pub use directory::{DirectoryIndex, DirectorySync};
 pub use facts::{Gathered, Known, assemble_facts, gather_facts};
+pub use import::{ImportProgress, RecordedDecision, decode_facts, encode_facts};
+pub use lease::{LeaseHolder, fence};
 pub use queries::*;
 pub use verify::{
     Expired, HeldRequest, TokenInfo, activate_account, held_requests_of, token_info, use_token,
