@@ -1,17 +1,24 @@
 //! IMAP end to end against a real Dovecot (not a timed test; figures for the notes).
 //!
-//! `cargo bench --bench imap` (or `-- 20000` for another backlog size):
-//! 1. backlog: N messages appended, then the raw rate of one `UID FETCH 1:* BODY.PEEK[]`
-//!    of the whole folder (the ceiling), then `intake run` until every message is in the
-//!    ledger — messages per second end to end, and the daemon's peak RSS;
-//! 2. latency under IDLE: 200 single APPENDs, each timed until its ledger row exists
-//!    (p50, p90, p99, max).
+//! `cargo bench --bench imap -- [N] [--postgres] [--big] [--mailboxes M] [--instances K]
+//! [--no-latency]`:
+//! 1. backlog: N messages (default 10,000) appended, spread over M folders (default
+//!    1), plus with `--big` one 25 MB message; then the raw rate of `UID FETCH 1:*
+//!    BODY.PEEK[]` of every folder (the ceiling); then K `intake run` instances
+//!    (default 1) until every message is in the ledger — messages per second end to
+//!    end, and the largest peak RSS of any instance;
+//! 2. latency under IDLE (unless `--no-latency`): 200 single APPENDs, each timed
+//!    until its ledger row exists (p50, p90, p99, max).
 //!
-//! `INTAKE_BENCH_DATABASE_URL=postgres://...` measures PostgreSQL instead of SQLite (the
-//! database must be empty).
+//! The database is SQLite in a temp dir, or with `--postgres` a throwaway PostgreSQL
+//! cluster with its default, durable settings (fsync on), started like the tests do;
+//! `INTAKE_BENCH_DATABASE_URL=postgres://...` uses an existing empty database instead.
 
 #[path = "../tests/it/dovecot.rs"]
 mod dovecot;
+#[allow(dead_code)]
+#[path = "../tests/it/harness.rs"]
+mod harness;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -38,7 +45,37 @@ fn message(i: usize) -> Vec<u8> {
 }
 
 /// Appends with pipelining (a window of APPENDs in flight): fast enough for big backlogs.
-fn append_many(port: u16, count: usize, from: usize) {
+fn append_many(port: u16, folder: &str, count: usize, from: usize) {
+    append_with(port, folder, count, from, message)
+}
+
+/// A message with a 25 MB attachment (base64), from a customer, in the backlog.
+fn big_message(i: usize) -> Vec<u8> {
+    let mut out = format!(
+        "From: Big Sender <big@cust1.example>\r\nTo: support@desk.example\r\n\
+         Subject: Logs attached {i}\r\nMessage-ID: <bench-big-{i}@mail.example>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+         --b\r\nContent-Type: text/plain\r\n\r\nThe logs are attached.\r\n\
+         --b\r\nContent-Type: application/octet-stream; name=\"logs.bin\"\r\n\
+         Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"logs.bin\"\r\n\r\n"
+    )
+    .into_bytes();
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut x: u32 = 2463534242;
+    while out.len() < 25 * 1024 * 1024 {
+        for _ in 0..76 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            out.push(alphabet[(x % 64) as usize]);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"--b--\r\n");
+    out
+}
+
+fn append_with(port: u16, folder: &str, count: usize, from: usize, make: fn(usize) -> Vec<u8>) {
     let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let mut writer = stream.try_clone().expect("clone");
     let mut reader = BufReader::new(stream);
@@ -57,8 +94,8 @@ fn append_many(port: u16, count: usize, from: usize) {
     let mut i = 0usize;
     while i < count || outstanding > 0 {
         while i < count && outstanding < 64 {
-            let m = message(from + i);
-            write!(writer, "x{i} APPEND INBOX {{{}+}}\r\n", m.len()).expect("append");
+            let m = make(from + i);
+            write!(writer, "x{i} APPEND {folder} {{{}+}}\r\n", m.len()).expect("append");
             writer.write_all(&m).expect("append body");
             writer.write_all(b"\r\n").expect("append end");
             outstanding += 1;
@@ -74,7 +111,7 @@ fn append_many(port: u16, count: usize, from: usize) {
 }
 
 /// One `UID FETCH 1:* (UID BODY.PEEK[])` of the whole folder; returns (messages, bytes).
-fn raw_fetch(port: u16) -> (usize, usize) {
+fn raw_fetch(port: u16, folder: &str) -> (usize, usize) {
     let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let mut writer = stream.try_clone().expect("clone");
     let mut reader = BufReader::with_capacity(1 << 20, stream);
@@ -82,7 +119,7 @@ fn raw_fetch(port: u16) -> (usize, usize) {
     reader.read_until(b'\n', &mut line).expect("greeting");
     write!(
         writer,
-        "a LOGIN {USER} \"{PASSWORD}\"\r\nb SELECT INBOX\r\nc UID FETCH 1:* (UID BODY.PEEK[])\r\n"
+        "a LOGIN {USER} \"{PASSWORD}\"\r\nb SELECT {folder}\r\nc UID FETCH 1:* (UID BODY.PEEK[])\r\n"
     )
     .expect("write");
     let (mut messages, mut bytes) = (0usize, 0usize);
@@ -196,24 +233,88 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+struct Opts {
+    count: usize,
+    postgres: bool,
+    big: bool,
+    mailboxes: usize,
+    instances: usize,
+    latency: bool,
+}
+
+fn options() -> Opts {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+    };
+    Opts {
+        // The first number that is not a flag's value.
+        count: args
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                *i == 0 || !matches!(args[i - 1].as_str(), "--mailboxes" | "--instances")
+            })
+            .find_map(|(_, a)| a.parse().ok())
+            .unwrap_or(10_000),
+        postgres: args.iter().any(|a| a == "--postgres"),
+        big: args.iter().any(|a| a == "--big"),
+        mailboxes: value("--mailboxes").unwrap_or(1).max(1),
+        instances: value("--instances").unwrap_or(1).max(1),
+        latency: !args.iter().any(|a| a == "--no-latency"),
+    }
+}
+
+fn folder_name(i: usize) -> String {
+    if i == 0 {
+        "INBOX".into()
+    } else {
+        format!("Box{i}")
+    }
+}
+
 fn main() {
-    let count: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(10_000);
+    let opts = options();
+    let count = opts.count;
     let dovecot = Dovecot::start();
     let work = tempfile::tempdir().expect("temp dir");
+    let mut admin = dovecot.client();
+    for m in 1..opts.mailboxes {
+        admin.command(&format!("CREATE {}", folder_name(m)));
+    }
     let started = Instant::now();
-    append_many(dovecot.port, count, 0);
+    let per = count / opts.mailboxes;
+    for m in 0..opts.mailboxes {
+        let n = if m + 1 == opts.mailboxes {
+            count - per * m
+        } else {
+            per
+        };
+        append_many(dovecot.port, &folder_name(m), n, m * per);
+        if m == 0 && opts.big {
+            append_with(dovecot.port, "INBOX", 1, 0, big_message);
+        }
+    }
+    let total = count + usize::from(opts.big);
     println!(
-        "appended {count} messages in {:.1}s",
+        "appended {total} messages ({} folders{}) in {:.1}s",
+        opts.mailboxes,
+        if opts.big { ", one of 25 MB" } else { "" },
         started.elapsed().as_secs_f64()
     );
 
     let started = Instant::now();
-    let (n, bytes) = raw_fetch(dovecot.port);
+    let (mut n, mut bytes) = (0, 0);
+    for m in 0..opts.mailboxes {
+        let (a, b) = raw_fetch(dovecot.port, &folder_name(m));
+        n += a;
+        bytes += b;
+    }
     let raw = started.elapsed();
-    assert_eq!(n, count);
+    assert_eq!(n, total);
     println!(
         "raw UID FETCH 1:* BODY.PEEK[]: {n} messages, {:.1} MB in {:.2}s = {:.0} msg/s",
         bytes as f64 / 1e6,
@@ -221,8 +322,31 @@ fn main() {
         n as f64 / raw.as_secs_f64()
     );
 
-    let database = std::env::var("INTAKE_BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| format!("sqlite://{}/intake.db", work.path().display()));
+    let database = match std::env::var("INTAKE_BENCH_DATABASE_URL") {
+        Ok(url) => url,
+        Err(_) if opts.postgres => {
+            // SAFETY: set before any thread that reads the environment is started.
+            unsafe { std::env::set_var("INTAKE_PG_DURABLE", "1") };
+            harness::postgres_database()
+        }
+        Err(_) => format!("sqlite://{}/intake.db", work.path().display()),
+    };
+    let backend = if database.starts_with("postgres") {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    let mailboxes: String = (0..opts.mailboxes)
+        .map(|m| {
+            dovecot
+                .mailbox_toml("poll_interval = \"1h\"")
+                .replace("name = \"support\"", &format!("name = \"mb{m}\""))
+                .replace(
+                    "folder = \"INBOX\"",
+                    &format!("folder = \"{}\"", folder_name(m)),
+                )
+        })
+        .collect();
     let config = work.path().join("intake.toml");
     std::fs::write(
         &config,
@@ -230,6 +354,8 @@ fn main() {
             r#"
 [database]
 url = "{database}"
+[limits]
+max_message_size = 67108864
 [customer_access]
 approved_domains = ["desk.example"]
 signup = "open"
@@ -242,85 +368,98 @@ key = "IT"
 addresses = ["support@desk.example"]
 sharing = "any"
 unknown_participants = "create"
-{mailbox}
+{mailboxes}
 [outbox]
 dir = "{dir}/outbox"
 poll_interval = "1h"
 "#,
-            mailbox = dovecot.mailbox_toml("poll_interval = \"1h\""),
             dir = work.path().display()
         ),
     )
     .expect("config");
     let config_arg = config.display().to_string();
-    let log = std::fs::File::create(work.path().join("intake.log")).expect("log");
     let started = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(["--config", &config_arg, "run"])
-        .current_dir(work.path())
-        .env("INTAKE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("intake run");
-    let pid = child.id();
+    let mut children = Vec::new();
+    for k in 0..opts.instances {
+        let log = std::fs::File::create(work.path().join(format!("intake-{k}.log"))).expect("log");
+        children.push(
+            Command::new(BIN)
+                .args(["--config", &config_arg, "run"])
+                .current_dir(work.path())
+                .env("INTAKE_LOG", "warn")
+                .env("INTAKE__HTTP__LISTEN", "127.0.0.1:0")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("intake run"),
+        );
+    }
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
     let ledger = Ledger::open(&config);
     let mut done = 0;
-    while done < count as i64 {
+    while done < total as i64 {
         std::thread::sleep(Duration::from_millis(100));
         done = ledger.count();
         assert!(
-            started.elapsed() < Duration::from_secs(1800),
-            "backlog not done after 30 min ({done})"
+            started.elapsed() < Duration::from_secs(3600),
+            "backlog not done after an hour ({done})"
         );
     }
     let e2e = started.elapsed();
+    let rss = pids.iter().map(|p| peak_rss_kib(*p)).max().unwrap_or(0);
     println!(
-        "intake run: {count} messages in {:.2}s = {:.0} msg/s end to end ({:.0}% of the raw fetch rate), peak RSS {} MiB",
+        "intake run ×{} on {backend}: {total} messages in {:.2}s = {:.0} msg/s end to end ({:.0}% of the raw fetch rate), largest peak RSS {} MiB",
+        opts.instances,
         e2e.as_secs_f64(),
-        count as f64 / e2e.as_secs_f64(),
-        100.0 * (count as f64 / e2e.as_secs_f64()) / (n as f64 / raw.as_secs_f64()),
-        peak_rss_kib(pid) / 1024
+        total as f64 / e2e.as_secs_f64(),
+        100.0 * (total as f64 / e2e.as_secs_f64()) / (n as f64 / raw.as_secs_f64()),
+        rss / 1024
     );
 
-    // Latency under IDLE: one message at a time.
-    let mut latencies = Vec::with_capacity(200);
-    let mut client = dovecot.client();
-    for k in 0..200 {
-        let before = ledger.count();
-        let t = Instant::now();
-        client.append("INBOX", &message(count + k));
-        loop {
-            if ledger.count() > before {
-                break;
+    if opts.latency {
+        // Latency under IDLE: one message at a time.
+        let mut latencies = Vec::with_capacity(200);
+        let mut client = dovecot.client();
+        for k in 0..200 {
+            let before = ledger.count();
+            let t = Instant::now();
+            client.append("INBOX", &message(count + k));
+            loop {
+                if ledger.count() > before {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(500));
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "message {k} never arrived"
+                );
             }
-            std::thread::sleep(Duration::from_micros(500));
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "message {k} never arrived"
-            );
+            latencies.push(t.elapsed());
         }
-        latencies.push(t.elapsed());
+        latencies.sort();
+        println!(
+            "IDLE latency, APPEND to committed request over 200 messages (database polled every 0.5 ms): p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.9),
+            percentile(&latencies, 0.99),
+            latencies[latencies.len() - 1]
+        );
     }
-    latencies.sort();
-    println!(
-        "IDLE latency, APPEND to committed request over 200 messages (database polled every 0.5 ms): p50 {:?}, p90 {:?}, p99 {:?}, max {:?}",
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.9),
-        percentile(&latencies, 0.99),
-        latencies[latencies.len() - 1]
-    );
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = child.wait();
-    let mut raw_idle = raw_idle_latency(dovecot.port, 50, count + 1000);
-    raw_idle.sort();
-    println!(
-        "Dovecot alone, APPEND to EXISTS in another session's IDLE, 50 messages: p50 {:?}, p99 {:?}",
-        percentile(&raw_idle, 0.5),
-        percentile(&raw_idle, 0.99)
-    );
+    for (pid, mut child) in pids.iter().zip(children) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let _ = child.wait();
+    }
+    if opts.latency {
+        let mut raw_idle = raw_idle_latency(dovecot.port, 50, count + 1000);
+        raw_idle.sort();
+        println!(
+            "Dovecot alone, APPEND to EXISTS in another session's IDLE, 50 messages: p50 {:?}, p99 {:?}",
+            percentile(&raw_idle, 0.5),
+            percentile(&raw_idle, 0.99)
+        );
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load average: {}", load.trim());
 }
