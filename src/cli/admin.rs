@@ -31,31 +31,41 @@ pub enum AccountsAdminCommand {
     Add(AddAccountArgs),
     /// Deactivate an account: its mail is then rejected (account_deactivated).
     Deactivate {
+        /// The account's email address.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Make a deactivated account active again.
     Reactivate {
+        /// The account's email address.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Set an account's display name.
     Rename {
+        /// The account's email address.
         address: String,
+        /// The new display name.
         #[arg(long, required = true)]
         name: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Move FROM's requests, participations and memberships to INTO, then remove FROM
     /// (its address and account are kept in the audit log).
     Merge {
+        /// The account to merge away.
         #[arg(value_name = "FROM_ADDRESS")]
         from: String,
+        /// The account that stays.
         #[arg(value_name = "INTO_ADDRESS")]
         into: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -63,10 +73,12 @@ pub enum AccountsAdminCommand {
 
 #[derive(Debug, Args)]
 pub struct AddAccountArgs {
+    /// The account's email address.
     address: String,
     /// Display name.
     #[arg(long)]
     name: Option<String>,
+    /// internal or portal_only (default: internal on an approved domain, portal_only elsewhere).
     #[arg(long, value_enum)]
     kind: Option<KindArg>,
     /// An organization to join (repeatable).
@@ -75,6 +87,7 @@ pub struct AddAccountArgs {
     /// A desk to make the account a customer of (repeatable).
     #[arg(long = "desk", value_name = "DESK")]
     desks: Vec<String>,
+    /// Print JSON instead of a table (for scripts).
     #[arg(long)]
     json: bool,
 }
@@ -89,45 +102,60 @@ pub enum KindArg {
 /// `intake orgs`.
 #[derive(Debug, Subcommand)]
 pub enum OrgsCommand {
+    /// List organizations.
     List {
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// An organization with its domains, desks and members.
     Show {
+        /// The organization's name.
         name: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Create an organization (origin cli). Its domains assign accounts created from
     /// now on; --desk makes its members customers of that desk.
     Add {
+        /// The organization's name.
         name: String,
         /// A domain (`example.com`) or all its subdomains (`*.example.com`); repeatable.
         #[arg(long = "domain", value_name = "DOMAIN")]
         domains: Vec<String>,
+        /// A desk whose customers the members become (repeatable).
         #[arg(long = "desk", value_name = "DESK")]
         desks: Vec<String>,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Remove an organization made with the CLI, with its memberships.
     Remove {
+        /// The organization's name.
         name: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Make an account a member.
     AddMember {
+        /// The organization's name.
         name: String,
+        /// The account's email address.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Remove a membership (not one the configuration made).
     RemoveMember {
+        /// The organization's name.
         name: String,
+        /// The account's email address.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -144,22 +172,31 @@ pub enum DesksCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CustomersCommand {
+    /// List a desk's customers.
     List {
+        /// The desk key, e.g. IT.
         desk: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Make an account a customer of the desk.
     Add {
+        /// The desk key, e.g. IT.
         desk: String,
+        /// The account's email address.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Remove a direct customer link (not one the configuration made).
     Remove {
+        /// The desk key, e.g. IT.
         desk: String,
+        /// The account's email address.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -168,24 +205,31 @@ pub enum CustomersCommand {
 /// `intake agents`.
 #[derive(Debug, Subcommand)]
 pub enum AgentsCommand {
+    /// List agents and their desks.
     List {
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Make an address an agent of desks (an agent added before gets the new desks).
     Add {
+        /// The agent's email address.
         address: String,
+        /// A desk the agent works on (repeatable).
         #[arg(long = "desk", value_name = "DESK", required = true)]
         desks: Vec<String>,
         /// Display name.
         #[arg(long)]
         name: Option<String>,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Remove an agent made with the CLI, from all its desks.
     Remove {
+        /// The agent's email address.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },

@@ -82,6 +82,7 @@ pub enum Command {
         /// The desk it arrived for (default: routed by its addresses).
         #[arg(long)]
         desk: Option<String>,
+        /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
         /// Decide as of this unix time instead of now.
@@ -91,19 +92,23 @@ pub enum Command {
     /// Process one message from standard input (MTA pipe delivery). Exit 75 asks the MTA
     /// to retry later.
     Deliver {
+        /// The desk the mail is for (default: routed by its addresses).
         #[arg(long)]
         desk: Option<String>,
     },
     /// Process message files and folders (backfill). Files are not moved; running it again
     /// is a no-op for what was already processed.
     Process {
+        /// Message files, and folders of them (Maildirs included).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// The desk the mail is for (default: routed by its addresses).
         #[arg(long)]
         desk: Option<String>,
         /// Do not write queued mail to the outbox directory afterwards.
         #[arg(long)]
         no_send: bool,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -119,6 +124,7 @@ pub enum Command {
         /// Do not write queued mail to the outbox directory afterwards.
         #[arg(long)]
         no_send: bool,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -128,6 +134,7 @@ pub enum Command {
         /// How far back: 30d, 12h, 90m, or a date (2026-11-01).
         #[arg(long, default_value = "30d")]
         since: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -148,7 +155,9 @@ pub enum Command {
     Agents(admin::AgentsCommand),
     /// Every decision that touched an address: why does this person have an account?
     Audit {
+        /// The email address to look up.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -163,6 +172,7 @@ pub enum Command {
     /// Expire held requests and pending accounts that are past their time (the daemon
     /// does this every minute).
     Expire {
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -170,9 +180,13 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum RequestsCommand {
+    /// List requests, newest first.
     List(RequestListArgs),
+    /// A request with its participants, comments and decisions.
     Show {
+        /// The request key, e.g. IT-42.
         key: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -180,21 +194,26 @@ pub enum RequestsCommand {
 
 #[derive(Debug, Args)]
 pub struct RequestListArgs {
+    /// Only requests of this desk.
     #[arg(long)]
     desk: Option<String>,
     /// open, held or expired.
     #[arg(long)]
     status: Option<String>,
+    /// Only requests reported by this address.
     #[arg(long)]
     reporter: Option<String>,
+    /// At most this many rows.
     #[arg(long, default_value_t = 100)]
     limit: i64,
+    /// Print JSON instead of a table (for scripts).
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AccountsCommand {
+    /// List accounts.
     List {
         /// internal or portal_only.
         #[arg(long)]
@@ -202,13 +221,18 @@ pub enum AccountsCommand {
         /// pending, active or deactivated.
         #[arg(long)]
         status: Option<String>,
+        /// At most this many rows.
         #[arg(long, default_value_t = 1000)]
         limit: i64,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
+    /// An account with its organizations, desks, requests, bounces and decision history.
     Show {
+        /// The account's email address.
         address: String,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
@@ -218,27 +242,38 @@ pub enum AccountsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum QuarantineCommand {
+    /// List quarantined messages with their reasons.
     List {
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Process a quarantined message again (e.g. after raising the size limit).
-    Release { id: i64 },
+    Release {
+        /// The quarantine id (intake quarantine list).
+        id: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {
+    /// List outgoing mail with its state and last error.
     List {
         /// pending, sending, sent or dead.
         #[arg(long)]
         status: Option<String>,
+        /// At most this many rows.
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        /// Print JSON instead of a table (for scripts).
         #[arg(long)]
         json: bool,
     },
     /// Put dead mail (one id, or all) back in the queue.
-    Retry { id: Option<i64> },
+    Retry {
+        /// The outbox id (default: every dead mail).
+        id: Option<i64>,
+    },
     /// Send everything that is due now.
     Send,
 }

@@ -13,6 +13,7 @@ mod dovecot;
 mod harness;
 mod imap;
 mod import_simulate;
+mod package;
 mod policy_paths;
 mod robustness;
 mod scaleout;
