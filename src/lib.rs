@@ -6,6 +6,8 @@ pub mod address;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod keys;

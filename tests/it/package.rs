@@ -69,7 +69,10 @@ fn the_deb_holds_binary_unit_config_and_man_pages() {
     }
     // Installing must not start a service that has no configuration yet.
     let control = tmp.path().join("control");
-    run(Command::new("dpkg-deb").arg("--control").arg(&deb).arg(&control));
+    run(Command::new("dpkg-deb")
+        .arg("--control")
+        .arg(&deb)
+        .arg(&control));
     let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
     assert!(postinst.contains("daemon-reload"), "{postinst}");
     assert!(
@@ -78,7 +81,10 @@ fn the_deb_holds_binary_unit_config_and_man_pages() {
     );
 
     let root = tmp.path().join("root");
-    run(Command::new("dpkg-deb").arg("--extract").arg(&deb).arg(&root));
+    run(Command::new("dpkg-deb")
+        .arg("--extract")
+        .arg(&deb)
+        .arg(&root));
     let bin = root.join("usr/bin/intake");
     let version = run(Command::new(&bin).arg("--version"));
     assert!(version.starts_with("intake "), "{version}");
@@ -93,7 +99,13 @@ fn the_deb_holds_binary_unit_config_and_man_pages() {
     let unit_path = root.join("usr/lib/systemd/system/intake.service");
     let unit = std::fs::read_to_string(&unit_path).unwrap();
     for line in unit.lines().filter(|l| l.starts_with("Exec")) {
-        let program = line.split_once('=').unwrap().1.split_whitespace().next().unwrap();
+        let program = line
+            .split_once('=')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .next()
+            .unwrap();
         let program = program.trim_start_matches(['-', '@', '+', '!']);
         let packaged = root.join(program.trim_start_matches('/'));
         assert!(
