@@ -666,8 +666,15 @@ async fn process(
             else {
                 continue;
             };
+            // An oversized file was read only in part; its copy is named by the whole.
+            let hash = if env.size > env.raw.len() as u64 {
+                crate::mailbox::file_content_hash(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+            } else {
+                crate::message::content_hash(&env.raw)
+            };
             env.quarantine_ref = quarantine_dir
-                .join(format!("{}.eml", crate::message::content_hash(&env.raw)))
+                .join(format!("{hash}.eml"))
                 .display()
                 .to_string();
             envelopes.push((path.clone(), env));

@@ -131,6 +131,15 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// Keeps a copy of a quarantined message from `deliver` or `process` under `dir`, named
 /// by its content hash. Returns the path.
+/// [`crate::message::content_hash`] of a file, read in pieces (for files too large to
+/// hold).
+pub fn file_content_hash(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 pub async fn keep_quarantined(dir: &Path, raw: &[u8]) -> std::io::Result<PathBuf> {
     tokio::fs::create_dir_all(dir).await?;
     let path = dir.join(format!("{}.eml", crate::message::content_hash(raw)));

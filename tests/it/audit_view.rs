@@ -145,182 +145,187 @@ fn wait_for_page(browser: &Browser, what: &str, mut done: impl FnMut(&str) -> bo
 
 #[test]
 fn audit_page_lists_filters_charts_and_escapes_in_a_browser() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let daemon = start_daemon(&env);
-    wait_for_http(&env, &daemon);
-    feed(&env, &daemon);
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let daemon = start_daemon(&env);
+        wait_for_http(&env, &daemon);
+        feed(&env, &daemon);
 
-    // Loopback and no token configured: allowed, with the strict headers.
-    let (status, head, body) = http(env.http_port, "GET", "/audit", None);
-    assert_eq!(status, 200, "{body}");
-    let lower = head.to_ascii_lowercase();
-    assert!(head.contains("default-src 'none'"), "{head}");
-    assert!(lower.contains("referrer-policy: no-referrer"), "{head}");
-    assert!(lower.contains("content-type: text/html"), "{head}");
-    assert!(!body.contains("<script"), "raw markup from mail: {body}");
+        // Loopback and no token configured: allowed, with the strict headers.
+        let (status, head, body) = http(env.http_port, "GET", "/audit", None);
+        assert_eq!(status, 200, "{body}");
+        let lower = head.to_ascii_lowercase();
+        assert!(head.contains("default-src 'none'"), "{head}");
+        assert!(lower.contains("referrer-policy: no-referrer"), "{head}");
+        assert!(lower.contains("content-type: text/html"), "{head}");
+        assert!(!body.contains("<script"), "raw markup from mail: {body}");
 
-    let browser = Browser::start();
-    browser.goto(&format!("http://127.0.0.1:{}/audit", env.http_port));
-    assert_eq!(browser.title(), "Audit log");
-    let source = browser.source();
-    assert_eq!(row_count(&source), 4, "{source}");
-    // Newest first: the last message fed is on top.
-    let first = source.find("eve@outside.example").expect("eve's row");
-    let olga = source.find("olga@outside.example").expect("olga's row");
-    assert!(first < olga, "newest first:\n{source}");
-    // The chart: one group per day of the window, one bar per action with decisions
-    // (all of them today): create_request ×2, ignore, reject.
-    assert!(source.contains("<svg"), "{source}");
-    assert_eq!(source.matches("class=\"day\"").count(), 14, "{source}");
-    assert_eq!(source.matches("class=\"bar\"").count(), 3, "{source}");
-    assert!(
-        source.contains("data-action=\"create_request\" data-count=\"2\""),
-        "{source}"
-    );
-
-    // Mail-supplied markup is text, not markup: no element was made from it.
-    let text = browser.text();
-    assert!(
-        text.contains("<script>alert(1)</script> printer & <b>fax</b>"),
-        "{text}"
-    );
-    assert!(text.contains("<script>alert('name')</script>"), "{text}");
-    assert!(!source.contains("<script"), "{source}");
-    assert!(!source.contains("<b>fax"), "{source}");
-
-    // Filter by address with the form: only the decisions that touched bob remain.
-    browser.fill("#address", "Bob@Ext.Example");
-    browser.click("#filter");
-    let source = wait_for_page(&browser, "the filtered page", |s| {
-        s.contains("value=\"bob@ext.example\"")
-    });
-    assert_eq!(row_count(&source), 1, "{source}");
-    assert!(source.contains("Printer on fire"), "{source}");
-    assert!(!source.contains("eve@outside.example"), "{source}");
-    assert_eq!(source.matches("class=\"bar\"").count(), 1, "{source}");
-
-    // Olga: her request and her auto-reply, nothing of eve's or the forged CEO's.
-    browser.fill("#address", "olga@outside.example");
-    browser.click("#filter");
-    let source = wait_for_page(&browser, "olga's decisions", |s| {
-        s.contains("value=\"olga@outside.example\"")
-    });
-    let audit = env.json(&["audit", "olga@outside.example", "--json"]);
-    let mut touched: Vec<String> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| format!("{}{}{}", a["at"], a["action"], a["reason"]))
-        .collect();
-    touched.dedup();
-    assert_eq!(row_count(&source), touched.len(), "{source}");
-    assert!(row_count(&source) >= 1);
-    assert!(!source.contains("eve@outside.example"), "{source}");
-    assert!(!source.contains("ceo@corp.example"), "{source}");
-
-    // Filter by action with the select: only the rejected forgery.
-    browser.fill("#address", "");
-    browser.click("#action option[value=\"reject\"]");
-    browser.click("#filter");
-    let source = wait_for_page(&browser, "the rejected decisions", |s| {
-        s.contains("<option value=\"reject\" selected")
-    });
-    assert_eq!(row_count(&source), 1, "{source}");
-    assert!(source.contains("unauthenticated_sender"), "{source}");
-    assert!(source.contains("ceo@corp.example"), "{source}");
-
-    // Paging: one row per page, the "older" link walks back through all four.
-    browser.goto(&format!("http://127.0.0.1:{}/audit?limit=1", env.http_port));
-    let mut seen = Vec::new();
-    loop {
+        let browser = Browser::start();
+        browser.goto(&format!("http://127.0.0.1:{}/audit", env.http_port));
+        assert_eq!(browser.title(), "Audit log");
         let source = browser.source();
-        assert_eq!(row_count(&source), 1, "{source}");
-        let id = source
-            .split("<tr class=\"decision\" data-id=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .unwrap()
-            .to_string();
-        seen.push(id);
-        if !source.contains("id=\"older\"") {
-            break;
-        }
-        browser.click("#older");
-        let before = seen.len();
-        wait_for_page(&browser, "the older page", |s| {
-            s.contains("id=\"newest\"") && !s.contains(&format!("data-id=\"{}\"", seen[before - 1]))
+        assert_eq!(row_count(&source), 4, "{source}");
+        // Newest first: the last message fed is on top.
+        let first = source.find("eve@outside.example").expect("eve's row");
+        let olga = source.find("olga@outside.example").expect("olga's row");
+        assert!(first < olga, "newest first:\n{source}");
+        // The chart: one group per day of the window, one bar per action with decisions
+        // (all of them today): create_request ×2, ignore, reject.
+        assert!(source.contains("<svg"), "{source}");
+        assert_eq!(source.matches("class=\"day\"").count(), 14, "{source}");
+        assert_eq!(source.matches("class=\"bar\"").count(), 3, "{source}");
+        assert!(
+            source.contains("data-action=\"create_request\" data-count=\"2\""),
+            "{source}"
+        );
+
+        // Mail-supplied markup is text, not markup: no element was made from it.
+        let text = browser.text();
+        assert!(
+            text.contains("<script>alert(1)</script> printer & <b>fax</b>"),
+            "{text}"
+        );
+        assert!(text.contains("<script>alert('name')</script>"), "{text}");
+        assert!(!source.contains("<script"), "{source}");
+        assert!(!source.contains("<b>fax"), "{source}");
+
+        // Filter by address with the form: only the decisions that touched bob remain.
+        browser.fill("#address", "Bob@Ext.Example");
+        browser.click("#filter");
+        let source = wait_for_page(&browser, "the filtered page", |s| {
+            s.contains("value=\"bob@ext.example\"")
         });
+        assert_eq!(row_count(&source), 1, "{source}");
+        assert!(source.contains("Printer on fire"), "{source}");
+        assert!(!source.contains("eve@outside.example"), "{source}");
+        assert_eq!(source.matches("class=\"bar\"").count(), 1, "{source}");
+
+        // Olga: her request and her auto-reply, nothing of eve's or the forged CEO's.
+        browser.fill("#address", "olga@outside.example");
+        browser.click("#filter");
+        let source = wait_for_page(&browser, "olga's decisions", |s| {
+            s.contains("value=\"olga@outside.example\"")
+        });
+        let audit = env.json(&["audit", "olga@outside.example", "--json"]);
+        let mut touched: Vec<String> = audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| format!("{}{}{}", a["at"], a["action"], a["reason"]))
+            .collect();
+        touched.dedup();
+        assert_eq!(row_count(&source), touched.len(), "{source}");
+        assert!(row_count(&source) >= 1);
+        assert!(!source.contains("eve@outside.example"), "{source}");
+        assert!(!source.contains("ceo@corp.example"), "{source}");
+
+        // Filter by action with the select: only the rejected forgery.
+        browser.fill("#address", "");
+        browser.click("#action option[value=\"reject\"]");
+        browser.click("#filter");
+        let source = wait_for_page(&browser, "the rejected decisions", |s| {
+            s.contains("<option value=\"reject\" selected")
+        });
+        assert_eq!(row_count(&source), 1, "{source}");
+        assert!(source.contains("unauthenticated_sender"), "{source}");
+        assert!(source.contains("ceo@corp.example"), "{source}");
+
+        // Paging: one row per page, the "older" link walks back through all four.
+        browser.goto(&format!("http://127.0.0.1:{}/audit?limit=1", env.http_port));
+        let mut seen = Vec::new();
+        loop {
+            let source = browser.source();
+            assert_eq!(row_count(&source), 1, "{source}");
+            let id = source
+                .split("<tr class=\"decision\" data-id=\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap()
+                .to_string();
+            seen.push(id);
+            if !source.contains("id=\"older\"") {
+                break;
+            }
+            browser.click("#older");
+            let before = seen.len();
+            wait_for_page(&browser, "the older page", |s| {
+                s.contains("id=\"newest\"")
+                    && !s.contains(&format!("data-id=\"{}\"", seen[before - 1]))
+            });
+        }
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        let mut ids: Vec<i64> = seen.iter().map(|s| s.parse().unwrap()).collect();
+        let shown = ids.clone();
+        ids.sort_by(|a, b| b.cmp(a));
+        ids.dedup();
+        assert_eq!(ids, shown, "newest first, no repeats");
+        drop(browser);
+        daemon.stop();
     }
-    assert_eq!(seen.len(), 4, "{seen:?}");
-    let mut ids: Vec<i64> = seen.iter().map(|s| s.parse().unwrap()).collect();
-    let shown = ids.clone();
-    ids.sort_by(|a, b| b.cmp(a));
-    ids.dedup();
-    assert_eq!(ids, shown, "newest first, no repeats");
-    drop(browser);
-    daemon.stop();
 }
 
 #[test]
 fn a_token_is_required_from_everyone_once_configured() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let token = "tok-0123456789abcdef-XYZ";
-    let token_file = env.path("audit-token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let text = std::fs::read_to_string(&env.config).unwrap().replace(
-        "[http]\n",
-        &format!("[http]\naudit_token_file = \"{}\"\n", token_file.display()),
-    );
-    std::fs::write(&env.config, &text).unwrap();
-    let daemon = start_daemon(&env);
-    wait_for_http(&env, &daemon);
-
-    for path in ["/audit", "/metrics"] {
-        // Loopback is not enough once a token is set (a local reverse proxy is loopback).
-        let (status, _, body) = get(env.http_port, path, &[]);
-        assert_eq!(status, 403, "{path} without a token: {body}");
-        assert!(!body.contains("Audit log"), "{body}");
-        let (status, _, _) = get(
-            env.http_port,
-            path,
-            &[("Authorization", "Bearer tok-0123456789abcdef-XY")],
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let token = "tok-0123456789abcdef-XYZ";
+        let token_file = env.path("audit-token");
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        let text = std::fs::read_to_string(&env.config).unwrap().replace(
+            "[http]\n",
+            &format!("[http]\naudit_token_file = \"{}\"\n", token_file.display()),
         );
-        assert_eq!(status, 403, "{path} with a wrong token");
-        let (status, _, _) = get(env.http_port, path, &[("Authorization", token)]);
-        assert_eq!(status, 403, "{path} without the Bearer scheme");
-        let auth = format!("Bearer {token}");
-        let (status, _, body) = get(env.http_port, path, &[("Authorization", &auth)]);
-        assert_eq!(status, 200, "{path} with the token: {body}");
-    }
-    let auth = format!("Bearer {token}");
-    let (_, _, body) = get(env.http_port, "/metrics", &[("Authorization", &auth)]);
-    assert!(body.lines().any(|l| l == "intake_database_up 1"), "{body}");
-    // The verification pages and /healthz are not behind the token.
-    let (status, _, _) = get(env.http_port, "/healthz", &[]);
-    assert_eq!(status, 200);
-    daemon.stop();
+        std::fs::write(&env.config, &text).unwrap();
+        let daemon = start_daemon(&env);
+        wait_for_http(&env, &daemon);
 
-    // A token too short to be a secret, or set twice, is a configuration error with its key.
-    std::fs::write(&token_file, "short").unwrap();
-    let out = env.intake(&["check-config"]);
-    assert_eq!(out.status.code(), Some(78));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("http.audit_token_file: the token is too short"),
-        "{stdout}"
-    );
-    std::fs::write(&token_file, token).unwrap();
-    let both = text.replace("[http]\n", &format!("[http]\naudit_token = \"{token}\"\n"));
-    std::fs::write(&env.config, both).unwrap();
-    let out = env.intake(&["check-config"]);
-    assert_eq!(out.status.code(), Some(78));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains(
-            "http.audit_token_file: set either http.audit_token or http.audit_token_file"
-        ),
-        "{stdout}"
-    );
+        for path in ["/audit", "/metrics"] {
+            // Loopback is not enough once a token is set (a local reverse proxy is loopback).
+            let (status, _, body) = get(env.http_port, path, &[]);
+            assert_eq!(status, 403, "{path} without a token: {body}");
+            assert!(!body.contains("Audit log"), "{body}");
+            let (status, _, _) = get(
+                env.http_port,
+                path,
+                &[("Authorization", "Bearer tok-0123456789abcdef-XY")],
+            );
+            assert_eq!(status, 403, "{path} with a wrong token");
+            let (status, _, _) = get(env.http_port, path, &[("Authorization", token)]);
+            assert_eq!(status, 403, "{path} without the Bearer scheme");
+            let auth = format!("Bearer {token}");
+            let (status, _, body) = get(env.http_port, path, &[("Authorization", &auth)]);
+            assert_eq!(status, 200, "{path} with the token: {body}");
+        }
+        let auth = format!("Bearer {token}");
+        let (_, _, body) = get(env.http_port, "/metrics", &[("Authorization", &auth)]);
+        assert!(body.lines().any(|l| l == "intake_database_up 1"), "{body}");
+        // The verification pages and /healthz are not behind the token.
+        let (status, _, _) = get(env.http_port, "/healthz", &[]);
+        assert_eq!(status, 200);
+        daemon.stop();
+
+        // A token too short to be a secret, or set twice, is a configuration error with its key.
+        std::fs::write(&token_file, "short").unwrap();
+        let out = env.intake(&["check-config"]);
+        assert_eq!(out.status.code(), Some(78));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("http.audit_token_file: the token is too short"),
+            "{stdout}"
+        );
+        std::fs::write(&token_file, token).unwrap();
+        let both = text.replace("[http]\n", &format!("[http]\naudit_token = \"{token}\"\n"));
+        std::fs::write(&env.config, both).unwrap();
+        let out = env.intake(&["check-config"]);
+        assert_eq!(out.status.code(), Some(78));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(
+                "http.audit_token_file: set either http.audit_token or http.audit_token_file"
+            ),
+            "{stdout}"
+        );
+    }
 }
 
 #[test]

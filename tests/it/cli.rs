@@ -6,20 +6,21 @@ use crate::harness::*;
 
 #[test]
 fn check_config_names_every_problem_with_key_and_file() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let out = env.intake(&["check-config"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: "));
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let out = env.intake(&["check-config"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: "));
 
-    let bad = env.path("bad.toml");
-    std::fs::write(
-        &bad,
-        r#"
+        let bad = env.path("bad.toml");
+        std::fs::write(
+            &bad,
+            r#"
 [customer_access]
 signup = "sometimes"
 approved_domains = ["corp.example", "not a domain"]
@@ -42,70 +43,73 @@ address = "agnes@corp.example"
 desks = ["IT"]
 colour = "blue"
 "#,
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&bad)
-        .arg("check-config")
-        .output()
+        )
         .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let file = bad.display().to_string();
-    for key in [
-        "customer_access.signup",
-        "customer_access.approved_domains[1]",
-        "desks[0].sharing",
-        "desks[1].addresses[0]",
-        "mailboxes[0].desk",
-        "directory.agents[0].colour",
-    ] {
-        assert!(
-            text.lines()
-                .any(|l| l.starts_with(&format!("{file}: {key}: "))),
-            "no line for {key}:\n{text}"
-        );
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&bad)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let file = bad.display().to_string();
+        for key in [
+            "customer_access.signup",
+            "customer_access.approved_domains[1]",
+            "desks[0].sharing",
+            "desks[1].addresses[0]",
+            "mailboxes[0].desk",
+            "directory.agents[0].colour",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{file}: {key}: "))),
+                "no line for {key}:\n{text}"
+            );
+        }
+        assert!(text.contains("6 problems found"), "{text}");
+
+        // The daemon refuses to start on it, with the same messages.
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&bad)
+            .arg("run")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("desks[0].sharing"));
+
+        // A missing file is named too.
+        let out = Command::new(BIN)
+            .args(["--config", "/nonexistent/intake.toml", "check-config"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("/nonexistent/intake.toml"));
     }
-    assert!(text.contains("6 problems found"), "{text}");
-
-    // The daemon refuses to start on it, with the same messages.
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&bad)
-        .arg("run")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("desks[0].sharing"));
-
-    // A missing file is named too.
-    let out = Command::new(BIN)
-        .args(["--config", "/nonexistent/intake.toml", "check-config"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("/nonexistent/intake.toml"));
 }
 
 #[test]
 fn environment_overrides_config_keys() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&env.config)
-        .args(["explain", fixture("outsider-new.eml").to_str().unwrap()])
-        .current_dir(env.dir.path())
-        .env("INTAKE__CUSTOMER_ACCESS__SIGNUP", "closed")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(d["reason"], "signup_closed");
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&env.config)
+            .args(["explain", fixture("outsider-new.eml").to_str().unwrap()])
+            .current_dir(env.dir.path())
+            .env("INTAKE__CUSTOMER_ACCESS__SIGNUP", "closed")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(d["reason"], "signup_closed");
+    }
 }
 
 #[test]
@@ -160,22 +164,26 @@ fn deliver_exit_codes() {
 
 #[test]
 fn explain_text_format_reads_well() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let out = env.intake(&[
-        "explain",
-        fixture("helpdesk-cc-outsider.eml").to_str().unwrap(),
-        "--format",
-        "text",
-    ]);
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("action: create_request (new_request)"),
-        "{text}"
-    );
-    assert!(
-        text.contains("participant: olga@outside.example — drop (agents_may_not_add_customers)")
-    );
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let out = env.intake(&[
+            "explain",
+            fixture("helpdesk-cc-outsider.eml").to_str().unwrap(),
+            "--format",
+            "text",
+        ]);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("action: create_request (new_request)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "participant: olga@outside.example — drop (agents_may_not_add_customers)"
+            )
+        );
+    }
 }
 
 #[test]

@@ -798,43 +798,45 @@ fn postgres_crash_and_restart_under_a_running_backlog_loses_nothing() {
 
 #[test]
 fn dovecot_restart_during_idle_then_new_mail_arrives() {
-    let dovecot = Dovecot::start();
-    let mut imap = dovecot.client();
-    let w = Workload::new(10);
-    imap.append("INBOX", &w.messages[0].1);
-    // Polling every 10 minutes: after the restart only IDLE can bring new mail in time.
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &Site::default(),
-        &DeskSettings::default(),
-        &dovecot.mailbox_toml("poll_interval = \"10m\""),
-    );
-    let daemon = start_daemon(&env);
-    let requests = || {
-        env.json(&["requests", "list", "--json"])
-            .as_array()
-            .map(Vec::len)
-            .unwrap_or(0)
-    };
-    let connections = || daemon.log().matches("idle=true").count();
-    daemon.wait_for("the first message", WAIT, || requests() == 1);
-    for (round, crash) in [(1, false), (2, true)] {
-        // Waiting in IDLE now.
-        std::thread::sleep(Duration::from_millis(500));
-        if crash {
-            dovecot.crash_restart();
-        } else {
-            dovecot.restart();
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        let w = Workload::new(10);
+        imap.append("INBOX", &w.messages[0].1);
+        // Polling every 10 minutes: after the restart only IDLE can bring new mail in time.
+        let env = Env::with_extra(
+            backend,
+            &Site::default(),
+            &DeskSettings::default(),
+            &dovecot.mailbox_toml("poll_interval = \"10m\""),
+        );
+        let daemon = start_daemon(&env);
+        let requests = || {
+            env.json(&["requests", "list", "--json"])
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0)
+        };
+        let connections = || daemon.log().matches("idle=true").count();
+        daemon.wait_for("the first message", WAIT, || requests() == 1);
+        for (round, crash) in [(1, false), (2, true)] {
+            // Waiting in IDLE now.
+            std::thread::sleep(Duration::from_millis(500));
+            if crash {
+                dovecot.crash_restart();
+            } else {
+                dovecot.restart();
+            }
+            daemon.wait_for("a new connection", WAIT, || connections() == round + 1);
+            std::thread::sleep(Duration::from_millis(500));
+            imap = dovecot.client();
+            imap.append("INBOX", &w.messages[round].1);
+            daemon.wait_for("the message appended after the restart", WAIT, || {
+                requests() == round + 1
+            });
         }
-        daemon.wait_for("a new connection", WAIT, || connections() == round + 1);
-        std::thread::sleep(Duration::from_millis(500));
-        imap = dovecot.client();
-        imap.append("INBOX", &w.messages[round].1);
-        daemon.wait_for("the message appended after the restart", WAIT, || {
-            requests() == round + 1
-        });
+        let log = daemon.stop();
+        assert!(log.contains("mailbox connection failed"), "{log}");
+        assert_eq!(imap.status("INBOX"), (3, 0));
     }
-    let log = daemon.stop();
-    assert!(log.contains("mailbox connection failed"), "{log}");
-    assert_eq!(imap.status("INBOX"), (3, 0));
 }

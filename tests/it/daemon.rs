@@ -87,55 +87,57 @@ fn daemon_processes_a_maildir_and_stops_cleanly() {
 
 #[test]
 fn oversized_maildir_message_is_quarantined_unread() {
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &Site::default(),
-        &DeskSettings::default(),
-        "[limits]\nmax_message_size = 2000\n",
-    );
-    let maildir = env.path("maildir");
-    std::fs::create_dir_all(maildir.join("new")).unwrap();
-    let mut big = std::fs::read(fixture("outsider-new.eml")).unwrap();
-    big.extend(std::iter::repeat_n(b'x', 5000));
-    std::fs::write(maildir.join("new").join("big.eml"), &big).unwrap();
-    let daemon = start_daemon(&env);
-    wait_for("the big message", Duration::from_secs(20), || {
-        count(&maildir.join("new")) == 0
-    });
-    daemon.stop();
-    let q = env.json(&["quarantine", "list", "--json"]);
-    assert_eq!(q[0]["reason"], "oversized", "{q:#}");
-    assert_eq!(
-        q[0]["sender"], "olga@outside.example",
-        "headers were read: {q:#}"
-    );
-    let kept = q[0]["quarantine_ref"].as_str().unwrap();
-    assert_eq!(
-        std::fs::read(kept).unwrap(),
-        big,
-        "the whole message is kept"
-    );
-    assert!(env.requests().is_empty());
+    for backend in BACKENDS {
+        let env = Env::with_extra(
+            backend,
+            &Site::default(),
+            &DeskSettings::default(),
+            "[limits]\nmax_message_size = 2000\n",
+        );
+        let maildir = env.path("maildir");
+        std::fs::create_dir_all(maildir.join("new")).unwrap();
+        let mut big = std::fs::read(fixture("outsider-new.eml")).unwrap();
+        big.extend(std::iter::repeat_n(b'x', 5000));
+        std::fs::write(maildir.join("new").join("big.eml"), &big).unwrap();
+        let daemon = start_daemon(&env);
+        wait_for("the big message", Duration::from_secs(20), || {
+            count(&maildir.join("new")) == 0
+        });
+        daemon.stop();
+        let q = env.json(&["quarantine", "list", "--json"]);
+        assert_eq!(q[0]["reason"], "oversized", "{q:#}");
+        assert_eq!(
+            q[0]["sender"], "olga@outside.example",
+            "headers were read: {q:#}"
+        );
+        let kept = q[0]["quarantine_ref"].as_str().unwrap();
+        assert_eq!(
+            std::fs::read(kept).unwrap(),
+            big,
+            "the whole message is kept"
+        );
+        assert!(env.requests().is_empty());
 
-    // After raising the limit, releasing it processes it.
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace("max_message_size = 2000", "max_message_size = 100000");
-    std::fs::write(&env.config, text).unwrap();
-    let id = q[0]["id"].as_i64().unwrap().to_string();
-    let out = env.intake(&["quarantine", "release", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("create_request"));
-    assert_eq!(env.requests().len(), 1);
-    assert!(
-        env.json(&["quarantine", "list", "--json"])
-            .as_array()
+        // After raising the limit, releasing it processes it.
+        let text = std::fs::read_to_string(&env.config)
             .unwrap()
-            .is_empty()
-    );
-    assert!(!Path::new(kept).exists());
+            .replace("max_message_size = 2000", "max_message_size = 100000");
+        std::fs::write(&env.config, text).unwrap();
+        let id = q[0]["id"].as_i64().unwrap().to_string();
+        let out = env.intake(&["quarantine", "release", &id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("create_request"));
+        assert_eq!(env.requests().len(), 1);
+        assert!(
+            env.json(&["quarantine", "list", "--json"])
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(!Path::new(kept).exists());
+    }
 }

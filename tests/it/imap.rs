@@ -58,21 +58,23 @@ fn idle_pushes_new_mail_and_seen_mode_flags_it() {
 
 #[test]
 fn polling_when_idle_is_off() {
-    let dovecot = Dovecot::start();
-    let env = env_with(
-        &dovecot,
-        Backend::Sqlite,
-        "idle = false\npoll_interval = \"200ms\"",
-        "",
-    );
-    let daemon = start_daemon(&env);
-    let mut imap = dovecot.client();
-    for i in 0..3 {
-        imap.append("INBOX", &message(i, ""));
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let env = env_with(
+            &dovecot,
+            backend,
+            "idle = false\npoll_interval = \"200ms\"",
+            "",
+        );
+        let daemon = start_daemon(&env);
+        let mut imap = dovecot.client();
+        for i in 0..3 {
+            imap.append("INBOX", &message(i, ""));
+        }
+        daemon.wait_for("three requests", WAIT, || request_count(&env) == 3);
+        let log = daemon.stop();
+        assert!(log.contains("idle=false"), "{log}");
     }
-    daemon.wait_for("three requests", WAIT, || request_count(&env) == 3);
-    let log = daemon.stop();
-    assert!(log.contains("idle=false"), "{log}");
 }
 
 #[test]
@@ -107,118 +109,122 @@ fn move_and_delete_modes() {
 
 #[test]
 fn start_new_leaves_existing_mail_alone() {
-    let dovecot = Dovecot::start();
-    let mut imap = dovecot.client();
-    for i in 0..3 {
-        imap.append("INBOX", &message(i, ""));
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        for i in 0..3 {
+            imap.append("INBOX", &message(i, ""));
+        }
+        let env = env_with(
+            &dovecot,
+            backend,
+            "start = \"new\"\nafter = \"move:Processed\"",
+            "",
+        );
+        let daemon = start_daemon(&env);
+        // Only mail that arrives after the first start is taken.
+        daemon.wait_for("the mailbox to be watched", WAIT, || {
+            daemon.log().contains("idle=true")
+        });
+        imap.append("INBOX", &message(10, ""));
+        daemon.wait_for("the new message moved", WAIT, || {
+            imap.status("Processed").0 == 1
+        });
+        daemon.stop();
+        // A restart keeps the recorded position: the old mail is still untouched.
+        let daemon = start_daemon(&env);
+        imap.append("INBOX", &message(11, ""));
+        daemon.wait_for("the second new message moved", WAIT, || {
+            imap.status("Processed").0 == 2
+        });
+        let log = daemon.stop();
+        assert!(!log.contains("processing again"), "{log}");
+        assert_eq!(imap.status("INBOX"), (3, 3));
+        assert_eq!(request_count(&env), 2);
     }
-    let env = env_with(
-        &dovecot,
-        Backend::Sqlite,
-        "start = \"new\"\nafter = \"move:Processed\"",
-        "",
-    );
-    let daemon = start_daemon(&env);
-    // Only mail that arrives after the first start is taken.
-    daemon.wait_for("the mailbox to be watched", WAIT, || {
-        daemon.log().contains("idle=true")
-    });
-    imap.append("INBOX", &message(10, ""));
-    daemon.wait_for("the new message moved", WAIT, || {
-        imap.status("Processed").0 == 1
-    });
-    daemon.stop();
-    // A restart keeps the recorded position: the old mail is still untouched.
-    let daemon = start_daemon(&env);
-    imap.append("INBOX", &message(11, ""));
-    daemon.wait_for("the second new message moved", WAIT, || {
-        imap.status("Processed").0 == 2
-    });
-    let log = daemon.stop();
-    assert!(!log.contains("processing again"), "{log}");
-    assert_eq!(imap.status("INBOX"), (3, 3));
-    assert_eq!(request_count(&env), 2);
 }
 
 #[test]
 fn oversized_is_quarantined_without_download_and_can_be_released() {
-    let dovecot = Dovecot::start();
-    let mut imap = dovecot.client();
-    let mut big = message(1, "");
-    big.extend(std::iter::repeat_n(b'x', 50_000));
-    big.extend_from_slice(b"\r\n");
-    imap.append("INBOX", &big);
-    let env = env_with(
-        &dovecot,
-        Backend::Sqlite,
-        "",
-        "[limits]\nmax_message_size = 20000\n",
-    );
-    let daemon = start_daemon(&env);
-    daemon.wait_for("the big message in Quarantine", WAIT, || {
-        imap.status("Quarantine").0 == 1 && imap.status("INBOX").0 == 0
-    });
-    daemon.stop();
-    let q = env.json(&["quarantine", "list", "--json"]);
-    assert_eq!(q[0]["reason"], "oversized", "{q:#}");
-    assert_eq!(
-        q[0]["sender"], "sender1@outside.example",
-        "headers were read: {q:#}"
-    );
-    let reference = q[0]["quarantine_ref"].as_str().unwrap().to_string();
-    assert!(
-        reference.starts_with("imap:support:Quarantine:"),
-        "{reference}"
-    );
-    // Dovecot logs how many body bytes each session sent: none of this message's.
-    let log = dovecot.log();
-    let sent: u64 = log
-        .lines()
-        .filter_map(|l| l.split("body_bytes=").nth(1))
-        .filter_map(|v| {
-            v.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
-    assert!(
-        sent < 50_000,
-        "the oversized body was downloaded ({sent} body bytes):\n{log}"
-    );
-    assert_eq!(request_count(&env), 0);
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        let mut big = message(1, "");
+        big.extend(std::iter::repeat_n(b'x', 50_000));
+        big.extend_from_slice(b"\r\n");
+        imap.append("INBOX", &big);
+        let env = env_with(
+            &dovecot,
+            backend,
+            "",
+            "[limits]\nmax_message_size = 20000\n",
+        );
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the big message in Quarantine", WAIT, || {
+            imap.status("Quarantine").0 == 1 && imap.status("INBOX").0 == 0
+        });
+        daemon.stop();
+        let q = env.json(&["quarantine", "list", "--json"]);
+        assert_eq!(q[0]["reason"], "oversized", "{q:#}");
+        assert_eq!(
+            q[0]["sender"], "sender1@outside.example",
+            "headers were read: {q:#}"
+        );
+        let reference = q[0]["quarantine_ref"].as_str().unwrap().to_string();
+        assert!(
+            reference.starts_with("imap:support:Quarantine:"),
+            "{reference}"
+        );
+        // Dovecot logs how many body bytes each session sent: none of this message's.
+        let log = dovecot.log();
+        let sent: u64 = log
+            .lines()
+            .filter_map(|l| l.split("body_bytes=").nth(1))
+            .filter_map(|v| {
+                v.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert!(
+            sent < 50_000,
+            "the oversized body was downloaded ({sent} body bytes):\n{log}"
+        );
+        assert_eq!(request_count(&env), 0);
 
-    // Raise the limit and release it: processed, and out of quarantine.
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace("max_message_size = 20000", "max_message_size = 200000");
-    std::fs::write(&env.config, text).unwrap();
-    let id = q[0]["id"].as_i64().unwrap().to_string();
-    // A recreated quarantine folder (new UIDVALIDITY): the UID could name another
-    // message, so release refuses, touching nothing.
-    let recorded: u32 = reference.rsplit(':').nth(1).unwrap().parse().unwrap();
-    dovecot.change_uidvalidity("Quarantine", recorded + 7);
-    let out = env.intake(&["quarantine", "release", &id]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("was recreated"), "{err}");
-    assert_eq!(request_count(&env), 0);
-    assert_eq!(imap.status("Quarantine").0, 1);
-    dovecot.change_uidvalidity("Quarantine", recorded);
-    let out = env.intake(&["quarantine", "release", &id]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(request_count(&env), 1);
-    assert_eq!(imap.status("Quarantine").0, 0);
-    assert_eq!(
-        imap.status("INBOX"),
-        (1, 0),
-        "back in the folder, flagged seen"
-    );
+        // Raise the limit and release it: processed, and out of quarantine.
+        let text = std::fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("max_message_size = 20000", "max_message_size = 200000");
+        std::fs::write(&env.config, text).unwrap();
+        let id = q[0]["id"].as_i64().unwrap().to_string();
+        // A recreated quarantine folder (new UIDVALIDITY): the UID could name another
+        // message, so release refuses, touching nothing.
+        let recorded: u32 = reference.rsplit(':').nth(1).unwrap().parse().unwrap();
+        dovecot.change_uidvalidity("Quarantine", recorded + 7);
+        let out = env.intake(&["quarantine", "release", &id]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("was recreated"), "{err}");
+        assert_eq!(request_count(&env), 0);
+        assert_eq!(imap.status("Quarantine").0, 1);
+        dovecot.change_uidvalidity("Quarantine", recorded);
+        let out = env.intake(&["quarantine", "release", &id]);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(request_count(&env), 1);
+        assert_eq!(imap.status("Quarantine").0, 0);
+        assert_eq!(
+            imap.status("INBOX"),
+            (1, 0),
+            "back in the folder, flagged seen"
+        );
+    }
 }
 
 #[test]
@@ -320,125 +326,131 @@ fn dovecot_restart_mid_backlog_loses_and_doubles_nothing() {
 
 #[test]
 fn wrong_password_is_reported_with_host_and_port() {
-    let dovecot = Dovecot::start();
-    let env = env_with(&dovecot, Backend::Sqlite, "", "");
-    std::fs::write(dovecot.dir.path().join("imap-password"), "wrong").unwrap();
-    let daemon = start_daemon(&env);
-    let address = format!("127.0.0.1:{}", dovecot.port);
-    daemon.wait_for("the refused login in the log", WAIT, || {
-        daemon.log().contains("refused the login")
-    });
-    let log = daemon.stop();
-    let line = log
-        .lines()
-        .find(|l| l.contains("refused the login"))
-        .unwrap_or_default()
-        .to_string();
-    assert!(line.contains(&address), "{line}");
-    assert!(line.contains("desk"), "{line}");
-    assert!(!log.contains("wrong"), "the password must not be logged");
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let env = env_with(&dovecot, backend, "", "");
+        std::fs::write(dovecot.dir.path().join("imap-password"), "wrong").unwrap();
+        let daemon = start_daemon(&env);
+        let address = format!("127.0.0.1:{}", dovecot.port);
+        daemon.wait_for("the refused login in the log", WAIT, || {
+            daemon.log().contains("refused the login")
+        });
+        let log = daemon.stop();
+        let line = log
+            .lines()
+            .find(|l| l.contains("refused the login"))
+            .unwrap_or_default()
+            .to_string();
+        assert!(line.contains(&address), "{line}");
+        assert!(line.contains("desk"), "{line}");
+        assert!(!log.contains("wrong"), "the password must not be logged");
+    }
 }
 
 #[test]
 fn implicit_tls_and_starttls() {
-    for (tls, port) in [("implicit", 0), ("starttls", 1)] {
+    for backend in BACKENDS {
+        for (tls, port) in [("implicit", 0), ("starttls", 1)] {
+            let dovecot = Dovecot::start();
+            let mut imap = dovecot.client();
+            imap.append("INBOX", &message(1, ""));
+            let port = if port == 0 {
+                dovecot.tls_port
+            } else {
+                dovecot.port
+            };
+            let mailbox = dovecot
+                .mailbox_toml(&format!("ca_file = \"{}\"", dovecot.ca_file.display()))
+                .replace("tls = \"none\"", &format!("tls = \"{tls}\""))
+                .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
+                .replace(
+                    &format!("port = {}", dovecot.port),
+                    &format!("port = {port}"),
+                );
+            let env = Env::with_extra(
+                backend,
+                &Site::default(),
+                &DeskSettings::default(),
+                &mailbox,
+            );
+            let daemon = start_daemon(&env);
+            daemon.wait_for(&format!("a request over {tls}"), WAIT, || {
+                request_count(&env) == 1
+            });
+            daemon.stop();
+            assert!(
+                dovecot.log().contains("TLS"),
+                "{tls}: the session was encrypted"
+            );
+        }
+        // Without the CA the certificate is refused.
         let dovecot = Dovecot::start();
-        let mut imap = dovecot.client();
-        imap.append("INBOX", &message(1, ""));
-        let port = if port == 0 {
-            dovecot.tls_port
-        } else {
-            dovecot.port
-        };
         let mailbox = dovecot
-            .mailbox_toml(&format!("ca_file = \"{}\"", dovecot.ca_file.display()))
-            .replace("tls = \"none\"", &format!("tls = \"{tls}\""))
-            .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
+            .mailbox_toml("")
+            .replace("tls = \"none\"", "tls = \"implicit\"")
             .replace(
                 &format!("port = {}", dovecot.port),
-                &format!("port = {port}"),
+                &format!("port = {}", dovecot.tls_port),
             );
         let env = Env::with_extra(
-            Backend::Sqlite,
+            backend,
             &Site::default(),
             &DeskSettings::default(),
             &mailbox,
         );
         let daemon = start_daemon(&env);
-        daemon.wait_for(&format!("a request over {tls}"), WAIT, || {
-            request_count(&env) == 1
+        daemon.wait_for("the TLS failure in the log", WAIT, || {
+            daemon.log().contains("TLS with")
         });
         daemon.stop();
-        assert!(
-            dovecot.log().contains("TLS"),
-            "{tls}: the session was encrypted"
-        );
     }
-    // Without the CA the certificate is refused.
-    let dovecot = Dovecot::start();
-    let mailbox = dovecot
-        .mailbox_toml("")
-        .replace("tls = \"none\"", "tls = \"implicit\"")
-        .replace(
-            &format!("port = {}", dovecot.port),
-            &format!("port = {}", dovecot.tls_port),
-        );
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &Site::default(),
-        &DeskSettings::default(),
-        &mailbox,
-    );
-    let daemon = start_daemon(&env);
-    daemon.wait_for("the TLS failure in the log", WAIT, || {
-        daemon.log().contains("TLS with")
-    });
-    daemon.stop();
 }
 
 #[test]
 fn xoauth2_with_a_token_command_refreshed_on_reconnect() {
-    let dovecot = Dovecot::start_with_oauth();
-    dovecot.accept_token("token-one");
-    let token_file = dovecot.dir.path().join("current-token");
-    std::fs::write(&token_file, "token-one\n").unwrap();
-    let mailbox = dovecot
-        .mailbox_toml(&format!(
-            "auth = \"xoauth2\"\ntoken_command = \"cat {}\"\ntoken_lifetime = \"1s\"",
-            token_file.display()
-        ))
-        .lines()
-        .filter(|l| !l.starts_with("password_file"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &Site::default(),
-        &DeskSettings::default(),
-        &mailbox,
-    );
-    let mut imap = dovecot.client();
-    imap.append("INBOX", &message(1, ""));
-    let daemon = start_daemon(&env);
-    daemon.wait_for("a request over XOAUTH2", WAIT, || request_count(&env) == 1);
-    // The token rotates and the server drops the session: the next connection must run
-    // the command again (the cached token is past its lifetime) and get in.
-    dovecot.accept_token("token-two");
-    std::fs::write(&token_file, "token-two\n").unwrap();
-    std::thread::sleep(Duration::from_millis(1100));
-    dovecot.kick();
-    let mut imap = dovecot.client();
-    imap.append("INBOX", &message(2, ""));
-    daemon.wait_for("a request after the token changed", WAIT, || {
-        request_count(&env) == 2
-    });
-    daemon.stop();
-    let log = dovecot.log();
-    assert!(log.contains("method=XOAUTH2"), "{log}");
-    assert!(
-        !daemon_log_has_token(&env, "token-two"),
-        "tokens must not be logged"
-    );
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start_with_oauth();
+        dovecot.accept_token("token-one");
+        let token_file = dovecot.dir.path().join("current-token");
+        std::fs::write(&token_file, "token-one\n").unwrap();
+        let mailbox = dovecot
+            .mailbox_toml(&format!(
+                "auth = \"xoauth2\"\ntoken_command = \"cat {}\"\ntoken_lifetime = \"1s\"",
+                token_file.display()
+            ))
+            .lines()
+            .filter(|l| !l.starts_with("password_file"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let env = Env::with_extra(
+            backend,
+            &Site::default(),
+            &DeskSettings::default(),
+            &mailbox,
+        );
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(1, ""));
+        let daemon = start_daemon(&env);
+        daemon.wait_for("a request over XOAUTH2", WAIT, || request_count(&env) == 1);
+        // The token rotates and the server drops the session: the next connection must run
+        // the command again (the cached token is past its lifetime) and get in.
+        dovecot.accept_token("token-two");
+        std::fs::write(&token_file, "token-two\n").unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        dovecot.kick();
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(2, ""));
+        daemon.wait_for("a request after the token changed", WAIT, || {
+            request_count(&env) == 2
+        });
+        daemon.stop();
+        let log = dovecot.log();
+        assert!(log.contains("method=XOAUTH2"), "{log}");
+        assert!(
+            !daemon_log_has_token(&env, "token-two"),
+            "tokens must not be logged"
+        );
+    }
 }
 
 fn daemon_log_has_token(env: &Env, token: &str) -> bool {
@@ -455,52 +467,54 @@ fn daemon_log_has_token(env: &Env, token: &str) -> bool {
 
 #[test]
 fn a_broken_mailbox_does_not_stop_the_others() {
-    let dovecot = Dovecot::start();
-    let dead_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let broken = dovecot
-        .mailbox_toml("")
-        .replace("name = \"support\"", "name = \"broken\"")
-        .replace(
-            &format!("port = {}", dovecot.port),
-            &format!("port = {dead_port}"),
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let dead_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let broken = dovecot
+            .mailbox_toml("")
+            .replace("name = \"support\"", "name = \"broken\"")
+            .replace(
+                &format!("port = {}", dovecot.port),
+                &format!("port = {dead_port}"),
+            );
+        let env = Env::with_extra(
+            backend,
+            &Site::default(),
+            &DeskSettings::default(),
+            &format!("{}\n{broken}", dovecot.mailbox_toml("")),
         );
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &Site::default(),
-        &DeskSettings::default(),
-        &format!("{}\n{broken}", dovecot.mailbox_toml("")),
-    );
-    let daemon = start_daemon(&env);
-    let mut imap = dovecot.client();
-    imap.append("INBOX", &message(1, ""));
-    daemon.wait_for("the working mailbox's request", WAIT, || {
-        request_count(&env) == 1
-    });
-    daemon.wait_for("the broken mailbox's error", WAIT, || {
-        daemon.log().contains(&format!("127.0.0.1:{dead_port}"))
-    });
-    // /healthz says which mailbox is down, with the outermost message only.
-    let (status, _, body) = crate::browser::http(env.http_port, "GET", "/healthz", None);
-    assert_eq!(status, 503, "{body}");
-    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(health["status"], "degraded");
-    assert_eq!(health["mailboxes"]["support"]["ok"], true, "{health:#}");
-    assert_eq!(health["mailboxes"]["broken"]["ok"], false, "{health:#}");
-    let error = health["mailboxes"]["broken"]["last_error"]
-        .as_str()
-        .unwrap();
-    assert!(error.contains("cannot connect"), "{error}");
-    assert!(
-        !error.contains("os error"),
-        "only the outermost message: {error}"
-    );
-    let log = daemon.stop();
-    assert!(
-        log.contains("os error"),
-        "the log has the whole chain: {log}"
-    );
-    assert!(log.contains("mailbox broken: cannot connect"), "{log}");
+        let daemon = start_daemon(&env);
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(1, ""));
+        daemon.wait_for("the working mailbox's request", WAIT, || {
+            request_count(&env) == 1
+        });
+        daemon.wait_for("the broken mailbox's error", WAIT, || {
+            daemon.log().contains(&format!("127.0.0.1:{dead_port}"))
+        });
+        // /healthz says which mailbox is down, with the outermost message only.
+        let (status, _, body) = crate::browser::http(env.http_port, "GET", "/healthz", None);
+        assert_eq!(status, 503, "{body}");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(health["status"], "degraded");
+        assert_eq!(health["mailboxes"]["support"]["ok"], true, "{health:#}");
+        assert_eq!(health["mailboxes"]["broken"]["ok"], false, "{health:#}");
+        let error = health["mailboxes"]["broken"]["last_error"]
+            .as_str()
+            .unwrap();
+        assert!(error.contains("cannot connect"), "{error}");
+        assert!(
+            !error.contains("os error"),
+            "only the outermost message: {error}"
+        );
+        let log = daemon.stop();
+        assert!(
+            log.contains("os error"),
+            "the log has the whole chain: {log}"
+        );
+        assert!(log.contains("mailbox broken: cannot connect"), "{log}");
+    }
 }

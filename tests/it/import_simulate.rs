@@ -214,158 +214,162 @@ fn mbox_import_creates_requests_and_a_second_run_skips_it_all() {
 
 #[test]
 fn a_killed_import_resumes_and_processes_everything_once() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let total = 3000;
-    let messages: Vec<Vec<u8>> = (0..total)
-        .map(|i| message(i, "The VPN drops every few minutes.").into_bytes())
-        .collect();
-    let mbox = env.path("big.mbox");
-    write_mbox(&mbox, &messages);
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let total = 3000;
+        let messages: Vec<Vec<u8>> = (0..total)
+            .map(|i| message(i, "The VPN drops every few minutes.").into_bytes())
+            .collect();
+        let mbox = env.path("big.mbox");
+        write_mbox(&mbox, &messages);
 
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&env.config)
-        .args(["import", "--json", "--no-send"])
-        .arg(&mbox)
-        .current_dir(env.dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start intake import");
-    // Kill it once at least one batch has committed.
-    let started = Instant::now();
-    loop {
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "the import finished before it could be killed: make the mbox bigger"
-        );
-        let newest = env.json(&["requests", "list", "--json", "--limit", "1"]);
-        if newest.as_array().is_some_and(|a| !a.is_empty()) {
-            break;
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&env.config)
+            .args(["import", "--json", "--no-send"])
+            .arg(&mbox)
+            .current_dir(env.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start intake import");
+        // Kill it once at least one batch has committed.
+        let started = Instant::now();
+        loop {
+            assert!(
+                child.try_wait().expect("wait").is_none(),
+                "the import finished before it could be killed: make the mbox bigger"
+            );
+            let newest = env.json(&["requests", "list", "--json", "--limit", "1"]);
+            if newest.as_array().is_some_and(|a| !a.is_empty()) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no batch committed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+        let before = all_requests(&env).len();
         assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no batch committed"
+            before > 0 && before < total,
+            "killed after {before} requests"
         );
-        std::thread::sleep(Duration::from_millis(20));
+
+        let report = env.json(&[
+            "import",
+            "--json",
+            "--no-send",
+            mbox.to_str().expect("utf-8"),
+        ]);
+        // It starts right after the last batch the killed run committed (the progress commits
+        // with the batch): nothing is read twice, nothing turns up as a duplicate.
+        assert_eq!(report["skipped"], before, "{report}");
+        assert_eq!(report["imported"], total - before, "{report}");
+        assert_eq!(
+            count(&report, "create_request") as usize,
+            total - before,
+            "{report}"
+        );
+        assert_eq!(count(&report, "ignore"), 0, "{report}");
+        assert!(
+            report["sources"][0]["resumed_at"]
+                .as_u64()
+                .is_some_and(|b| b > 0),
+            "{report}"
+        );
+
+        let requests = all_requests(&env);
+        assert_eq!(requests.len(), total);
+        let mut subjects: Vec<&str> = requests
+            .iter()
+            .filter_map(|r| r["subject"].as_str())
+            .collect();
+        subjects.sort();
+        subjects.dedup();
+        assert_eq!(subjects.len(), total, "a message was processed twice");
+
+        let third = env.json(&[
+            "import",
+            "--json",
+            "--no-send",
+            mbox.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(third["imported"], 0, "{third}");
+        assert_eq!(third["skipped"], total, "{third}");
     }
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reap");
-    let before = all_requests(&env).len();
-    assert!(
-        before > 0 && before < total,
-        "killed after {before} requests"
-    );
-
-    let report = env.json(&[
-        "import",
-        "--json",
-        "--no-send",
-        mbox.to_str().expect("utf-8"),
-    ]);
-    // It starts right after the last batch the killed run committed (the progress commits
-    // with the batch): nothing is read twice, nothing turns up as a duplicate.
-    assert_eq!(report["skipped"], before, "{report}");
-    assert_eq!(report["imported"], total - before, "{report}");
-    assert_eq!(
-        count(&report, "create_request") as usize,
-        total - before,
-        "{report}"
-    );
-    assert_eq!(count(&report, "ignore"), 0, "{report}");
-    assert!(
-        report["sources"][0]["resumed_at"]
-            .as_u64()
-            .is_some_and(|b| b > 0),
-        "{report}"
-    );
-
-    let requests = all_requests(&env);
-    assert_eq!(requests.len(), total);
-    let mut subjects: Vec<&str> = requests
-        .iter()
-        .filter_map(|r| r["subject"].as_str())
-        .collect();
-    subjects.sort();
-    subjects.dedup();
-    assert_eq!(subjects.len(), total, "a message was processed twice");
-
-    let third = env.json(&[
-        "import",
-        "--json",
-        "--no-send",
-        mbox.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(third["imported"], 0, "{third}");
-    assert_eq!(third["skipped"], total, "{third}");
 }
 
 #[test]
 fn an_interrupted_import_finishes_its_batch_and_says_to_run_again() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let total = 3000;
-    let messages: Vec<Vec<u8>> = (0..total)
-        .map(|i| message(i, "The VPN drops every few minutes.").into_bytes())
-        .collect();
-    let mbox = env.path("big.mbox");
-    write_mbox(&mbox, &messages);
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&env.config)
-        .args(["import", "--json", "--no-send"])
-        .arg(&mbox)
-        .current_dir(env.dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start intake import");
-    let started = Instant::now();
-    while all_requests(&env).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no batch committed"
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let total = 3000;
+        let messages: Vec<Vec<u8>> = (0..total)
+            .map(|i| message(i, "The VPN drops every few minutes.").into_bytes())
+            .collect();
+        let mbox = env.path("big.mbox");
+        write_mbox(&mbox, &messages);
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&env.config)
+            .args(["import", "--json", "--no-send"])
+            .arg(&mbox)
+            .current_dir(env.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start intake import");
+        let started = Instant::now();
+        while all_requests(&env).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no batch committed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if report["interrupted"] == true {
-        assert!(
-            stderr.contains("interrupted, run again to continue"),
-            "{stderr}"
+        let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if report["interrupted"] == true {
+            assert!(
+                stderr.contains("interrupted, run again to continue"),
+                "{stderr}"
+            );
+            // Whole batches only: what it reports is what it committed.
+            let imported = report["imported"].as_u64().expect("imported");
+            assert_eq!(all_requests(&env).len() as u64, imported);
+            assert!(imported < total as u64);
+        }
+        let rest = env.json(&[
+            "import",
+            "--json",
+            "--no-send",
+            mbox.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(
+            rest["skipped"].as_u64().unwrap_or(0) + rest["imported"].as_u64().unwrap_or(0),
+            total as u64,
+            "{rest}"
         );
-        // Whole batches only: what it reports is what it committed.
-        let imported = report["imported"].as_u64().expect("imported");
-        assert_eq!(all_requests(&env).len() as u64, imported);
-        assert!(imported < total as u64);
+        assert_eq!(count(&rest, "ignore"), 0, "{rest}");
+        assert_eq!(all_requests(&env).len(), total);
     }
-    let rest = env.json(&[
-        "import",
-        "--json",
-        "--no-send",
-        mbox.to_str().expect("utf-8"),
-    ]);
-    assert_eq!(
-        rest["skipped"].as_u64().unwrap_or(0) + rest["imported"].as_u64().unwrap_or(0),
-        total as u64,
-        "{rest}"
-    );
-    assert_eq!(count(&rest, "ignore"), 0, "{rest}");
-    assert_eq!(all_requests(&env).len(), total);
 }
 
 #[test]
@@ -428,18 +432,20 @@ fn maildir_import_reads_cur_and_new_and_skips_what_it_did() {
 
 #[test]
 fn import_refuses_what_is_neither_mbox_nor_maildir() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let out = env.intake(&[
-        "import",
-        fixture("outsider-new.eml").to_str().expect("utf-8"),
-    ]);
-    assert_eq!(out.status.code(), Some(65));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("neither an mbox file"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(all_requests(&env).is_empty());
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let out = env.intake(&[
+            "import",
+            fixture("outsider-new.eml").to_str().expect("utf-8"),
+        ]);
+        assert_eq!(out.status.code(), Some(65));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("neither an mbox file"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(all_requests(&env).is_empty());
+    }
 }
 
 /// `intake --config FILE simulate ARGS...` in the test's directory.

@@ -82,74 +82,76 @@ fn set_config(env: &Env, from: &str, to: &str) {
 
 #[test]
 fn notify_protocol_watchdog_reload_and_stop() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let notify = NotifySocket::bind(env.path("notify.sock"));
-    let daemon = start_daemon_with(
-        &env,
-        &[
-            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "600000"),
-        ],
-    );
-    daemon.wait_for("READY=1", WAIT, || notify.count("READY=1") == 1);
-    // Pings at a third of the interval: several within a couple of seconds.
-    let pings = notify.count("WATCHDOG=1");
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        notify.count("WATCHDOG=1") >= pings + 4,
-        "{:?}",
-        notify.all()
-    );
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let notify = NotifySocket::bind(env.path("notify.sock"));
+        let daemon = start_daemon_with(
+            &env,
+            &[
+                ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+                ("WATCHDOG_USEC", "600000"),
+            ],
+        );
+        daemon.wait_for("READY=1", WAIT, || notify.count("READY=1") == 1);
+        // Pings at a third of the interval: several within a couple of seconds.
+        let pings = notify.count("WATCHDOG=1");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            notify.count("WATCHDOG=1") >= pings + 4,
+            "{:?}",
+            notify.all()
+        );
 
-    drop_message(&env, "m1", "first@outside.example");
-    daemon.wait_for("a status line counting it", WAIT, || {
-        notify
-            .last_status()
-            .starts_with("1 messages (1 new requests, 0 quarantined)")
-    });
-    assert!(notify.last_status().contains("1 mailbox(es) ok"));
+        drop_message(&env, "m1", "first@outside.example");
+        daemon.wait_for("a status line counting it", WAIT, || {
+            notify
+                .last_status()
+                .starts_with("1 messages (1 new requests, 0 quarantined)")
+        });
+        assert!(notify.last_status().contains("1 mailbox(es) ok"));
 
-    // A valid change applies without a restart.
-    set_config(
-        &env,
-        "channel_access = \"open\"",
-        "channel_access = \"restricted\"",
-    );
-    daemon.signal("HUP");
-    daemon.wait_for("the reload", WAIT, || {
-        daemon.log().contains("configuration reloaded") && notify.count("READY=1") == 2
-    });
-    assert_eq!(notify.count("RELOADING=1"), 1);
-    drop_message(&env, "m2", "second@outside.example");
-    daemon.wait_for("the second message decided", WAIT, || {
-        notify.last_status().starts_with("2 messages")
-    });
-    assert_eq!(
-        request_count(&env),
-        1,
-        "the restricted desk took no stranger"
-    );
+        // A valid change applies without a restart.
+        set_config(
+            &env,
+            "channel_access = \"open\"",
+            "channel_access = \"restricted\"",
+        );
+        daemon.signal("HUP");
+        daemon.wait_for("the reload", WAIT, || {
+            daemon.log().contains("configuration reloaded") && notify.count("READY=1") == 2
+        });
+        assert_eq!(notify.count("RELOADING=1"), 1);
+        drop_message(&env, "m2", "second@outside.example");
+        daemon.wait_for("the second message decided", WAIT, || {
+            notify.last_status().starts_with("2 messages")
+        });
+        assert_eq!(
+            request_count(&env),
+            1,
+            "the restricted desk took no stranger"
+        );
 
-    // An invalid file is refused, named with key and file, and the old policy stays.
-    set_config(&env, "sharing = \"", "sharing = \"everyone");
-    daemon.signal("HUP");
-    daemon.wait_for("the refusal", WAIT, || {
-        daemon.log().contains("configuration reload refused") && notify.count("READY=1") == 3
-    });
-    let log = daemon.log();
-    assert!(log.contains("desks[0].sharing"), "{log}");
-    assert!(notify.last_status().starts_with("reload refused"));
-    drop_message(&env, "m3", "third@outside.example");
-    daemon.wait_for("the third message decided", WAIT, || {
-        notify.last_status().starts_with("3 messages")
-    });
-    // (The CLI reads the file too: make it valid again before asking.)
-    set_config(&env, "sharing = \"everyone", "sharing = \"");
-    assert_eq!(request_count(&env), 1, "still restricted");
+        // An invalid file is refused, named with key and file, and the old policy stays.
+        set_config(&env, "sharing = \"", "sharing = \"everyone");
+        daemon.signal("HUP");
+        daemon.wait_for("the refusal", WAIT, || {
+            daemon.log().contains("configuration reload refused") && notify.count("READY=1") == 3
+        });
+        let log = daemon.log();
+        assert!(log.contains("desks[0].sharing"), "{log}");
+        assert!(notify.last_status().starts_with("reload refused"));
+        drop_message(&env, "m3", "third@outside.example");
+        daemon.wait_for("the third message decided", WAIT, || {
+            notify.last_status().starts_with("3 messages")
+        });
+        // (The CLI reads the file too: make it valid again before asking.)
+        set_config(&env, "sharing = \"everyone", "sharing = \"");
+        assert_eq!(request_count(&env), 1, "still restricted");
 
-    let log = daemon.stop();
-    assert!(notify.count("STOPPING=1") == 1, "{:?}", notify.all());
-    assert!(log.contains("stopped"), "{log}");
+        let log = daemon.stop();
+        assert!(notify.count("STOPPING=1") == 1, "{:?}", notify.all());
+        assert!(log.contains("stopped"), "{log}");
+    }
 }
 
 #[test]

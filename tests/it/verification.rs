@@ -147,304 +147,318 @@ fn browser_confirms_the_address_and_the_held_request_is_released() {
 
 #[test]
 fn get_never_confirms_and_expired_or_unknown_links_say_so() {
-    let smtp = Smtp::start(Mode::Plain, None);
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &verify_site(),
-        &DeskSettings::default(),
-        &smtp.toml(""),
-    );
-    let text = std::fs::read_to_string(&env.config).unwrap().replace(
-        "[customer_access]",
-        "[customer_access]\nverification_ttl = \"2s\"\nhold_ttl = \"3s\"",
-    );
-    std::fs::write(&env.config, text).unwrap();
-    let daemon = start_daemon(&env);
-    drop_in_maildir(
-        &env,
-        "1.eml",
-        &std::fs::read(fixture("outsider-new.eml")).unwrap(),
-    );
-    let mail = wait_for_messages(&smtp, 1, WAIT).remove(0);
-    let link = verification_link(&mail).unwrap();
-    let path = link.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
-    for _ in 0..3 {
-        let (status, head, body) = http(env.http_port, "GET", &path, None);
-        assert_eq!(status, 200, "{body}");
-        assert!(body.contains("<form method=\"post\""));
-        assert!(
-            head.to_ascii_lowercase()
-                .contains("referrer-policy: no-referrer")
-        );
-        assert!(
-            head.contains("default-src 'none'"),
-            "no external assets: {head}"
-        );
-    }
-    assert_eq!(account(&env, "olga@outside.example")["status"], "pending");
-
-    let (status, _, body) = http(env.http_port, "GET", "/verify/not-a-token", None);
-    assert_eq!(status, 404);
-    assert!(body.contains("not valid"));
-    let (status, _, _) = http(
-        env.http_port,
-        "GET",
-        &format!("/verify/{}", "a".repeat(64)),
-        None,
-    );
-    assert_eq!(status, 404);
-
-    std::thread::sleep(Duration::from_millis(2500));
-    let (status, _, body) = http(env.http_port, "GET", &path, None);
-    assert_eq!(status, 410);
-    assert!(body.contains("expired"), "{body}");
-    let (status, _, _) = http(
-        env.http_port,
-        "POST",
-        &path,
-        Some(("application/x-www-form-urlencoded", b"display_name=x")),
-    );
-    assert_eq!(status, 410);
-    assert_eq!(account(&env, "olga@outside.example")["status"], "pending");
-    daemon.stop();
-
-    // Past hold_ttl the held request expires and the pending account goes, with an audit.
-    std::thread::sleep(Duration::from_millis(1000));
-    let expired = env.json(&["expire", "--json"]);
-    assert_eq!(expired["requests"][0], "IT-1", "{expired}");
-    assert_eq!(expired["accounts"][0], "olga@outside.example");
-    assert_eq!(env.request("IT-1")["status"], "expired");
-    let audit = env.json(&["audit", "olga@outside.example", "--json"]);
-    assert!(
-        audit
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["action"] == "expire"),
-        "{audit:#}"
-    );
-    // Writing again starts over with a new pending account and link.
-    let again = env.process(&["pending-followup.eml"]);
-    assert_eq!(again["outcomes"][0]["action"], "hold_for_verification");
-}
-
-#[test]
-fn smtp_down_then_up_loses_and_doubles_nothing() {
-    let mut smtp = Smtp::stopped(Mode::Plain);
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &verify_site(),
-        &DeskSettings::default(),
-        &smtp.toml(""),
-    );
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace("[outbox]", "[outbox]\nretry_first = \"1s\"");
-    std::fs::write(&env.config, text).unwrap();
-    let daemon = start_daemon(&env);
-    drop_in_maildir(
-        &env,
-        "1.eml",
-        &std::fs::read(fixture("outsider-new.eml")).unwrap(),
-    );
-    daemon.wait_for("a failed send", WAIT, || {
-        env.json(&["outbox", "list", "--json"])
-            .as_array()
-            .is_some_and(|a| a.iter().any(|m| m["last_error"].is_string()))
-    });
-    smtp.launch();
-    wait_for_messages(&smtp, 1, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(3));
-    let log = daemon.stop();
-    assert_eq!(smtp.messages().len(), 1, "sent exactly once");
-    let outbox = env.json(&["outbox", "list", "--json"]);
-    assert_eq!(outbox[0]["status"], "sent", "{outbox:#}");
-    assert!(outbox[0]["attempts"].as_i64().unwrap() >= 2);
-    assert!(log.contains("sending failed; will retry"), "{log}");
-}
-
-#[test]
-fn starttls_and_implicit_tls_with_auth() {
-    for mode in [Mode::StartTls, Mode::Implicit] {
-        let smtp = Smtp::start(mode, Some(("intake", "smtp-s3cret")));
+    for backend in BACKENDS {
+        let smtp = Smtp::start(Mode::Plain, None);
         let env = Env::with_extra(
-            Backend::Sqlite,
+            backend,
             &verify_site(),
             &DeskSettings::default(),
             &smtp.toml(""),
         );
-        let report = env.process(&["outsider-new.eml"]);
-        let outbox = env.json(&["outbox", "list", "--json"]);
-        assert_eq!(report["mail_sent"], 1, "{mode:?}: {report} {outbox:#}");
-        let mails = smtp.messages();
-        assert_eq!(mails.len(), 1, "{mode:?}");
-        assert!(String::from_utf8_lossy(&mails[0]).contains("olga@outside.example"));
+        let text = std::fs::read_to_string(&env.config).unwrap().replace(
+            "[customer_access]",
+            "[customer_access]\nverification_ttl = \"2s\"\nhold_ttl = \"3s\"",
+        );
+        std::fs::write(&env.config, text).unwrap();
+        let daemon = start_daemon(&env);
+        drop_in_maildir(
+            &env,
+            "1.eml",
+            &std::fs::read(fixture("outsider-new.eml")).unwrap(),
+        );
+        let mail = wait_for_messages(&smtp, 1, WAIT).remove(0);
+        let link = verification_link(&mail).unwrap();
+        let path = link.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+        for _ in 0..3 {
+            let (status, head, body) = http(env.http_port, "GET", &path, None);
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("<form method=\"post\""));
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("referrer-policy: no-referrer")
+            );
+            assert!(
+                head.contains("default-src 'none'"),
+                "no external assets: {head}"
+            );
+        }
+        assert_eq!(account(&env, "olga@outside.example")["status"], "pending");
+
+        let (status, _, body) = http(env.http_port, "GET", "/verify/not-a-token", None);
+        assert_eq!(status, 404);
+        assert!(body.contains("not valid"));
+        let (status, _, _) = http(
+            env.http_port,
+            "GET",
+            &format!("/verify/{}", "a".repeat(64)),
+            None,
+        );
+        assert_eq!(status, 404);
+
+        std::thread::sleep(Duration::from_millis(2500));
+        let (status, _, body) = http(env.http_port, "GET", &path, None);
+        assert_eq!(status, 410);
+        assert!(body.contains("expired"), "{body}");
+        let (status, _, _) = http(
+            env.http_port,
+            "POST",
+            &path,
+            Some(("application/x-www-form-urlencoded", b"display_name=x")),
+        );
+        assert_eq!(status, 410);
+        assert_eq!(account(&env, "olga@outside.example")["status"], "pending");
+        daemon.stop();
+
+        // Past hold_ttl the held request expires and the pending account goes, with an audit.
+        std::thread::sleep(Duration::from_millis(1000));
+        let expired = env.json(&["expire", "--json"]);
+        assert_eq!(expired["requests"][0], "IT-1", "{expired}");
+        assert_eq!(expired["accounts"][0], "olga@outside.example");
+        assert_eq!(env.request("IT-1")["status"], "expired");
+        let audit = env.json(&["audit", "olga@outside.example", "--json"]);
+        assert!(
+            audit
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["action"] == "expire"),
+            "{audit:#}"
+        );
+        // Writing again starts over with a new pending account and link.
+        let again = env.process(&["pending-followup.eml"]);
+        assert_eq!(again["outcomes"][0]["action"], "hold_for_verification");
     }
-    // A wrong password: the mail is retried later, not lost and not sent.
-    let smtp = Smtp::start(Mode::StartTls, Some(("intake", "right")));
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &verify_site(),
-        &DeskSettings::default(),
-        &smtp.toml(""),
-    );
-    std::fs::write(smtp.dir.path().join("smtp-password"), "wrong").unwrap();
-    let report = env.process(&["outsider-new.eml"]);
-    assert_eq!(report["mail_sent"], 0);
-    let outbox = env.json(&["outbox", "list", "--json"]);
-    assert!(
-        outbox[0]["last_error"]
-            .as_str()
+}
+
+#[test]
+fn smtp_down_then_up_loses_and_doubles_nothing() {
+    for backend in BACKENDS {
+        let mut smtp = Smtp::stopped(Mode::Plain);
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::default(),
+            &smtp.toml(""),
+        );
+        let text = std::fs::read_to_string(&env.config)
             .unwrap()
-            .contains(&smtp.port.to_string()),
-        "{outbox:#}"
-    );
-    assert!(smtp.messages().is_empty());
+            .replace("[outbox]", "[outbox]\nretry_first = \"1s\"");
+        std::fs::write(&env.config, text).unwrap();
+        let daemon = start_daemon(&env);
+        drop_in_maildir(
+            &env,
+            "1.eml",
+            &std::fs::read(fixture("outsider-new.eml")).unwrap(),
+        );
+        daemon.wait_for("a failed send", WAIT, || {
+            env.json(&["outbox", "list", "--json"])
+                .as_array()
+                .is_some_and(|a| a.iter().any(|m| m["last_error"].is_string()))
+        });
+        smtp.launch();
+        wait_for_messages(&smtp, 1, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_secs(3));
+        let log = daemon.stop();
+        assert_eq!(smtp.messages().len(), 1, "sent exactly once");
+        let outbox = env.json(&["outbox", "list", "--json"]);
+        assert_eq!(outbox[0]["status"], "sent", "{outbox:#}");
+        assert!(outbox[0]["attempts"].as_i64().unwrap() >= 2);
+        assert!(log.contains("sending failed; will retry"), "{log}");
+    }
+}
+
+#[test]
+fn starttls_and_implicit_tls_with_auth() {
+    for backend in BACKENDS {
+        for mode in [Mode::StartTls, Mode::Implicit] {
+            let smtp = Smtp::start(mode, Some(("intake", "smtp-s3cret")));
+            let env = Env::with_extra(
+                backend,
+                &verify_site(),
+                &DeskSettings::default(),
+                &smtp.toml(""),
+            );
+            let report = env.process(&["outsider-new.eml"]);
+            let outbox = env.json(&["outbox", "list", "--json"]);
+            assert_eq!(report["mail_sent"], 1, "{mode:?}: {report} {outbox:#}");
+            let mails = smtp.messages();
+            assert_eq!(mails.len(), 1, "{mode:?}");
+            assert!(String::from_utf8_lossy(&mails[0]).contains("olga@outside.example"));
+        }
+        // A wrong password: the mail is retried later, not lost and not sent.
+        let smtp = Smtp::start(Mode::StartTls, Some(("intake", "right")));
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::default(),
+            &smtp.toml(""),
+        );
+        std::fs::write(smtp.dir.path().join("smtp-password"), "wrong").unwrap();
+        let report = env.process(&["outsider-new.eml"]);
+        assert_eq!(report["mail_sent"], 0);
+        let outbox = env.json(&["outbox", "list", "--json"]);
+        assert!(
+            outbox[0]["last_error"]
+                .as_str()
+                .unwrap()
+                .contains(&smtp.port.to_string()),
+            "{outbox:#}"
+        );
+        assert!(smtp.messages().is_empty());
+    }
 }
 
 #[test]
 fn header_injection_from_inbound_mail_goes_nowhere() {
-    let smtp = Smtp::start(Mode::Plain, None);
-    let env = Env::with_extra(
-        Backend::Sqlite,
-        &verify_site(),
-        &DeskSettings::default(),
-        &smtp.toml(""),
-    );
-    let path = env.path("evil.eml");
-    std::fs::write(
-        &path,
-        "From: =?utf-8?q?Evil=0D=0ABcc=3A_victim=40else=2Eexample?= <olga@outside.example>\r\n\
+    for backend in BACKENDS {
+        let smtp = Smtp::start(Mode::Plain, None);
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::default(),
+            &smtp.toml(""),
+        );
+        let path = env.path("evil.eml");
+        std::fs::write(
+            &path,
+            "From: =?utf-8?q?Evil=0D=0ABcc=3A_victim=40else=2Eexample?= <olga@outside.example>\r\n\
          To: it@desk.example\r\n\
          Subject: =?utf-8?q?Hello=0D=0ABcc=3A_victim2=40else=2Eexample=0D=0A=0D=0Abody?=\r\n\
          Message-ID: <evil-1@outside.example>\r\n\r\nhi\r\n",
-    )
-    .unwrap();
-    let report = env.json(&["process", "--json", path.to_str().unwrap()]);
-    assert_eq!(report["mail_sent"], 1, "{report}");
-    let mail = String::from_utf8_lossy(&smtp.messages()[0]).to_string();
-    assert!(header(&mail, "Bcc").is_empty(), "{mail}");
-    assert_eq!(
-        header(&mail, "X-RcptTo"),
-        ["olga@outside.example"],
-        "one recipient: {mail}"
-    );
-    assert_eq!(header(&mail, "Subject").len(), 1);
-    assert!(!mail.contains("victim@else.example\r\n"));
+        )
+        .unwrap();
+        let report = env.json(&["process", "--json", path.to_str().unwrap()]);
+        assert_eq!(report["mail_sent"], 1, "{report}");
+        let mail = String::from_utf8_lossy(&smtp.messages()[0]).to_string();
+        assert!(header(&mail, "Bcc").is_empty(), "{mail}");
+        assert_eq!(
+            header(&mail, "X-RcptTo"),
+            ["olga@outside.example"],
+            "one recipient: {mail}"
+        );
+        assert_eq!(header(&mail, "Subject").len(), 1);
+        assert!(!mail.contains("victim@else.example\r\n"));
+    }
 }
 
 #[test]
 fn mail_rate_limits_per_recipient_and_per_hour() {
-    // Per recipient: a pending sender writing again and again gets one link a day.
-    let env = Env::new(Backend::Sqlite, &verify_site(), &DeskSettings::default());
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace(
-            "[customer_access]",
-            "[customer_access]\nverification_resend_interval = \"0s\"",
-        )
-        .replace("[outbox]", "[outbox]\nmax_per_recipient_per_day = 1");
-    std::fs::write(&env.config, text).unwrap();
-    env.process(&["outsider-new.eml"]);
-    let d = env.explain("pending-followup.eml");
-    assert!(d["emails"].as_array().unwrap().is_empty(), "{d:#}");
-    assert_eq!(
-        d["emails_suppressed"][0]["reason"], "mail_rate_limited",
-        "{d:#}"
-    );
-    env.process(&["pending-followup.eml"]);
-    assert_eq!(
-        env.json(&["outbox", "list", "--json"])
-            .as_array()
+    for backend in BACKENDS {
+        // Per recipient: a pending sender writing again and again gets one link a day.
+        let env = Env::new(backend, &verify_site(), &DeskSettings::default());
+        let text = std::fs::read_to_string(&env.config)
             .unwrap()
-            .len(),
-        1
-    );
+            .replace(
+                "[customer_access]",
+                "[customer_access]\nverification_resend_interval = \"0s\"",
+            )
+            .replace("[outbox]", "[outbox]\nmax_per_recipient_per_day = 1");
+        std::fs::write(&env.config, text).unwrap();
+        env.process(&["outsider-new.eml"]);
+        let d = env.explain("pending-followup.eml");
+        assert!(d["emails"].as_array().unwrap().is_empty(), "{d:#}");
+        assert_eq!(
+            d["emails_suppressed"][0]["reason"], "mail_rate_limited",
+            "{d:#}"
+        );
+        env.process(&["pending-followup.eml"]);
+        assert_eq!(
+            env.json(&["outbox", "list", "--json"])
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
 
-    // Per hour: at most N links in total, whoever asks.
-    let env = Env::new(Backend::Sqlite, &verify_site(), &DeskSettings::default());
-    let text = std::fs::read_to_string(&env.config)
-        .unwrap()
-        .replace("[outbox]", "[outbox]\nmax_per_hour = 2");
-    std::fs::write(&env.config, text).unwrap();
-    let report = env.process(&[
-        "outsider-new.eml",
-        "partner.eml",
-        "reply-stranger-subject-key.eml",
-    ]);
-    assert_eq!(report["processed"], 3);
-    assert_eq!(
-        env.json(&["outbox", "list", "--json"])
-            .as_array()
+        // Per hour: at most N links in total, whoever asks.
+        let env = Env::new(backend, &verify_site(), &DeskSettings::default());
+        let text = std::fs::read_to_string(&env.config)
             .unwrap()
-            .len(),
-        2
-    );
-    // The third sender's account is still pending, its request held: writing again later works.
-    assert_eq!(account(&env, "mallory@evil.example")["status"], "pending");
+            .replace("[outbox]", "[outbox]\nmax_per_hour = 2");
+        std::fs::write(&env.config, text).unwrap();
+        let report = env.process(&[
+            "outsider-new.eml",
+            "partner.eml",
+            "reply-stranger-subject-key.eml",
+        ]);
+        assert_eq!(report["processed"], 3);
+        assert_eq!(
+            env.json(&["outbox", "list", "--json"])
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        // The third sender's account is still pending, its request held: writing again later works.
+        assert_eq!(account(&env, "mallory@evil.example")["status"], "pending");
+    }
 }
 
 #[test]
 fn healthz_reports_database_and_mailboxes() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    let daemon = start_daemon(&env);
-    daemon.wait_for("the HTTP server", WAIT, || {
-        std::net::TcpStream::connect(("127.0.0.1", env.http_port)).is_ok()
-    });
-    daemon.wait_for("a healthy inbox", WAIT, || {
-        let (status, _, body) = http(env.http_port, "GET", "/healthz", None);
-        status == 200 && body.contains("\"inbox\"")
-    });
-    let (_, _, body) = http(env.http_port, "GET", "/healthz", None);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["status"], "ok");
-    assert_eq!(v["database"]["ok"], true);
-    assert_eq!(v["mailboxes"]["inbox"]["ok"], true);
-    daemon.stop();
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the HTTP server", WAIT, || {
+            std::net::TcpStream::connect(("127.0.0.1", env.http_port)).is_ok()
+        });
+        daemon.wait_for("a healthy inbox", WAIT, || {
+            let (status, _, body) = http(env.http_port, "GET", "/healthz", None);
+            status == 200 && body.contains("\"inbox\"")
+        });
+        let (_, _, body) = http(env.http_port, "GET", "/healthz", None);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["database"]["ok"], true);
+        assert_eq!(v["mailboxes"]["inbox"]["ok"], true);
+        daemon.stop();
+    }
 }
 
 #[test]
 fn templates_can_be_overridden_by_files() {
-    let env = Env::new(Backend::Sqlite, &verify_site(), &DeskSettings::default());
-    let templates = env.path("templates");
-    std::fs::create_dir_all(&templates).unwrap();
-    std::fs::write(
+    for backend in BACKENDS {
+        let env = Env::new(backend, &verify_site(), &DeskSettings::default());
+        let templates = env.path("templates");
+        std::fs::create_dir_all(&templates).unwrap();
+        std::fs::write(
         templates.join("verification.txt"),
         "Subject: Bitte bestätigen ({{desk_name}})\n\nHallo {{name}}, bitte hier klicken: {{link}}\n",
     )
     .unwrap();
-    std::fs::write(
-        templates.join("verification.html"),
-        "<p>Hallo {{name}} &mdash; <a href=\"{{link}}\">bestätigen</a></p>",
-    )
-    .unwrap();
-    let text = std::fs::read_to_string(&env.config).unwrap().replace(
-        "[outbox]",
-        &format!("[outbox]\ntemplates_dir = \"{}\"", templates.display()),
-    );
-    std::fs::write(&env.config, text).unwrap();
-    env.process(&["encoded-names.eml"]);
-    let file = env.outbox_files().remove(0);
-    let raw = std::fs::read(&file).unwrap();
-    let parsed = intake::message::parse(&raw).unwrap();
-    assert_eq!(
-        parsed.subject.as_deref(),
-        Some("Bitte bestätigen (IT Service Desk)")
-    );
-    assert!(
-        parsed
-            .text_body
-            .contains("Hallo Jürgen Müller, bitte hier klicken: http"),
-        "{}",
-        parsed.text_body
-    );
-    let text = String::from_utf8_lossy(&raw);
-    assert!(text.contains("text/html"), "{text}");
-    // A broken override is a configuration error, named with its file.
-    std::fs::write(templates.join("invitation.txt"), "no subject line here").unwrap();
-    let out = env.intake(&["check-config"]);
-    assert_eq!(out.status.code(), Some(78));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("invitation.txt"));
+        std::fs::write(
+            templates.join("verification.html"),
+            "<p>Hallo {{name}} &mdash; <a href=\"{{link}}\">bestätigen</a></p>",
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&env.config).unwrap().replace(
+            "[outbox]",
+            &format!("[outbox]\ntemplates_dir = \"{}\"", templates.display()),
+        );
+        std::fs::write(&env.config, text).unwrap();
+        env.process(&["encoded-names.eml"]);
+        let file = env.outbox_files().remove(0);
+        let raw = std::fs::read(&file).unwrap();
+        let parsed = intake::message::parse(&raw).unwrap();
+        assert_eq!(
+            parsed.subject.as_deref(),
+            Some("Bitte bestätigen (IT Service Desk)")
+        );
+        assert!(
+            parsed
+                .text_body
+                .contains("Hallo Jürgen Müller, bitte hier klicken: http"),
+            "{}",
+            parsed.text_body
+        );
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.contains("text/html"), "{text}");
+        // A broken override is a configuration error, named with its file.
+        std::fs::write(templates.join("invitation.txt"), "no subject line here").unwrap();
+        let out = env.intake(&["check-config"]);
+        assert_eq!(out.status.code(), Some(78));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("invitation.txt"));
+    }
 }
 
 #[test]
