@@ -660,14 +660,17 @@ impl ImapSource {
             .collect();
         let mut raw: HashMap<u32, Vec<u8>> = HashMap::new();
         if !small.is_empty() {
-            let fetched: Vec<_> = session
+            // Copied out as each response arrives, and the response dropped: a large
+            // message is held once, not twice.
+            let mut fetched = session
                 .uid_fetch(uid_set(&small), "(UID BODY.PEEK[])")
                 .await
-                .map_err(self.protocol("fetch messages"))?
-                .try_collect()
-                .await
                 .map_err(self.protocol("fetch messages"))?;
-            for f in &fetched {
+            while let Some(f) = fetched
+                .try_next()
+                .await
+                .map_err(self.protocol("fetch messages"))?
+            {
                 if let (Some(uid), Some(body)) = (f.uid, f.body()) {
                     raw.insert(uid, body.to_vec());
                 }

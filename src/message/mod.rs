@@ -261,12 +261,14 @@ pub fn parse_body(raw: &[u8]) -> Body {
         return Body::default();
     };
     let text = body_text(&parsed);
-    let attachments = parsed
-        .attachments()
+    let mut parsed = parsed;
+    let ids = parsed.attachments.clone();
+    let attachments = ids
+        .into_iter()
         .enumerate()
-        .filter_map(|(i, part)| {
-            let content = part.contents();
-            if content.is_empty() {
+        .filter_map(|(i, id)| {
+            let part = parsed.parts.get_mut(id as usize)?;
+            if part.contents().is_empty() {
                 return None;
             }
             let content_type: String = part
@@ -290,10 +292,19 @@ pub fn parse_body(raw: &[u8]) -> Body {
                 .map(sanitize_filename)
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| format!("attachment-{}", i + 1));
+            // Decoded content is moved out, not copied: a large attachment is held once.
+            let content = match std::mem::take(&mut part.body) {
+                PartType::Binary(bin) | PartType::InlineBinary(bin) => bin.into_owned(),
+                PartType::Text(text) | PartType::Html(text) => text.into_owned().into_bytes(),
+                other => {
+                    part.body = other;
+                    part.contents().to_vec()
+                }
+            };
             Some(Attachment {
                 filename,
                 content_type,
-                content: content.to_vec(),
+                content,
             })
         })
         .collect();
