@@ -123,3 +123,41 @@ fn bounces_of_our_mail_mark_the_address() {
         assert_eq!(invitations(&env).len(), sent.len(), "nothing more was sent");
     }
 }
+
+#[test]
+fn a_bounced_verification_mail_marks_the_pending_account() {
+    for backend in BACKENDS {
+        let site = Site {
+            signup: "verify",
+            ..Site::default()
+        };
+        let env = Env::new(backend, &site, &DeskSettings::default());
+        let first = env.process(&["outsider-new.eml"]);
+        assert_eq!(
+            first["outcomes"][0]["action"], "hold_for_verification",
+            "{first:#}"
+        );
+        let sent = invitations(&env);
+        let (_, id) = sent
+            .iter()
+            .find(|(to, _)| to.contains("olga@outside.example"))
+            .unwrap_or_else(|| panic!("no verification mail to olga: {sent:?}"));
+        let olga = env.json(&["accounts", "show", "olga@outside.example", "--json"]);
+        assert_eq!(olga["status"], "pending", "{olga:#}");
+
+        process_raw(
+            &env,
+            "hard",
+            &dsn("hard", "olga@outside.example", "5.1.1", id),
+        );
+        // The pending account the link was for is the one marked: no more links go to
+        // an address that cannot receive them.
+        let olga = env.json(&["accounts", "show", "olga@outside.example", "--json"]);
+        assert_eq!(olga["status"], "pending", "{olga:#}");
+        assert!(olga["undeliverable_at"].is_i64(), "{olga:#}");
+        let outbox = env.json(&["outbox", "list", "--json"]);
+        let text = outbox.to_string();
+        assert!(text.contains("verification"), "{outbox:#}");
+        assert!(text.contains("bounced (permanent) 5.1.1"), "{outbox:#}");
+    }
+}
