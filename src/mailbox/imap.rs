@@ -573,22 +573,35 @@ impl ImapSource {
         last_uid: i64,
     ) -> Result<Vec<(u32, u64)>, ImapError> {
         let from = u32::try_from(last_uid + 1).unwrap_or(u32::MAX);
-        // Each response is read as it arrives and dropped: a parsed response keeps the
-        // block of the read buffer it came in (kilobytes), so collecting them first made
-        // a 10,000-message backlog cost ~80 MB for a list of (UID, size) pairs.
-        let out: Vec<(u32, u64)> = session
-            .uid_fetch(format!("{from}:*"), "(UID RFC822.SIZE)")
+        // "N:*" always includes the highest UID, even when it is below N.
+        self.list_sizes(session, format!("{from}:*"), "list new messages", |uid| {
+            i64::from(uid) > last_uid
+        })
+        .await
+    }
+
+    /// UID and size of the messages in `set` that `keep` accepts, in UID order. Each
+    /// response is read as it arrives and dropped: a parsed response keeps the block of
+    /// the read buffer it came in (kilobytes), so collecting them first made a
+    /// 10,000-message backlog cost ~80 MB for a list of (UID, size) pairs.
+    async fn list_sizes(
+        &self,
+        session: &mut ImapSession,
+        set: String,
+        action: &'static str,
+        keep: impl Fn(u32) -> bool,
+    ) -> Result<Vec<(u32, u64)>, ImapError> {
+        let mut out: Vec<(u32, u64)> = session
+            .uid_fetch(set, "(UID RFC822.SIZE)")
             .await
-            .map_err(self.protocol("list new messages"))?
+            .map_err(self.protocol(action))?
             .try_filter_map(|f| {
                 let listed = f.uid.map(|uid| (uid, u64::from(f.size.unwrap_or(0))));
-                // "N:*" always includes the highest UID, even when it is below N.
-                std::future::ready(Ok(listed.filter(|(uid, _)| i64::from(*uid) > last_uid)))
+                std::future::ready(Ok(listed.filter(|(uid, _)| keep(*uid))))
             })
             .try_collect()
             .await
-            .map_err(self.protocol("list new messages"))?;
-        let mut out = out;
+            .map_err(self.protocol(action))?;
         out.sort_unstable();
         out.dedup_by_key(|(u, _)| *u);
         Ok(out)
@@ -999,18 +1012,11 @@ impl ImapSource {
         uids.sort_unstable();
         if !uids.is_empty() {
             tracing::info!(mailbox = %self.name, count = uids.len(), "processing again messages committed before the last disconnect");
-            let mut listed: Vec<(u32, u64)> = session
-                .uid_fetch(uid_set(&uids), "(UID RFC822.SIZE)")
-                .await
-                .map_err(self.protocol("list leftovers"))?
-                .try_filter_map(|f| {
-                    let listed = f.uid.map(|uid| (uid, u64::from(f.size.unwrap_or(0))));
-                    std::future::ready(Ok(listed.filter(|(u, _)| i64::from(*u) <= last_uid)))
+            let mut listed = self
+                .list_sizes(session, uid_set(&uids), "list leftovers", |uid| {
+                    i64::from(uid) <= last_uid
                 })
-                .try_collect()
-                .await
-                .map_err(self.protocol("list leftovers"))?;
-            listed.sort_unstable();
+                .await?;
             let mut progress = last_uid;
             while !listed.is_empty() {
                 let n = self
