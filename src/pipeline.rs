@@ -234,13 +234,13 @@ impl Pipeline {
             Ok(m) => m,
             Err(e) => return Ok(Decision::ignored(Reason::Unparseable, e.to_string())),
         };
-        message::check_bounce(&mut msg, raw);
         if raw.len() as u64 > self.config().max_message_size {
             return Ok(oversized_decision(
                 raw.len() as u64,
                 self.config().max_message_size,
             ));
         }
+        message::check_bounce(&mut msg, raw);
         let Some(desk) = self.route(&msg, desk) else {
             return Ok(no_desk_decision());
         };
@@ -540,7 +540,7 @@ impl Pipeline {
         if !decision.is_passive() {
             msg.set_body(message::parse_body(&env.raw));
         }
-        let applied = store::apply_with_facts(
+        let applied = store::apply(
             conn,
             ApplyInput {
                 msg: &msg,

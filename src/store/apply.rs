@@ -501,19 +501,9 @@ impl Deferred {
 /// Statements are batched (multi-row inserts; ids known from gathering the facts)
 /// because every statement is a round trip to the database.
 ///
-/// The audit row records the facts the decision was made on (`intake simulate`); they
-/// are gathered again here. [`apply_with_facts`] takes the caller's instead, which saves
-/// those lookups.
+/// The audit row records `facts`, the facts the decision was made on (`intake
+/// simulate`); `None` for decisions the policy did not make (no desk).
 pub async fn apply(
-    conn: &mut AnyConnection,
-    input: ApplyInput<'_>,
-    deferred: &mut Deferred,
-) -> Result<ApplyResult, StoreError> {
-    apply_with_facts(conn, input, None, deferred).await
-}
-
-/// [`apply`], with the facts `input.decision` was made on when the caller has them.
-pub async fn apply_with_facts(
     conn: &mut AnyConnection,
     input: ApplyInput<'_>,
     facts: Option<&crate::policy::Facts>,
@@ -521,8 +511,7 @@ pub async fn apply_with_facts(
 ) -> Result<ApplyResult, StoreError> {
     let d = input.decision;
     let now = input.now;
-    // Before anything is written: the facts as `decide` saw them.
-    let facts = super::import::snapshot_facts(conn, &input, facts).await?;
+    let facts = super::import::facts_json(&input, facts);
     let mut result = ApplyResult::default();
     let mut request: Option<(i64, RequestKey)> = None;
     let active = matches!(

@@ -12,7 +12,7 @@
 //!   they were: `intake simulate` reads them back with [`decode_facts`].
 
 use serde::{Deserialize, Serialize};
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use crate::address::EmailAddress;
 use crate::keys::{DeskKey, RequestKey};
@@ -180,27 +180,14 @@ impl Store {
 /// The facts `input`'s decision was made on, as JSON for its audit row; `None` for
 /// decisions that were not made by the policy on a desk (no desk, unknown desk).
 ///
-/// `given` are the facts the caller decided on. Without them they are gathered again
-/// here, on the message's transaction and before `apply` writes anything, so they are
-/// exactly what the pipeline handed to `decide` a moment earlier — at the cost of those
-/// lookups a second time (measured: 17% of the throughput of `intake import` into
-/// SQLite, 36% into PostgreSQL). Gathered here, the sender's recent requests are always
-/// counted, so that a rate limit can be simulated where none was configured.
-pub(crate) async fn snapshot_facts(
-    conn: &mut AnyConnection,
-    input: &ApplyInput<'_>,
-    given: Option<&Facts>,
-) -> Result<Option<String>, StoreError> {
-    let (Some(_), Some(desk)) = (input.ledger_id, input.decision.desk.as_ref()) else {
-        return Ok(None);
+/// The sender's recent requests are in them only when the pipeline counted them (a
+/// rate limit is configured), so `intake simulate` cannot show what adding a first
+/// rate limit would do.
+pub(crate) fn facts_json(input: &ApplyInput<'_>, given: Option<&Facts>) -> Option<String> {
+    let (Some(_), Some(_)) = (input.ledger_id, input.decision.desk.as_ref()) else {
+        return None;
     };
-    if let Some(facts) = given {
-        return Ok(Some(encode_facts(facts)));
-    }
-    let gathered =
-        super::facts::gather_facts(conn, input.msg, desk, input.orgs, input.now, false, true)
-            .await?;
-    Ok(Some(encode_facts(&gathered.facts)))
+    given.map(encode_facts)
 }
 
 /// Facts as stored JSON (format version 1).
