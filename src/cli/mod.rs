@@ -671,7 +671,10 @@ async fn process(
                 crate::mailbox::file_content_hash(path)
                     .with_context(|| format!("cannot read {}", path.display()))?
             } else {
-                crate::message::content_hash(&env.raw)
+                // The whole message: the pipeline need not hash it again.
+                let hash = crate::message::content_hash(&env.raw);
+                env.content_hash = Some(hash.clone());
+                hash
             };
             env.quarantine_ref = quarantine_dir
                 .join(format!("{hash}.eml"))

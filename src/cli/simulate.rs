@@ -155,7 +155,7 @@ pub async fn simulate(config: Arc<Config>, since: &str, json: bool) -> anyhow::R
         );
     }
     let directory_differs = store.directory_fingerprint().await?.as_deref()
-        != Some(directory_fingerprint(&config).as_str());
+        != Some(crate::store::directory_fingerprint(&config.directory).as_str());
     let mut sim = Simulation::default();
     let mut after = 0;
     loop {
@@ -197,13 +197,6 @@ fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
         .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next().unwrap_or(rest);
     (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
-}
-
-/// As the directory sync computes it (`store::directory`): the fingerprint of the
-/// `[directory]` section the database was last synced with.
-fn directory_fingerprint(config: &Config) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(format!("{:?}", config.directory)))
 }
 
 impl Simulation {

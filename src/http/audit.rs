@@ -27,7 +27,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use super::AppState;
+use super::{AppState, security_headers};
 use crate::metrics::{self, MailboxLag, Snapshot};
 use crate::outbox::templates::html_escape;
 use crate::store::{Context, Store, StoreError};
@@ -119,21 +119,6 @@ fn guard(state: &AppState, extensions: &Extensions, headers: &HeaderMap) -> Resu
         tracing::debug!(peer = ?peer, reason = ?denied, "operator page refused");
     }
     result
-}
-
-fn security_headers(response: &mut Response, content_type: &'static str) {
-    let headers = response.headers_mut();
-    let set = HeaderValue::from_static;
-    headers.insert(header::CONTENT_TYPE, set(content_type));
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        set(
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    headers.insert(header::REFERRER_POLICY, set("no-referrer"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, set("nosniff"));
-    headers.insert(header::CACHE_CONTROL, set("no-store"));
 }
 
 fn forbidden(denied: Denied) -> Response {

@@ -67,18 +67,26 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
         title = html_escape(title),
     );
     let mut response = (status, html).into_response();
+    security_headers(&mut response, "text/html; charset=utf-8");
+    response
+}
+
+/// The headers of every page we serve: no scripts or outside resources, no framing,
+/// no caching, and no Referer (a verification token is in the URL: never hand it to
+/// another site).
+fn security_headers(response: &mut Response, content_type: &'static str) {
     let headers = response.headers_mut();
-    let set = |v: &'static str| HeaderValue::from_static(v);
-    headers.insert(header::CONTENT_TYPE, set("text/html; charset=utf-8"));
+    let set = HeaderValue::from_static;
+    headers.insert(header::CONTENT_TYPE, set(content_type));
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
-        set("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+        set(
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
     );
-    // The token is in the URL: never hand it to another site.
     headers.insert(header::REFERRER_POLICY, set("no-referrer"));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, set("nosniff"));
     headers.insert(header::CACHE_CONTROL, set("no-store"));
-    response
 }
 
 fn error_page(e: &dyn std::error::Error) -> Response {

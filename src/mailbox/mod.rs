@@ -129,8 +129,6 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Keeps a copy of a quarantined message from `deliver` or `process` under `dir`, named
-/// by its content hash. Returns the path.
 /// [`crate::message::content_hash`] of a file, read in pieces (for files too large to
 /// hold).
 pub fn file_content_hash(path: &Path) -> std::io::Result<String> {
@@ -140,6 +138,8 @@ pub fn file_content_hash(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Keeps a copy of a quarantined message from `deliver` or `process` under `dir`, named
+/// by its content hash. Returns the path.
 pub async fn keep_quarantined(dir: &Path, raw: &[u8]) -> std::io::Result<PathBuf> {
     tokio::fs::create_dir_all(dir).await?;
     let path = dir.join(format!("{}.eml", crate::message::content_hash(raw)));

@@ -160,13 +160,11 @@ pub fn worth_checking(msg: &crate::message::InboundMessage) -> bool {
         .as_deref()
         .unwrap_or_default()
         .to_ascii_lowercase();
+    // Substrings: "deliver" also stands for undeliverable and non-delivery, "fail"
+    // for failure and failed, "return" for returned.
     [
-        "undeliver",
         "deliver",
-        "returned",
         "return",
-        "failure",
-        "failed",
         "fail",
         "bounce",
         "rejected",
@@ -174,8 +172,6 @@ pub fn worth_checking(msg: &crate::message::InboundMessage) -> bool {
         "notification",
         "warning",
         "delay",
-        "nondeliver",
-        "non-deliver",
         "unable",
         "could not",
         "problem",

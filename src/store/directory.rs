@@ -121,14 +121,9 @@ impl Store {
         now: i64,
         force: bool,
     ) -> Result<Option<DirectorySync>, StoreError> {
-        let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(format!("{dir:?}")));
+        let fingerprint = directory_fingerprint(dir);
         if !force {
-            let mut conn = self.acquire().await?;
-            let current: Option<String> =
-                sqlx::query_scalar("SELECT value FROM meta WHERE key = 'directory_fingerprint'")
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .ctx("read the directory fingerprint")?;
+            let current = self.directory_fingerprint().await?;
             if current.as_deref() == Some(fingerprint.as_str()) {
                 return Ok(None);
             }
@@ -360,4 +355,9 @@ async fn delete_missing(
         .await
         .ctx("remove entries no longer configured")?;
     Ok(())
+}
+
+/// The fingerprint of a `[directory]` section, as `sync_directory` records it.
+pub fn directory_fingerprint(dir: &DirectoryConfig) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(format!("{dir:?}")))
 }

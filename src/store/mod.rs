@@ -32,10 +32,10 @@ pub use admin::{
 };
 pub use apply::{
     ApplyInput, ApplyResult, Deferred, MailContext, MailRenderer, QuarantineRecord, RenderedMail,
-    SourceRef, apply, apply_release, apply_with_facts, claim_ledger, dedupe_key, new_token,
-    record_quarantine, token_hash,
+    SourceRef, apply, apply_release, claim_ledger, dedupe_key, new_token, record_quarantine,
+    token_hash,
 };
-pub use directory::{DirectoryIndex, DirectorySync};
+pub use directory::{DirectoryIndex, DirectorySync, directory_fingerprint};
 pub use facts::{Gathered, Known, assemble_facts, gather_facts};
 pub use import::{ImportProgress, RecordedDecision, decode_facts, encode_facts};
 pub use lease::{LeaseHolder, fence};
