@@ -134,6 +134,7 @@ pub async fn run(
         config.database.mailbox_lease,
         config.mailboxes.len(),
     ));
+    crate::mailbox::lease::forget_gone(pipeline.store()).await;
     crate::mailbox::lease::beat(pipeline.store(), &board).await;
     {
         let store = pipeline.store().clone();

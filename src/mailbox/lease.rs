@@ -21,18 +21,73 @@ use crate::pipeline::{Fence, Pipeline};
 use crate::store::Store;
 
 /// This process's name in lease rows: host, pid and a random suffix, so a restarted
-/// process (same pid in a container) is a different holder.
+/// process (same pid in a container) is a different holder; then, after a `/`, a tag
+/// for this machine's boot and pid namespace, so a successor can tell that a holder was
+/// a process here that is gone ([`gone_from_here`]).
 pub fn instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into());
-    format!(
+    let name = format!(
         "{host}:{}:{:06x}",
         std::process::id(),
         rand::random::<u32>() & 0xff_ffff
-    )
+    );
+    match machine_tag() {
+        Some(tag) => format!("{name}/{tag}"),
+        None => name,
+    }
+}
+
+/// This boot of this machine and this pid namespace: a pid means the same process
+/// only where both are the same.
+fn machine_tag() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let tag =
+        crate::message::content_hash(format!("{}|{}", boot.trim(), pid_ns.display()).as_bytes());
+    Some(tag[..12].to_string())
+}
+
+/// True when `holder` (another instance's [`instance_id`]) was a process on this
+/// machine, in this pid namespace, that no longer runs: killed, crashed, or the
+/// process this one replaced on a restart. Its leases can be taken at once instead of
+/// after they expire. Anything uncertain (another machine, an older holder name, a pid
+/// now used by another intake) is false: that lease is waited out.
+pub fn gone_from_here(holder: &str) -> bool {
+    let Some((name, tag)) = holder.rsplit_once('/') else {
+        return false;
+    };
+    if machine_tag().as_deref() != Some(tag) {
+        return false;
+    }
+    let mut parts = name.rsplitn(3, ':');
+    let (Some(_suffix), Some(pid), Some(_host)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    if pid == std::process::id() {
+        // This process has the pid now; the holder was an earlier one (the name differs).
+        return true;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // `pid (comm) state ...`: a zombie is dead, and a pid reused by another program
+    // is not the holder.
+    let Some((comm_part, rest)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    if rest.starts_with('Z') || rest.starts_with('X') {
+        return true;
+    }
+    let comm = comm_part.split_once(" (").map_or("", |(_, c)| c);
+    let own = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    comm != own.trim()
 }
 
 /// What this instance's mailbox tasks share.
@@ -94,6 +149,28 @@ pub async fn heartbeat(store: Store, board: Arc<Board>, shutdown: CancellationTo
     }
 }
 
+/// Forgets instances that ran on this machine and are gone (the process this one
+/// replaced on a restart), so the first heartbeat does not count them as alive.
+pub async fn forget_gone(store: &Store) {
+    let holders = match store.instance_holders().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %crate::outbox::error_chain(&e), "cannot list instances");
+            return;
+        }
+    };
+    for holder in holders.iter().filter(|h| gone_from_here(h)) {
+        match store.instance_leave(holder).await {
+            Ok(()) => {
+                tracing::info!(instance = %holder, "forgot an instance on this machine that is gone")
+            }
+            Err(e) => {
+                tracing::warn!(instance = %holder, error = %crate::outbox::error_chain(&e), "cannot forget an instance that is gone")
+            }
+        }
+    }
+}
+
 /// One heartbeat.
 pub async fn beat(store: &Store, board: &Board) {
     match store.instance_beat(&board.holder, board.ttl_secs()).await {
@@ -145,7 +222,10 @@ pub async fn run_leased<F, Fut>(
         let attempt = if board.held.load(Ordering::SeqCst) >= board.fair_share() {
             Ok(false)
         } else {
-            store.lease_acquire(&mailbox, &board.holder, ttl_secs).await
+            match store.lease_acquire(&mailbox, &board.holder, ttl_secs).await {
+                Ok(false) => take_from_gone(&store, &mailbox, &board.holder, ttl_secs).await,
+                other => other,
+            }
         };
         match attempt {
             Ok(true) => {
@@ -210,6 +290,30 @@ pub async fn run_leased<F, Fut>(
             _ = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// Takes the lease on `mailbox` when its holder was a process on this machine that is
+/// gone (see [`gone_from_here`]), instead of waiting for it to expire.
+async fn take_from_gone(
+    store: &Store,
+    mailbox: &str,
+    holder: &str,
+    ttl_secs: i64,
+) -> Result<bool, crate::store::StoreError> {
+    let Some(current) = store.lease_holder(mailbox).await? else {
+        return Ok(false);
+    };
+    if current.holder == holder || !gone_from_here(&current.holder) {
+        return Ok(false);
+    }
+    let taken = store
+        .lease_take_over(mailbox, &current.holder, holder, ttl_secs)
+        .await?;
+    if taken {
+        tracing::info!(mailbox = %mailbox, from = %current.holder, "took over the lease of an instance on this machine that is gone");
+        store.instance_leave(&current.holder).await?;
+    }
+    Ok(taken)
 }
 
 /// Renews the lease every `every` while `session` lasts (then never returns), and

@@ -59,6 +59,33 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Takes the lease on `mailbox` from `from`, who is known to be gone, whether or
+    /// not it has expired. False when `from` no longer holds it.
+    pub async fn lease_take_over(
+        &self,
+        mailbox: &str,
+        from: &str,
+        holder: &str,
+        ttl_secs: i64,
+    ) -> Result<bool, StoreError> {
+        let mut wtx = self.begin_write().await?;
+        let sql = format!(
+            "UPDATE mailbox_state SET lease_owner = $3, lease_expires_at = {} + $4 \
+             WHERE mailbox = $1 AND lease_owner = $2",
+            db_now(wtx.conn())
+        );
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(mailbox)
+            .bind(from)
+            .bind(holder)
+            .bind(ttl_secs)
+            .execute(wtx.conn())
+            .await
+            .ctx("take over a mailbox lease")?;
+        wtx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Extends the lease `holder` has on `mailbox`. False when it is no longer theirs.
     pub async fn lease_renew(
         &self,
@@ -163,6 +190,15 @@ impl Store {
         .ctx("count instances")?;
         wtx.commit().await?;
         Ok(live.max(1))
+    }
+
+    /// The instances that announced themselves, alive or not yet forgotten.
+    pub async fn instance_holders(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.acquire().await?;
+        sqlx::query_scalar("SELECT holder FROM instances ORDER BY holder")
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("list instances")
     }
 
     /// This instance stops (its mailboxes' leases were released).
