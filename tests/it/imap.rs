@@ -518,3 +518,34 @@ fn a_broken_mailbox_does_not_stop_the_others() {
         assert!(log.contains("mailbox broken: cannot connect"), "{log}");
     }
 }
+
+/// `systemctl restart` after a crash: the new process takes the mailbox from its dead
+/// predecessor on the same machine at once, instead of waiting out the lease.
+#[test]
+fn a_restarted_instance_takes_its_dead_predecessors_lease_at_once() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(1, ""));
+        let env = env_with(&dovecot, backend, "poll_interval = \"10m\"", "");
+        // A lease far longer than the waits below: only the takeover can be in time.
+        let vars = [("INTAKE__DATABASE__MAILBOX_LEASE", "10m")];
+        let first = start_daemon_with(&env, &vars);
+        first.wait_for("the first message", WAIT, || request_count(&env) == 1);
+        first.kill();
+        imap.append("INBOX", &message(2, ""));
+        let second = start_daemon_with(&env, &vars);
+        second.wait_for("the message after the restart", WAIT, || {
+            request_count(&env) == 2
+        });
+        let log = second.stop();
+        assert!(
+            log.contains("took over the lease of an instance on this machine that is gone"),
+            "{log}"
+        );
+        assert!(
+            log.contains("forgot an instance on this machine that is gone"),
+            "{log}"
+        );
+    }
+}
