@@ -17,8 +17,8 @@ use crate::message::{self, InboundMessage, ParseError};
 use crate::outbox::Templates;
 use crate::policy::{self, Decision, Reason};
 use crate::store::{
-    self, ApplyInput, ApplyResult, Deferred, DirectoryIndex, Known, QuarantineRecord, SourceRef,
-    Store, StoreError,
+    self, ApplyInput, ApplyResult, ClaimItem, Deferred, DirectoryIndex, Known, Lookups,
+    QuarantineRecord, SourceRef, Store, StoreError,
 };
 
 /// One message as a source delivers it.
@@ -46,6 +46,11 @@ pub struct Envelope {
 struct Prepared {
     msg: Result<InboundMessage, ParseError>,
     content_hash: String,
+    /// Where it goes (set once routed).
+    desk: Option<DeskKey>,
+    /// Its ledger claim when the batch claimed it up front: the row's id, or `None` for
+    /// a message already processed. Not claimed yet: the outer `None`.
+    claim: Option<Option<i64>>,
 }
 
 impl Prepared {
@@ -62,7 +67,17 @@ impl Prepared {
                 .content_hash
                 .clone()
                 .unwrap_or_else(|| message::content_hash(&env.raw)),
+            desk: None,
+            claim: None,
         }
+    }
+
+    /// The parsed message, when it will be decided (not quarantined on the way).
+    fn decidable(&self, env: &Envelope, max_size: u64) -> Option<&InboundMessage> {
+        if env.fetch_error.is_some() || env.size > max_size {
+            return None;
+        }
+        self.msg.as_ref().ok()
     }
 }
 
@@ -267,6 +282,7 @@ impl Pipeline {
             now,
             duplicate.is_some(),
             true,
+            &mut store::Lookups::default(),
         )
         .await?;
         let mut decision = policy::decide(&facts.facts, &self.config().policy);
@@ -360,7 +376,14 @@ impl Pipeline {
         careful: bool,
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
-        let prepared: Vec<Prepared> = batch.iter().map(Prepared::new).collect();
+        let mut prepared: Vec<Prepared> = batch.iter().map(Prepared::new).collect();
+        for (env, p) in batch.iter().zip(prepared.iter_mut()) {
+            p.desk = p
+                .msg
+                .as_ref()
+                .ok()
+                .and_then(|m| self.route(m, env.desk.as_ref()));
+        }
         let mut wtx = self.store.begin_write().await?;
         if let Some(f) = &self.fence
             && !store::fence(wtx.conn(), &f.mailbox, &f.holder, f.ttl_secs).await?
@@ -370,6 +393,18 @@ impl Pipeline {
         let index = DirectoryIndex::load(wtx.conn()).await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut deferred = Deferred::default();
+        let mut lookups = Lookups::default();
+        self.look_ahead(
+            wtx.conn(),
+            batch,
+            &mut prepared,
+            &index,
+            now,
+            !careful,
+            &mut deferred,
+            &mut lookups,
+        )
+        .await?;
         for (env, prepared) in batch.iter().zip(prepared) {
             let span = tracing::info_span!(
                 "message",
@@ -380,7 +415,15 @@ impl Pipeline {
             let outcome = async {
                 if !careful {
                     return self
-                        .process_one(wtx.conn(), env, prepared, &index, now, &mut deferred)
+                        .process_one(
+                            wtx.conn(),
+                            env,
+                            prepared,
+                            &index,
+                            now,
+                            &mut deferred,
+                            &mut lookups,
+                        )
                         .await;
                 }
                 let hash = prepared.content_hash.clone();
@@ -395,7 +438,15 @@ impl Pipeline {
                 // In careful mode the deferred rows are written inside the savepoint, so a
                 // message that fails leaves nothing behind.
                 let result = match self
-                    .process_one(&mut sp, env, prepared, &index, now, &mut deferred)
+                    .process_one(
+                        &mut sp,
+                        env,
+                        prepared,
+                        &index,
+                        now,
+                        &mut deferred,
+                        &mut lookups,
+                    )
                     .await
                 {
                     Ok(o) => deferred
@@ -445,6 +496,93 @@ impl Pipeline {
         Ok(outcomes)
     }
 
+    /// Reads what the batch's messages will need in a few statements for all of them,
+    /// instead of a few per message: with `claim`, their ledger claims; the people on
+    /// them; requests per sender in the last hour (when rate limited); mail per address
+    /// in the last day.
+    #[allow(clippy::too_many_arguments)]
+    async fn look_ahead(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        batch: &[Envelope],
+        prepared: &mut [Prepared],
+        index: &DirectoryIndex,
+        now: i64,
+        claim: bool,
+        deferred: &mut Deferred,
+        lookups: &mut Lookups,
+    ) -> Result<(), PipelineError> {
+        let config = self.config();
+        let max = config.max_message_size;
+        if claim {
+            let mut at = Vec::new();
+            let mut items = Vec::new();
+            for (i, (env, p)) in batch.iter().zip(prepared.iter()).enumerate() {
+                if let Some(msg) = p.decidable(env, max) {
+                    at.push(i);
+                    items.push(ClaimItem {
+                        source: &env.source,
+                        msg,
+                        content_hash: &p.content_hash,
+                        desk: p.desk.as_ref(),
+                    });
+                }
+            }
+            let claims = store::claim_ledger_batch(conn, &items, now).await?;
+            drop(items);
+            for (i, c) in at.into_iter().zip(claims) {
+                prepared[i].claim = Some(c);
+            }
+        }
+        let count_recent = config.policy.hygiene.max_requests_per_sender_per_hour > 0;
+        // By desk: the people on the messages that will be decided.
+        let mut people: Vec<(&DeskKey, Vec<&crate::address::EmailAddress>)> = Vec::new();
+        let mut senders: Vec<(&DeskKey, Vec<&crate::address::EmailAddress>)> = Vec::new();
+        let mut everyone: Vec<&crate::address::EmailAddress> = Vec::new();
+        for (env, p) in batch.iter().zip(prepared.iter()) {
+            let (Some(msg), Some(desk)) = (p.decidable(env, max), p.desk.as_ref()) else {
+                continue;
+            };
+            if matches!(p.claim, Some(None)) {
+                continue;
+            }
+            let on = msg
+                .from_mailbox()
+                .into_iter()
+                .chain(msg.recipients())
+                .map(|m| &m.address);
+            let slot = match people.iter().position(|(d, _)| *d == desk) {
+                Some(i) => i,
+                None => {
+                    people.push((desk, Vec::new()));
+                    people.len() - 1
+                }
+            };
+            people[slot].1.extend(on.clone());
+            everyone.extend(on);
+            if count_recent && let Some(from) = msg.from_mailbox() {
+                match senders.iter_mut().find(|(d, _)| *d == desk) {
+                    Some((_, s)) => s.push(&from.address),
+                    None => senders.push((desk, vec![&from.address])),
+                }
+            }
+        }
+        for (desk, mut addresses) in people {
+            addresses.sort();
+            addresses.dedup();
+            lookups.prefetch(conn, desk, &addresses, index).await?;
+        }
+        for (desk, mut addresses) in senders {
+            addresses.sort();
+            addresses.dedup();
+            lookups.prefetch_recent(conn, desk, &addresses, now).await?;
+        }
+        everyone.sort();
+        everyone.dedup();
+        deferred.prefetch_mail_counts(conn, &everyone, now).await?;
+        Ok(())
+    }
+
     /// One message, on the batch's transaction (or a savepoint of it).
     #[allow(clippy::too_many_arguments)]
     async fn process_one(
@@ -455,6 +593,7 @@ impl Pipeline {
         index: &DirectoryIndex,
         now: i64,
         deferred: &mut Deferred,
+        lookups: &mut Lookups,
     ) -> Result<Outcome, PipelineError> {
         let config = self.config();
         let content_hash = prepared.content_hash;
@@ -508,14 +647,20 @@ impl Pipeline {
         if let Some(id) = &msg.message_id {
             tracing::Span::current().record("message_id", id.as_str());
         }
-        let desk = self.route(&msg, env.desk.as_ref());
+        let desk = prepared.desk;
         let count_recent = config.policy.hygiene.max_requests_per_sender_per_hour > 0;
-        let claimed =
-            store::claim_ledger(conn, &env.source, &msg, &content_hash, desk.as_ref(), now).await?;
+        let claimed = match prepared.claim {
+            Some(c) => c,
+            None => {
+                store::claim_ledger(conn, &env.source, &msg, &content_hash, desk.as_ref(), now)
+                    .await?
+            }
+        };
         let Some(ledger_id) = claimed else {
             let decision = match &desk {
                 Some(d) => {
-                    let g = store::gather_facts(conn, &msg, d, index, now, true, false).await?;
+                    let g = store::gather_facts(conn, &msg, d, index, now, true, false, lookups)
+                        .await?;
                     policy::decide(&g.facts, &config.policy)
                 }
                 None => no_desk_decision(),
@@ -524,9 +669,15 @@ impl Pipeline {
                 decision: Box::new(decision),
             });
         };
+        if store::may_thread(&msg) {
+            // Finding the request reads what earlier messages of the batch wrote.
+            deferred.flush_threads(conn).await?;
+        }
         let (mut decision, known, facts) = match &desk {
             Some(d) => {
-                let g = store::gather_facts(conn, &msg, d, index, now, false, count_recent).await?;
+                let g =
+                    store::gather_facts(conn, &msg, d, index, now, false, count_recent, lookups)
+                        .await?;
                 (
                     policy::decide(&g.facts, &config.policy),
                     g.known,
@@ -556,6 +707,7 @@ impl Pipeline {
             deferred,
         )
         .await?;
+        forget_touched(lookups, &msg, &decision, &applied);
         Ok(Outcome::Decided {
             decision: Box::new(decision),
             applied,
@@ -598,6 +750,48 @@ impl Pipeline {
             detail: detail.to_string(),
             ledger_id,
         })
+    }
+}
+
+/// After applying `decision`: what the batch looked up about the people it touched may
+/// be stale (accounts created, names set, a bounce marking someone undeliverable), and
+/// a new request counts towards its reporter's hourly limit.
+fn forget_touched(
+    lookups: &mut Lookups,
+    msg: &InboundMessage,
+    decision: &Decision,
+    applied: &ApplyResult,
+) {
+    if msg.bounce.is_some() {
+        lookups.clear();
+    } else {
+        // What `store::apply` writes accounts for: the requester, participants it keeps,
+        // and whoever it mails (a dropped address, such as the desk's own, is left
+        // alone, and stays looked up for the rest of the batch).
+        let touched = decision
+            .requester
+            .address
+            .iter()
+            .chain(
+                decision
+                    .participants
+                    .iter()
+                    .filter(|p| p.outcome != policy::ParticipantOutcome::Drop)
+                    .map(|p| &p.address),
+            )
+            .chain(decision.emails.iter().map(|e| &e.to));
+        for a in touched {
+            lookups.forget(a);
+        }
+    }
+    if decision.request.is_none()
+        && let (Some(desk), Some(reporter), Some(_)) = (
+            &decision.desk,
+            &decision.requester.address,
+            &applied.request,
+        )
+    {
+        lookups.created_request(desk, reporter);
     }
 }
 

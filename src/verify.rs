@@ -105,7 +105,19 @@ pub async fn confirm(
             &h.subject,
         );
         let gathered =
-            store::gather_facts(wtx.conn(), &msg, &h.desk, &index, now, false, false).await?;
+            // Fresh lookups each time: releasing the previous request may have created
+            // accounts these recipients share.
+            store::gather_facts(
+                wtx.conn(),
+                &msg,
+                &h.desk,
+                &index,
+                now,
+                false,
+                false,
+                &mut store::Lookups::default(),
+            )
+            .await?;
         let mut decision = policy::decide(&gathered.facts, &pipeline.config().policy);
         if decision.action != Action::CreateRequest {
             // The policy changed since (deactivated, restricted desk...): it stays held and

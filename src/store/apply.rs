@@ -66,7 +66,6 @@ pub trait MailRenderer: Send + Sync {
 pub struct ApplyResult {
     pub request: Option<RequestKey>,
     pub accounts_created: Vec<(EmailAddress, AccountKind)>,
-    pub participants_added: usize,
     pub emails_queued: usize,
 }
 
@@ -124,6 +123,64 @@ pub async fn claim_ledger(
     .fetch_optional(&mut *conn)
     .await
     .ctx("claim the message in the ledger")
+}
+
+/// What [`claim_ledger_batch`] claims for one message.
+pub struct ClaimItem<'a> {
+    pub source: &'a SourceRef,
+    pub msg: &'a InboundMessage,
+    pub content_hash: &'a str,
+    pub desk: Option<&'a DeskKey>,
+}
+
+/// [`claim_ledger`] for many messages in one statement per [`CHUNK`], in order: the
+/// result has one entry per item, `None` for a message already processed — before, or
+/// earlier in `items` (the first of two copies claims it).
+pub async fn claim_ledger_batch(
+    conn: &mut AnyConnection,
+    items: &[ClaimItem<'_>],
+    now: i64,
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let keys: Vec<String> = items
+        .iter()
+        .map(|i| dedupe_key(i.desk, i.msg, i.content_hash))
+        .collect();
+    let mut claimed: HashMap<String, i64> = HashMap::with_capacity(items.len());
+    for (part, part_keys) in items.chunks(CHUNK).zip(keys.chunks(CHUNK)) {
+        let sql = format!(
+            "INSERT INTO ledger (source, source_ref, desk, message_id, content_hash, dedupe_key, \
+               action, reason, sender, subject, size, processed_at) \
+             VALUES {} ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key",
+            values_list(conn, part.len(), 12)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (i, key) in part.iter().zip(part_keys) {
+            q = q
+                .bind(&i.source.source)
+                .bind(&i.source.reference)
+                .bind(i.desk.map(DeskKey::as_str))
+                .bind(i.msg.message_id.as_deref())
+                .bind(i.content_hash)
+                .bind(key.as_str())
+                .bind("pending")
+                .bind("pending")
+                .bind(i.msg.from_mailbox().map(|m| m.address.as_str()))
+                .bind(i.msg.subject.as_deref())
+                .bind(i.msg.size as i64)
+                .bind(now);
+        }
+        for row in q
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("claim messages in the ledger")?
+        {
+            let id: i64 = row.try_get(0).ctx("read ledger id")?;
+            let key: String = row.try_get(1).ctx("read ledger id")?;
+            claimed.insert(key, id);
+        }
+    }
+    // Only the first item with a key gets its row.
+    Ok(keys.iter().map(|k| claimed.remove(k)).collect())
 }
 
 /// Records a quarantined message. Quarantining the same content again (after a crash
@@ -232,6 +289,14 @@ pub struct Deferred {
     tokens: Vec<(String, i64, &'static str, i64, i64)>,
     audits: Vec<AuditRow>,
     outbox: Vec<OutboxRowInsert>,
+    /// Participants: (request, account, added at).
+    participants: Vec<(i64, i64, i64)>,
+    /// Message-IDs that thread into requests: (desk, Message-ID, request, direction).
+    /// Read by the next message that is a reply: [`Deferred::flush_threads`] first.
+    thread_refs: Vec<(String, String, i64, &'static str)>,
+    /// Mail to each address in the 24 hours before the batch, for the addresses
+    /// [`Deferred::prefetch_mail_counts`] counted, plus what this batch flushed since.
+    day_counts: HashMap<String, u32>,
 }
 
 /// One index entry of an audit row: address, role, outcome, reason.
@@ -268,7 +333,7 @@ struct OutboxRowInsert {
 }
 
 /// Rows per multi-row statement, well under SQLite's and PostgreSQL's parameter limits.
-const CHUNK: usize = 400;
+pub(super) const CHUNK: usize = 400;
 
 impl Deferred {
     /// The next request number on `desk`. The counter row is created if missing and
@@ -306,6 +371,30 @@ impl Deferred {
         Ok(*last)
     }
 
+    /// Counts the mail sent to `addresses` in the 24 hours before `now` (one query per
+    /// [`CHUNK`]), so [`Deferred::mail_counts`] need not ask again for them.
+    pub async fn prefetch_mail_counts(
+        &mut self,
+        conn: &mut AnyConnection,
+        addresses: &[&EmailAddress],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let missing: Vec<&str> = addresses
+            .iter()
+            .map(|a| a.as_str())
+            .filter(|a| !self.day_counts.contains_key(*a))
+            .collect();
+        for part in missing.chunks(CHUNK) {
+            for (to, n) in day_counts(conn, part, now).await? {
+                self.day_counts.insert(to, n);
+            }
+            for a in part {
+                self.day_counts.entry((*a).to_string()).or_insert(0);
+            }
+        }
+        Ok(())
+    }
+
     /// Mail sent recently to `recipients` and in total, counting what this batch queued.
     pub async fn mail_counts(
         &mut self,
@@ -315,26 +404,23 @@ impl Deferred {
     ) -> Result<MailCounts, StoreError> {
         let mut counts = MailCounts::default();
         if !recipients.is_empty() {
-            let sql = format!(
-                "SELECT to_address, COUNT(*) FROM outbox WHERE created_at >= $1 AND to_address IN ({}) \
-                 GROUP BY to_address",
-                placeholders(2, recipients.len())
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now - 86_400);
-            for r in recipients {
-                q = q.bind(r.as_str());
+            let unknown: Vec<&str> = recipients
+                .iter()
+                .map(|r| r.as_str())
+                .filter(|r| !self.day_counts.contains_key(*r))
+                .collect();
+            let mut found: HashMap<String, u32> = HashMap::new();
+            if !unknown.is_empty() {
+                found = day_counts(conn, &unknown, now).await?.into_iter().collect();
             }
-            for row in q
-                .fetch_all(&mut *conn)
-                .await
-                .ctx("count mail per recipient")?
-            {
-                let to: String = row.try_get(0).ctx("read mail count")?;
-                let n: i64 = row.try_get(1).ctx("read mail count")?;
-                if let Ok(a) = EmailAddress::parse(&to) {
-                    counts
-                        .per_recipient
-                        .insert(a, u32::try_from(n).unwrap_or(u32::MAX));
+            for r in recipients {
+                let n = found
+                    .get(r.as_str())
+                    .or_else(|| self.day_counts.get(r.as_str()))
+                    .copied()
+                    .unwrap_or(0);
+                if n > 0 {
+                    counts.per_recipient.insert((*r).clone(), n);
                 }
             }
             for r in recipients {
@@ -363,10 +449,48 @@ impl Deferred {
         Ok(counts)
     }
 
+    /// Writes the participants and Message-IDs collected so far: before looking for
+    /// the request a reply belongs to, which reads them.
+    pub async fn flush_threads(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        for chunk in std::mem::take(&mut self.participants).chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO participants (request_id, account_id, added_at) VALUES {} ON CONFLICT DO NOTHING",
+                values_list(conn, chunk.len(), 3)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (request, account, at) in chunk {
+                q = q.bind(*request).bind(*account).bind(*at);
+            }
+            q.execute(&mut *conn).await.ctx("add participants")?;
+        }
+        for chunk in std::mem::take(&mut self.thread_refs).chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO thread_refs (desk, message_id, request_id, direction) VALUES {} ON CONFLICT DO NOTHING",
+                values_list(conn, chunk.len(), 4)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (desk, mid, request, direction) in chunk {
+                q = q
+                    .bind(desk.as_str())
+                    .bind(mid.as_str())
+                    .bind(*request)
+                    .bind(*direction);
+            }
+            q.execute(&mut *conn).await.ctx("remember Message-IDs")?;
+        }
+        Ok(())
+    }
+
     /// Writes everything collected so far.
     pub async fn flush(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        self.flush_threads(conn).await?;
         if self.hour_base.is_some() {
             self.flushed_mail += self.outbox.len() as u32;
+        }
+        for o in &self.outbox {
+            if let Some(n) = self.day_counts.get_mut(&o.to) {
+                *n += 1;
+            }
         }
         for (desk, last) in &self.counters {
             sqlx::query("UPDATE desk_counters SET last_number = $2 WHERE desk = $1")
@@ -495,6 +619,35 @@ impl Deferred {
     }
 }
 
+/// Mail sent to each of `addresses` in the 24 hours before `now` (addresses with none
+/// are left out).
+async fn day_counts(
+    conn: &mut AnyConnection,
+    addresses: &[&str],
+    now: i64,
+) -> Result<Vec<(String, u32)>, StoreError> {
+    let sql = format!(
+        "SELECT to_address, COUNT(*) FROM outbox WHERE created_at >= $1 AND to_address IN ({}) \
+         GROUP BY to_address",
+        placeholders(2, addresses.len())
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now - 86_400);
+    for a in addresses {
+        q = q.bind(*a);
+    }
+    let mut out = Vec::new();
+    for row in q
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("count mail per recipient")?
+    {
+        let to: String = row.try_get(0).ctx("read mail count")?;
+        let n: i64 = row.try_get(1).ctx("read mail count")?;
+        out.push((to, u32::try_from(n).unwrap_or(u32::MAX)));
+    }
+    Ok(out)
+}
+
 /// Applies `decision` on the caller's transaction. Ledger outcome, audit and outgoing
 /// mail go to `deferred`, which the caller flushes before committing.
 ///
@@ -581,7 +734,7 @@ pub async fn apply(
             }
         }
         if !held {
-            result.participants_added = add_participants(conn, d, &ids, request_id, now).await?;
+            add_participants(d, &ids, request_id, now, deferred);
         }
         request = Some((request_id, key));
     }
@@ -591,13 +744,12 @@ pub async fn apply(
     result.emails_queued = d.emails.len();
     if let (Some(desk), Some((request_id, _))) = (&d.desk, &request) {
         remember_message_ids(
-            conn,
             desk,
             *request_id,
             &outbound,
             input.msg.message_id.as_deref(),
-        )
-        .await?;
+            deferred,
+        );
     }
 
     let request_key = result.request.as_ref().map(|k| k.to_string());
@@ -654,65 +806,39 @@ async fn write_audit(conn: &mut AnyConnection, a: &AuditRow) -> Result<(), Store
     Ok(())
 }
 
-/// Adds every participant the decision keeps; returns how many were new.
-async fn add_participants(
-    conn: &mut AnyConnection,
+/// Adds every participant the decision keeps (deferred: see [`Deferred::flush_threads`]).
+fn add_participants(
     d: &Decision,
     ids: &HashMap<String, i64>,
     request_id: i64,
     now: i64,
-) -> Result<usize, StoreError> {
-    let members: Vec<i64> = d
-        .participants
-        .iter()
-        .filter(|p| p.outcome != ParticipantOutcome::Drop)
-        .filter_map(|p| ids.get(p.address.as_str()).copied())
-        .collect();
-    if members.is_empty() {
-        return Ok(0);
-    }
-    let sql = format!(
-        "INSERT INTO participants (request_id, account_id, added_at) VALUES {} ON CONFLICT DO NOTHING",
-        values_list(conn, members.len(), 3)
+    deferred: &mut Deferred,
+) {
+    deferred.participants.extend(
+        d.participants
+            .iter()
+            .filter(|p| p.outcome != ParticipantOutcome::Drop)
+            .filter_map(|p| ids.get(p.address.as_str()).copied())
+            .map(|account| (request_id, account, now)),
     );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for id in &members {
-        q = q.bind(request_id).bind(*id).bind(now);
-    }
-    let added = q.execute(&mut *conn).await.ctx("add participants")?;
-    Ok(added.rows_affected() as usize)
 }
 
-/// Message-IDs that thread into the request: the inbound message's and the mail we send.
-/// Written at once, not deferred: a later message in the same batch may reply to them.
-async fn remember_message_ids(
-    conn: &mut AnyConnection,
+/// Message-IDs that thread into the request: the inbound message's and the mail we send
+/// (deferred: a later message in the batch that replies to them flushes them first).
+fn remember_message_ids(
     desk: &DeskKey,
     request_id: i64,
     outbound: &[String],
     inbound: Option<&str>,
-) -> Result<(), StoreError> {
-    let mut refs: Vec<(&str, &str)> = outbound.iter().map(|m| (m.as_str(), "outbound")).collect();
-    if let Some(mid) = inbound {
-        refs.push((mid, "inbound"));
-    }
-    if refs.is_empty() {
-        return Ok(());
-    }
-    let sql = format!(
-        "INSERT INTO thread_refs (desk, message_id, request_id, direction) VALUES {} ON CONFLICT DO NOTHING",
-        values_list(conn, refs.len(), 4)
+    deferred: &mut Deferred,
+) {
+    let refs = outbound
+        .iter()
+        .map(|m| (m.as_str(), "outbound"))
+        .chain(inbound.map(|m| (m, "inbound")));
+    deferred.thread_refs.extend(
+        refs.map(|(mid, direction)| (desk.to_string(), mid.to_string(), request_id, direction)),
     );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for (mid, direction) in &refs {
-        q = q
-            .bind(desk.as_str())
-            .bind(*mid)
-            .bind(request_id)
-            .bind(*direction);
-    }
-    q.execute(&mut *conn).await.ctx("remember Message-IDs")?;
-    Ok(())
 }
 
 /// Releases a held request once its reporter confirmed their address: its To/Cc are
@@ -727,12 +853,11 @@ pub async fn apply_release(
 ) -> Result<ApplyResult, StoreError> {
     let mut result = ApplyResult::default();
     let ids = resolve_accounts(conn, &input, false, true, &mut result).await?;
-    result.participants_added =
-        add_participants(conn, input.decision, &ids, request_id, input.now).await?;
+    add_participants(input.decision, &ids, request_id, input.now, deferred);
     let request = (request_id, key.clone());
     let outbound = queue_emails(&input, &ids, Some(&request), deferred);
     result.emails_queued = input.decision.emails.len();
-    remember_message_ids(conn, key.desk(), request_id, &outbound, None).await?;
+    remember_message_ids(key.desk(), request_id, &outbound, None, deferred);
     sqlx::query(
         "UPDATE requests SET status = 'open', held_until = NULL, updated_at = $1 WHERE id = $2",
     )

@@ -32,8 +32,118 @@ pub struct Gathered {
     pub known: Known,
 }
 
+/// What a batch has looked up so far: people by desk and address, and requests per
+/// reporter in the last hour, so a batch asks the database once for all its messages
+/// instead of once per message (every statement is a round trip).
+///
+/// The batch's own writes make entries stale: after applying a message the caller
+/// [`forgets`](Lookups::forget) every address the message touched (or
+/// [`clears`](Lookups::clear) everything, after a bounce), and counts the requests it
+/// created ([`Lookups::created_request`]). Other writers (another instance, an admin)
+/// are seen at the next batch, as they would be a moment later anyway.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    /// (desk, address) → the person and the id behind them.
+    people: HashMap<(String, String), Looked>,
+    /// (desk, reporter address) → requests created since `now - 1 h`, for the senders
+    /// this batch has asked about.
+    recent: HashMap<(String, String), i64>,
+}
+
+impl Lookups {
+    /// Looks up `addresses` on `desk` (one query for everything not already known).
+    pub async fn prefetch(
+        &mut self,
+        conn: &mut AnyConnection,
+        desk: &DeskKey,
+        addresses: &[&EmailAddress],
+        orgs: &DirectoryIndex,
+    ) -> Result<(), StoreError> {
+        let missing: Vec<&EmailAddress> = addresses
+            .iter()
+            .copied()
+            .filter(|a| {
+                !self
+                    .people
+                    .contains_key(&(desk.to_string(), a.as_str().to_string()))
+            })
+            .collect();
+        for part in missing.chunks(super::apply::CHUNK) {
+            let found = lookup_people(conn, desk, part, orgs).await?;
+            for (address, entry) in found {
+                self.people.insert((desk.to_string(), address), entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the requests `senders` opened on `desk` in the hour before `now` (one
+    /// query for those not already counted).
+    pub async fn prefetch_recent(
+        &mut self,
+        conn: &mut AnyConnection,
+        desk: &DeskKey,
+        senders: &[&EmailAddress],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let missing: Vec<&str> = senders
+            .iter()
+            .map(|a| a.as_str())
+            .filter(|a| {
+                !self
+                    .recent
+                    .contains_key(&(desk.to_string(), (*a).to_string()))
+            })
+            .collect();
+        for part in missing.chunks(super::apply::CHUNK) {
+            let sql = format!(
+                "SELECT reporter_address, COUNT(*) FROM requests WHERE desk = $1 AND created_at >= $2 \
+                 AND reporter_address IN ({}) GROUP BY reporter_address",
+                placeholders(3, part.len())
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(desk.as_str())
+                .bind(now - 3600);
+            for a in part {
+                q = q.bind(*a);
+            }
+            for a in part {
+                self.recent.insert((desk.to_string(), (*a).to_string()), 0);
+            }
+            for row in q.fetch_all(&mut *conn).await.ctx("count recent requests")? {
+                let address: String = row.try_get(0).ctx("read request count")?;
+                let n: i64 = row.try_get(1).ctx("read request count")?;
+                self.recent.insert((desk.to_string(), address), n);
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch created a request for `reporter` on `desk`.
+    pub fn created_request(&mut self, desk: &DeskKey, reporter: &EmailAddress) {
+        if let Some(n) = self
+            .recent
+            .get_mut(&(desk.to_string(), reporter.as_str().to_string()))
+        {
+            *n += 1;
+        }
+    }
+
+    /// `address` may have changed: look it up again when next needed.
+    pub fn forget(&mut self, address: &EmailAddress) {
+        self.people.retain(|(_, a), _| a != address.as_str());
+    }
+
+    /// Everything may have changed.
+    pub fn clear(&mut self) {
+        self.people.clear();
+    }
+}
+
 /// Builds the facts for `msg` on `desk`. `duplicate` comes from the ledger insert; a
 /// duplicate needs no directory lookups (it will be ignored whatever they say).
+/// `lookups` holds what the batch already knows (see [`Lookups`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn gather_facts(
     conn: &mut AnyConnection,
     msg: &InboundMessage,
@@ -42,6 +152,7 @@ pub async fn gather_facts(
     now: i64,
     duplicate: bool,
     count_recent: bool,
+    lookups: &mut Lookups,
 ) -> Result<Gathered, StoreError> {
     let mut known = Known::default();
     if duplicate {
@@ -57,22 +168,34 @@ pub async fn gather_facts(
         .map(|m| &m.address)
         .filter(|a| seen.insert(*a))
         .collect();
-    let people = lookup_people(conn, desk, &addresses, orgs, &mut known).await?;
+    lookups.prefetch(conn, desk, &addresses, orgs).await?;
+    let mut people = HashMap::with_capacity(addresses.len());
+    for a in &addresses {
+        let key = (desk.to_string(), a.as_str().to_string());
+        let (person, id) = lookups.people.get(&key).cloned().ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{a} was looked up but is not in the batch's lookups"
+            ))
+        })?;
+        if let Some(id) = id {
+            known.accounts.insert(key.1.clone(), id);
+        }
+        people.insert(key.1, person);
+    }
     let mut facts = assemble_facts(msg, desk, orgs, now, people);
     if let Some((id, thread)) = find_thread(conn, msg, desk).await? {
         known.thread_request = Some(id);
         facts.thread = Some(thread);
     }
     if count_recent && let Some(s) = &facts.sender {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM requests WHERE desk = $1 AND reporter_address = $2 AND created_at >= $3",
-        )
-        .bind(desk.as_str())
-        .bind(s.address.as_str())
-        .bind(now - 3600)
-        .fetch_one(&mut *conn)
-        .await
-        .ctx("count recent requests")?;
+        lookups
+            .prefetch_recent(conn, desk, &[&s.address], now)
+            .await?;
+        let n = lookups
+            .recent
+            .get(&(desk.to_string(), s.address.as_str().to_string()))
+            .copied()
+            .unwrap_or(0);
         facts.sender_recent_requests = u32::try_from(n).unwrap_or(u32::MAX);
     }
     Ok(Gathered { facts, known })
@@ -141,20 +264,23 @@ fn blank_person(address: &EmailAddress, desk: &DeskKey, orgs: &DirectoryIndex) -
     p
 }
 
+/// A person as the directory knows them, and their account's id and whether it has a
+/// display name.
+type Looked = (Person, Option<(i64, bool)>);
+
 /// Looks up accounts, memberships, desk-customer links and agents for `addresses`.
 async fn lookup_people(
     conn: &mut AnyConnection,
     desk: &DeskKey,
     addresses: &[&EmailAddress],
     orgs: &DirectoryIndex,
-    known: &mut Known,
-) -> Result<HashMap<String, Person>, StoreError> {
-    let mut out: HashMap<String, Person> = HashMap::with_capacity(addresses.len());
+) -> Result<HashMap<String, Looked>, StoreError> {
+    let mut out: HashMap<String, Looked> = HashMap::with_capacity(addresses.len());
     if addresses.is_empty() {
         return Ok(out);
     }
     for a in addresses {
-        out.insert(a.as_str().to_string(), blank_person(a, desk, orgs));
+        out.insert(a.as_str().to_string(), (blank_person(a, desk, orgs), None));
     }
 
     // One query for accounts, their organizations and whether they are customers of
@@ -182,13 +308,13 @@ async fn lookup_people(
     for row in rows {
         let address: String = row.try_get(1).ctx("read account")?;
         let org: Option<String> = row.try_get(7).ctx("read account")?;
-        let Some(p) = out.get_mut(&address) else {
+        let Some((p, known)) = out.get_mut(&address) else {
             continue;
         };
         if p.account.is_none() {
             let id: i64 = row.try_get(0).ctx("read account")?;
             let named: i64 = row.try_get(8).ctx("read account")?;
-            known.accounts.insert(address.clone(), (id, named != 0));
+            *known = Some((id, named != 0));
             let kind: String = row.try_get(2).ctx("read account")?;
             let status: String = row.try_get(3).ctx("read account")?;
             let last_sent: Option<i64> = row.try_get(4).ctx("read account")?;
@@ -214,6 +340,17 @@ async fn lookup_people(
         }
     }
     Ok(out)
+}
+
+/// Whether finding `msg`'s request reads anything: it has In-Reply-To or References,
+/// or a request key in its subject.
+pub fn may_thread(msg: &InboundMessage) -> bool {
+    !msg.in_reply_to.is_empty()
+        || !msg.references.is_empty()
+        || msg
+            .subject
+            .as_deref()
+            .is_some_and(|s| !RequestKey::find_in_subject(s).is_empty())
 }
 
 /// Finds the request a reply belongs to: by In-Reply-To/References first, then by a

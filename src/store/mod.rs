@@ -31,12 +31,12 @@ pub use admin::{
     NewAccount, OrganizationDetail, OrganizationRow, StatusChange,
 };
 pub use apply::{
-    ApplyInput, ApplyResult, Deferred, MailContext, MailRenderer, QuarantineRecord, RenderedMail,
-    SourceRef, apply, apply_release, claim_ledger, dedupe_key, new_token, record_quarantine,
-    token_hash,
+    ApplyInput, ApplyResult, ClaimItem, Deferred, MailContext, MailRenderer, QuarantineRecord,
+    RenderedMail, SourceRef, apply, apply_release, claim_ledger, claim_ledger_batch, dedupe_key,
+    new_token, record_quarantine, token_hash,
 };
 pub use directory::{DirectoryIndex, DirectorySync, directory_fingerprint};
-pub use facts::{Gathered, Known, assemble_facts, gather_facts};
+pub use facts::{Gathered, Known, Lookups, assemble_facts, gather_facts, may_thread};
 pub use import::{ImportProgress, RecordedDecision, decode_facts, encode_facts};
 pub use lease::{LeaseHolder, fence};
 pub use queries::*;

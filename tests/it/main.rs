@@ -3,6 +3,7 @@
 
 mod admin;
 mod audit_view;
+mod batching;
 mod bounces;
 mod browser;
 mod cli;
