@@ -190,6 +190,16 @@ pub enum RequestsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write an attachment of a request to stdout (or a file).
+    Attachment {
+        /// The request key, e.g. IT-42.
+        key: String,
+        /// Which attachment, counting from 1 in the order `requests show` lists them.
+        number: usize,
+        /// Write it to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -785,6 +795,36 @@ async fn requests(config: Arc<Config>, cmd: RequestsCommand) -> anyhow::Result<u
                 }
                 print!("{t}");
             }
+        }
+        RequestsCommand::Attachment {
+            key,
+            number,
+            output,
+        } => {
+            let r = match store.show_request(&key).await {
+                Ok(r) => r,
+                Err(crate::store::StoreError::NotFound(m)) => {
+                    eprintln!("intake: {m}");
+                    return Ok(69);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some(a) = number.checked_sub(1).and_then(|i| r.attachments.get(i)) else {
+                eprintln!(
+                    "intake: {key} has {} attachment(s); there is no number {number}",
+                    r.attachments.len()
+                );
+                return Ok(69);
+            };
+            let mut out: Box<dyn std::io::Write + Send> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            };
+            store.write_attachment(&a.sha256, &mut *out).await?;
+            out.flush().context("cannot write the attachment")?;
         }
         RequestsCommand::Show { key, json } => {
             let r = match store.show_request(&key).await {

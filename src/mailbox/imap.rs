@@ -42,6 +42,8 @@ type ImapSession = Session<ImapStream>;
 
 /// At most this many bytes of message bodies are held for one batch.
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// Messages larger than this are fetched in pieces of this size.
+const FETCH_PIECE: u64 = 1024 * 1024;
 /// A message whose body the server keeps failing to return is quarantined after this many
 /// tries, and not before it has been failing for [`FETCH_FAILING_FOR`].
 const FETCH_ATTEMPTS: u32 = 3;
@@ -663,8 +665,13 @@ impl ImapSource {
         }
         let small: Vec<u32> = batch
             .iter()
-            .filter(|(_, s)| *s <= max)
+            .filter(|(_, s)| *s <= max.min(FETCH_PIECE))
             .map(|(u, _)| *u)
+            .collect();
+        let large: Vec<(u32, u64)> = batch
+            .iter()
+            .filter(|(_, s)| *s > FETCH_PIECE && *s <= max)
+            .copied()
             .collect();
         let big: Vec<u32> = batch
             .iter()
@@ -687,6 +694,11 @@ impl ImapSource {
                 if let (Some(uid), Some(body)) = (f.uid, f.body()) {
                     raw.insert(uid, body.to_vec());
                 }
+            }
+        }
+        for (uid, size) in large {
+            if let Some(body) = self.fetch_in_pieces(session, uid, size, max).await? {
+                raw.insert(uid, body);
             }
         }
         if !big.is_empty() {
@@ -785,6 +797,53 @@ impl ImapSource {
         self.acknowledge(session, pipeline, uidvalidity, &done, &quarantined, ops)
             .await?;
         Ok(uids.len())
+    }
+
+    /// Fetches a large message [`FETCH_PIECE`] bytes at a time (`BODY.PEEK[]<offset.n>`),
+    /// so the connection's read buffer holds one piece, not a second copy of the whole
+    /// message. `None` when the server returned nothing, or stopped returning pieces
+    /// halfway (the message is fetched again later, as one that did not come).
+    async fn fetch_in_pieces(
+        &self,
+        session: &mut ImapSession,
+        uid: u32,
+        size: u64,
+        max: u64,
+    ) -> Result<Option<Vec<u8>>, ImapError> {
+        let mut body: Vec<u8> = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        loop {
+            let query = format!("(UID BODY.PEEK[]<{}.{FETCH_PIECE}>)", body.len());
+            let mut fetched = session
+                .uid_fetch(uid.to_string(), &query)
+                .await
+                .map_err(self.protocol("fetch a message in pieces"))?;
+            let mut got = None;
+            while let Some(f) = fetched
+                .try_next()
+                .await
+                .map_err(self.protocol("fetch a message in pieces"))?
+            {
+                if f.uid == Some(uid)
+                    && let Some(piece) = f.body()
+                {
+                    got = Some(piece.len() as u64);
+                    body.extend_from_slice(piece);
+                }
+            }
+            match got {
+                None if body.is_empty() => return Ok(None),
+                None => {
+                    tracing::warn!(mailbox = %self.name, uid, at = body.len(), "the server stopped returning a message halfway; will retry");
+                    return Ok(None);
+                }
+                // The last piece is short (or empty when the size is a multiple of it); a
+                // server that keeps sending is cut off past the size limit.
+                Some(n) if n < FETCH_PIECE || body.len() as u64 > max => {
+                    return Ok(Some(body));
+                }
+                Some(_) => {}
+            }
+        }
     }
 
     /// Applies `after` to processed messages and moves quarantined ones away.

@@ -1153,8 +1153,14 @@ async fn add_comment(
     Ok(())
 }
 
+/// The size of the pieces attachment content is stored in (`attachment_chunks`).
+pub const ATTACHMENT_CHUNK: usize = 1 << 20;
+
 /// Attachments are stored in the database, content-addressed by SHA-256 so the same file
-/// sent twice is stored once; they commit with the request like everything else.
+/// sent twice is stored once; they commit with the request like everything else. The
+/// content goes in as pieces of [`ATTACHMENT_CHUNK`] bytes: each bound parameter is
+/// copied by the driver and again by the database client, and a 20 MB file copied whole
+/// three times would triple the daemon's memory for it.
 async fn store_attachments(
     conn: &mut AnyConnection,
     request_id: i64,
@@ -1163,15 +1169,29 @@ async fn store_attachments(
 ) -> Result<(), StoreError> {
     for a in &msg.attachments {
         let sha = hex::encode(Sha256::digest(&a.content));
-        sqlx::query(
-            "INSERT INTO attachment_blobs (sha256, size, content) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        let new: Option<String> = sqlx::query_scalar(
+            "INSERT INTO attachment_blobs (sha256, size, content) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING RETURNING sha256",
         )
         .bind(&sha)
         .bind(a.content.len() as i64)
-        .bind(a.content.as_slice())
-        .execute(&mut *conn)
+        .bind(&[][..])
+        .fetch_optional(&mut *conn)
         .await
         .ctx("store an attachment")?;
+        if new.is_some() {
+            for (seq, piece) in a.content.chunks(ATTACHMENT_CHUNK).enumerate() {
+                sqlx::query(
+                    "INSERT INTO attachment_chunks (sha256, seq, content) VALUES ($1, $2, $3)",
+                )
+                .bind(&sha)
+                .bind(seq as i64)
+                .bind(piece)
+                .execute(&mut *conn)
+                .await
+                .ctx("store a piece of an attachment")?;
+            }
+        }
         sqlx::query(
             "INSERT INTO attachments (request_id, filename, content_type, size, sha256, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",

@@ -295,6 +295,48 @@ impl Store {
         })
     }
 
+    /// Writes the content of the attachment with SHA-256 `sha256` to `out`, a piece at a
+    /// time (see `attachment_chunks`; blobs from before it hold their content whole).
+    /// Returns the bytes written.
+    pub async fn write_attachment(
+        &self,
+        sha256: &str,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.acquire().await?;
+        let whole: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT content FROM attachment_blobs WHERE sha256 = $1")
+                .bind(sha256)
+                .fetch_optional(&mut *conn)
+                .await
+                .ctx("read an attachment")?;
+        let Some(whole) = whole else {
+            return Err(StoreError::NotFound(format!("no attachment {sha256}")));
+        };
+        let write = |out: &mut (dyn std::io::Write + Send), bytes: &[u8]| {
+            out.write_all(bytes)
+                .map_err(|e| StoreError::Corrupt(format!("cannot write the attachment: {e}")))
+        };
+        let mut written = whole.len() as u64;
+        write(out, &whole)?;
+        let mut seq = 0i64;
+        loop {
+            let piece: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT content FROM attachment_chunks WHERE sha256 = $1 AND seq = $2",
+            )
+            .bind(sha256)
+            .bind(seq)
+            .fetch_optional(&mut *conn)
+            .await
+            .ctx("read a piece of an attachment")?;
+            let Some(piece) = piece else { break };
+            written += piece.len() as u64;
+            write(out, &piece)?;
+            seq += 1;
+        }
+        Ok(written)
+    }
+
     pub async fn list_accounts(
         &self,
         kind: Option<&str>,

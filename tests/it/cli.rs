@@ -232,3 +232,65 @@ fn embedded_defaults_run_on_a_fresh_directory() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("desks: OPS"));
 }
+
+/// A 2.5 MB attachment is stored in pieces and comes back whole; the same file sent
+/// again is stored once and still comes back whole from the second request.
+#[test]
+fn attachments_are_stored_in_pieces_and_come_back_whole() {
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let file: Vec<u8> = (0..2_500_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let encoded = base64(&file);
+        let wrapped: Vec<&str> = encoded
+            .as_bytes()
+            .chunks(76)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        let dir = env.path("mail");
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in 1..=2 {
+            let msg = format!(
+                "From: <x{n}@out.example>\r\nTo: it@desk.example\r\nSubject: Logs {n}\r\n\
+                 Message-ID: <att-{n}@out.example>\r\nMIME-Version: 1.0\r\n\
+                 Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+                 --b\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n\
+                 --b\r\nContent-Type: application/octet-stream\r\n\
+                 Content-Disposition: attachment; filename=\"logs.bin\"\r\n\
+                 Content-Transfer-Encoding: base64\r\n\r\n{}\r\n--b--\r\n",
+                wrapped.join("\r\n")
+            );
+            std::fs::write(dir.join(format!("{n}.eml")), msg).unwrap();
+        }
+        let out = env.intake(&["process", "--no-send", dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        for key in ["IT-1", "IT-2"] {
+            let shown = env.request(key);
+            assert_eq!(shown["attachments"][0]["size"], 2_500_000, "{shown:#}");
+            let path = env.path(&format!("{key}.bin"));
+            let out = env.intake(&[
+                "requests",
+                "attachment",
+                key,
+                "1",
+                "--output",
+                path.to_str().unwrap(),
+            ]);
+            assert!(out.status.success(), "{out:?}");
+            assert!(
+                std::fs::read(&path).unwrap() == file,
+                "{key}: content differs"
+            );
+        }
+        // To stdout as well; and a missing number is a clear error.
+        let out = env.intake(&["requests", "attachment", "IT-1", "1"]);
+        assert!(out.status.success() && out.stdout == file);
+        let out = env.intake(&["requests", "attachment", "IT-1", "2"]);
+        assert_eq!(out.status.code(), Some(69));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("IT-1 has 1 attachment(s)"),
+            "{out:?}"
+        );
+    }
+}

@@ -549,3 +549,57 @@ fn a_restarted_instance_takes_its_dead_predecessors_lease_at_once() {
         );
     }
 }
+
+/// Messages over 1 MiB are fetched in pieces: one exactly two pieces long and one
+/// ending in a short piece both arrive whole (their attachments come back byte for byte).
+#[test]
+fn large_messages_are_fetched_in_pieces_and_arrive_whole() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        let mut files = Vec::new();
+        for (n, target) in [(1usize, 2 * 1024 * 1024), (2, 3_300_000)] {
+            let head = format!(
+                "From: <big{n}@out.example>\r\nTo: it@desk.example\r\nSubject: Big {n}\r\n\
+                 Message-ID: <big-{n}@out.example>\r\nMIME-Version: 1.0\r\n\
+                 Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+                 --b\r\nContent-Type: text/plain\r\n\r\nAttached.\r\n\
+                 --b\r\nContent-Type: application/octet-stream\r\n\
+                 Content-Disposition: attachment; filename=\"big.bin\"\r\n\
+                 Content-Transfer-Encoding: base64\r\n\r\n"
+            );
+            let tail = "\r\n--b--\r\n";
+            // Base64 lines of 76 + CRLF: pick the file size so the message is `target`
+            // bytes long, padding the rest of the head with a header.
+            let room = target - head.len() - tail.len() - 200;
+            let lines = room / 78;
+            let file: Vec<u8> = (0..lines * 57)
+                .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(n as u32) as u8)
+                .collect();
+            let encoded = base64(&file);
+            let body: Vec<&str> = encoded
+                .as_bytes()
+                .chunks(76)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            let mut msg = format!("{head}{}{tail}", body.join("\r\n"));
+            let pad = target - msg.len();
+            assert!(pad > 20, "room for the padding header");
+            msg = format!("X-Pad: {}\r\n{msg}", "p".repeat(pad - 9));
+            assert_eq!(msg.len(), target);
+            imap.append("INBOX", msg.as_bytes());
+            files.push(file);
+        }
+        let env = env_with(&dovecot, backend, "poll_interval = \"10m\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("both large messages", WAIT, || request_count(&env) == 2);
+        daemon.wait_for("both flagged seen", WAIT, || imap.status("INBOX") == (2, 0));
+        daemon.stop();
+        for (i, file) in files.iter().enumerate() {
+            let key = format!("IT-{}", i + 1);
+            let out = env.intake(&["requests", "attachment", &key, "1"]);
+            assert!(out.status.success(), "{out:?}");
+            assert!(out.stdout == *file, "{key}: attachment differs");
+        }
+    }
+}
