@@ -104,25 +104,14 @@ pub async fn claim_ledger(
     desk: Option<&DeskKey>,
     now: i64,
 ) -> Result<Option<i64>, StoreError> {
-    sqlx::query_scalar(
-        "INSERT INTO ledger (source, source_ref, desk, message_id, content_hash, dedupe_key, \
-           action, reason, sender, subject, size, processed_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', 'pending', $7, $8, $9, $10) \
-         ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
-    )
-    .bind(&source.source)
-    .bind(&source.reference)
-    .bind(desk.map(DeskKey::as_str))
-    .bind(msg.message_id.as_deref())
-    .bind(content_hash)
-    .bind(dedupe_key(desk, msg, content_hash))
-    .bind(msg.from_mailbox().map(|m| m.address.as_str()))
-    .bind(msg.subject.as_deref())
-    .bind(msg.size as i64)
-    .bind(now)
-    .fetch_optional(&mut *conn)
-    .await
-    .ctx("claim the message in the ledger")
+    let item = ClaimItem {
+        source,
+        msg,
+        content_hash,
+        desk,
+    };
+    let mut claimed = claim_ledger_batch(conn, std::slice::from_ref(&item), now).await?;
+    Ok(claimed.pop().flatten())
 }
 
 /// What [`claim_ledger_batch`] claims for one message.
