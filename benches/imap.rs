@@ -193,6 +193,21 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) the process has used so far, from /proc/PID/stat.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces):
+    // utime and stime are the 12th and 13th of them, in clock ticks (100 per second).
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let ticks: Vec<f64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    ticks.iter().sum::<f64>() / 100.0
+}
+
 /// Dovecot's own IDLE delay: APPEND on one connection, time until another connection in
 /// IDLE sees `EXISTS`. This is the floor under intake's latency.
 fn raw_idle_latency(port: u16, samples: usize, from: usize) -> Vec<Duration> {
@@ -410,13 +425,15 @@ poll_interval = "1h"
     }
     let e2e = started.elapsed();
     let rss = pids.iter().map(|p| peak_rss_kib(*p)).max().unwrap_or(0);
+    let cpu: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     println!(
-        "intake run ×{} on {backend}: {total} messages in {:.2}s = {:.0} msg/s end to end ({:.0}% of the raw fetch rate), largest peak RSS {} MiB",
+        "intake run ×{} on {backend}: {total} messages in {:.2}s = {:.0} msg/s end to end ({:.0}% of the raw fetch rate), largest peak RSS {} MiB, intake CPU {cpu:.2}s ({:.0} µs per message)",
         opts.instances,
         e2e.as_secs_f64(),
         total as f64 / e2e.as_secs_f64(),
         100.0 * (total as f64 / e2e.as_secs_f64()) / (n as f64 / raw.as_secs_f64()),
-        rss / 1024
+        rss / 1024,
+        cpu * 1e6 / total as f64
     );
 
     if opts.latency {

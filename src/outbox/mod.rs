@@ -7,6 +7,7 @@
 //! makes a resend overwrite the same file (exactly once on disk). SMTP has no such
 //! guarantee; the window is one send.
 
+mod smtp;
 pub mod templates;
 
 use std::path::{Path, PathBuf};
@@ -14,15 +15,11 @@ use std::time::Duration;
 
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, Message, MultiPart};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{SmtpConfig, SmtpTls};
 use crate::store::{OutboxRow, Store, StoreError};
 
+pub use smtp::{MAX_PER_CONNECTION, SmtpTransport};
 pub use templates::Templates;
 
 /// Headers every mail we send carries, so replies thread and loops are caught.
@@ -52,6 +49,13 @@ pub enum SendError {
         #[source]
         source: lettre::transport::smtp::Error,
     },
+    #[error("cannot send through {address}: {what}")]
+    SmtpIo {
+        address: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl SendError {
@@ -60,7 +64,9 @@ impl SendError {
         match self {
             SendError::Build { .. } => true,
             SendError::Smtp { permanent, .. } => *permanent,
-            SendError::Write { .. } | SendError::SmtpSetup { .. } => false,
+            SendError::Write { .. } | SendError::SmtpSetup { .. } | SendError::SmtpIo { .. } => {
+                false
+            }
         }
     }
 }
@@ -115,69 +121,6 @@ pub fn build_message(row: &OutboxRow, stamp: &Stamp) -> Result<Message, SendErro
     }
 }
 
-/// Sends through an SMTP relay (lettre, rustls).
-#[derive(Clone)]
-pub struct SmtpTransport {
-    inner: AsyncSmtpTransport<Tokio1Executor>,
-    address: String,
-}
-
-impl SmtpTransport {
-    pub fn new(cfg: &SmtpConfig) -> Result<SmtpTransport, SendError> {
-        let address = cfg.address();
-        let setup = |message: String| SendError::SmtpSetup {
-            address: address.clone(),
-            message,
-        };
-        let tls_parameters = || -> Result<TlsParameters, SendError> {
-            let mut builder = TlsParameters::builder(cfg.host.clone());
-            if let Some(path) = &cfg.ca_file {
-                let pem = std::fs::read(path)
-                    .map_err(|e| setup(format!("cannot read {}: {e}", path.display())))?;
-                let cert = Certificate::from_pem(&pem).map_err(|e| setup(e.to_string()))?;
-                builder = builder.add_root_certificate(cert);
-            }
-            builder.build_rustls().map_err(|e| setup(e.to_string()))
-        };
-        let tls = match cfg.tls {
-            SmtpTls::Implicit => Tls::Wrapper(tls_parameters()?),
-            SmtpTls::StartTls => Tls::Required(tls_parameters()?),
-            SmtpTls::None => Tls::None,
-        };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.host.clone())
-            .port(cfg.port)
-            .tls(tls)
-            .timeout(Some(cfg.timeout));
-        if let Some(name) = &cfg.hello_name {
-            builder = builder.hello_name(lettre::transport::smtp::extension::ClientId::Domain(
-                name.clone(),
-            ));
-        }
-        if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
-            builder = builder.credentials(Credentials::new(
-                user.clone(),
-                password.expose_secret().to_string(),
-            ));
-        }
-        Ok(SmtpTransport {
-            inner: builder.build(),
-            address,
-        })
-    }
-
-    pub async fn send(&self, message: &Message) -> Result<(), SendError> {
-        self.inner
-            .send(message.clone())
-            .await
-            .map(|_| ())
-            .map_err(|source| SendError::Smtp {
-                address: self.address.clone(),
-                permanent: recipient_refused(&source),
-                source,
-            })
-    }
-}
-
 /// Whether the relay refused the recipient itself (550 mailbox unavailable, 551 not
 /// local, 553 name not allowed): retrying cannot help. Other 5xx replies, such as 530
 /// or 535 for a login the relay wants or refuses, or 554 for a policy the admin may fix,
@@ -201,6 +144,13 @@ impl Transport {
         match self {
             Transport::File(f) => f.send(row, message).await,
             Transport::Smtp(s) => s.send(message).await,
+        }
+    }
+
+    /// The end of a pass: an open SMTP connection is closed.
+    pub async fn finish(&self) {
+        if let Transport::Smtp(s) = self {
+            s.finish().await;
         }
     }
 }
@@ -294,6 +244,12 @@ pub fn claim_lease_secs(smtp_timeout: Option<Duration>) -> i64 {
 impl Worker {
     /// Sends everything due now, in batches, until nothing is due.
     pub async fn drain_once(&self, now: i64) -> Result<DrainReport, StoreError> {
+        let result = self.drain(now).await;
+        self.transport.finish().await;
+        result
+    }
+
+    async fn drain(&self, now: i64) -> Result<DrainReport, StoreError> {
         let mut report = DrainReport::default();
         loop {
             // Small claims, each with the clock read afresh: a slow relay must not let a

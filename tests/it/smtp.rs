@@ -35,7 +35,14 @@ if user:
     # aiosmtpd only counts STARTTLS as TLS: on an implicit-TLS (SMTPS) port it would
     # never offer AUTH, although the whole session is encrypted.
     kwargs['auth_require_tls'] = mode == 'starttls'
-c = Controller(Mailbox(maildir), hostname='127.0.0.1', port=int(port), **kwargs)
+class Recording(Mailbox):
+    # One line per message: the client's address and port, so a test can count the
+    # connections that carried them.
+    async def handle_DATA(self, server, session, envelope):
+        with open(maildir.rstrip('/') + '.peers', 'a') as f:
+            f.write('%s:%s\n' % tuple(session.peer[:2]))
+        return await super().handle_DATA(server, session, envelope)
+c = Controller(Recording(maildir), hostname='127.0.0.1', port=int(port), **kwargs)
 c.start()
 print('ready', flush=True)
 while os.path.exists('/proc/%s' % parent):
@@ -158,6 +165,17 @@ impl Smtp {
             .collect();
         files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
         files.iter().filter_map(|p| std::fs::read(p).ok()).collect()
+    }
+
+    /// How many connections carried the messages received so far.
+    pub fn connections(&self) -> usize {
+        let mut path = self.maildir.clone().into_os_string();
+        path.push(".peers");
+        let peers = std::fs::read_to_string(path).unwrap_or_default();
+        peers
+            .lines()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     /// The `[smtp]` section for this server.

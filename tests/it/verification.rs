@@ -308,6 +308,56 @@ fn starttls_and_implicit_tls_with_auth() {
     }
 }
 
+/// An outbox pass sends its mail over one connection (TLS and AUTH once), up to
+/// MAX_PER_CONNECTION mails, and a later pass opens a new one.
+#[test]
+fn one_connection_carries_an_outbox_pass() {
+    for backend in BACKENDS {
+        for mode in [Mode::Plain, Mode::StartTls, Mode::Implicit] {
+            let smtp = Smtp::start(mode, Some(("intake", "smtp-s3cret")));
+            let env = Env::with_extra(
+                backend,
+                &verify_site(),
+                &DeskSettings::default(),
+                &smtp.toml(""),
+            );
+            let write = |i: usize| {
+                let path = env.path(&format!("pass-{i}.eml"));
+                std::fs::write(
+                    &path,
+                    format!(
+                        "From: Olga {i} <olga{i}@outside.example>\r\nTo: it@desk.example\r\n\
+                         Subject: printer {i}\r\nMessage-ID: <pass-{i}@outside.example>\r\n\r\nhi\r\n"
+                    ),
+                )
+                .unwrap();
+                path.to_str().unwrap().to_string()
+            };
+            let first: Vec<String> = (0..4).map(write).collect();
+            let mut args = vec!["process", "--json", "--no-send"];
+            args.extend(first.iter().map(String::as_str));
+            env.json(&args);
+            let out = env.intake(&["outbox", "send"]);
+            assert!(out.status.success(), "{mode:?}: {out:?}");
+            assert_eq!(smtp.messages().len(), 4, "{mode:?}");
+            assert_eq!(
+                smtp.connections(),
+                1,
+                "{mode:?}: one connection for the pass"
+            );
+            // The next pass does not reuse the closed connection.
+            let second = write(9);
+            env.json(&["process", "--json", &second]);
+            assert_eq!(smtp.messages().len(), 5, "{mode:?}");
+            assert_eq!(smtp.connections(), 2, "{mode:?}");
+            let outbox = env.json(&["outbox", "list", "--json"]);
+            let rows = outbox.as_array().unwrap();
+            assert_eq!(rows.len(), 5);
+            assert!(rows.iter().all(|r| r["status"] == "sent"), "{outbox:#}");
+        }
+    }
+}
+
 #[test]
 fn header_injection_from_inbound_mail_goes_nowhere() {
     for backend in BACKENDS {
