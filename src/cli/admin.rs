@@ -400,7 +400,7 @@ async fn run_accounts(
             if a.json {
                 print_json(&added)?;
             } else {
-                println!(
+                out!(
                     "added {} ({}, {}); organizations: {}; customer of desks: {}",
                     added.address,
                     added.kind,
@@ -435,12 +435,12 @@ async fn run_accounts(
                     "changed": changed,
                 }))?;
             } else if changed {
-                println!(
+                out!(
                     "{address} renamed from {} to {name:?}",
                     previous.map_or_else(|| "(no name)".to_string(), |p| format!("{p:?}"))
                 );
             } else {
-                println!("{address} is already named {name:?}; nothing changed");
+                out!("{address} is already named {name:?}; nothing changed");
             }
         }
         AccountsAdminCommand::Merge { from, into, json } => {
@@ -453,7 +453,7 @@ async fn run_accounts(
             if json {
                 print_json(&report)?;
             } else {
-                println!("merged {} into {} and removed it", report.from, report.into);
+                out!("merged {} into {} and removed it", report.from, report.into);
                 let mut t = Table::new(&["MOVED", "COUNT", "WHICH"]);
                 for (what, items) in [
                     ("requests reported", &report.requests),
@@ -468,7 +468,7 @@ async fn run_accounts(
                         items.join(", "),
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
         }
     }
@@ -490,14 +490,17 @@ async fn status(
     if json {
         print_json(&change)?;
     } else if change.changed {
-        println!(
+        out!(
             "{} is now {} (was {})",
-            change.address, change.status, change.previous
+            change.address,
+            change.status,
+            change.previous
         );
     } else {
-        println!(
+        out!(
             "{} is already {}; nothing changed",
-            change.address, change.status
+            change.address,
+            change.status
         );
     }
     Ok(())
@@ -527,7 +530,7 @@ async fn run_orgs(config: &Config, store: &Store, cmd: OrgsCommand) -> Result<()
                         o.desks.join(", "),
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
         }
         OrgsCommand::Show { name, json } => {
@@ -538,14 +541,15 @@ async fn run_orgs(config: &Config, store: &Store, cmd: OrgsCommand) -> Result<()
             if json {
                 print_json(&o)?;
             } else {
-                println!(
+                out!(
                     "{}  (origin: {})",
-                    o.organization.name, o.organization.origin
+                    o.organization.name,
+                    o.organization.origin
                 );
-                println!("created: {}", when(o.created_at));
-                println!("domains: {}", or_none(&o.organization.domains));
-                println!("desks: {}", or_none(&o.organization.desks));
-                println!("members: {}", o.organization.members);
+                out!("created: {}", when(o.created_at));
+                out!("domains: {}", or_none(&o.organization.domains));
+                out!("desks: {}", or_none(&o.organization.desks));
+                out!("members: {}", o.organization.members);
                 let mut t = Table::new(&["ADDRESS", "NAME", "KIND", "STATUS", "ORIGIN"]);
                 for m in o.member_list {
                     t.row(vec![
@@ -556,7 +560,7 @@ async fn run_orgs(config: &Config, store: &Store, cmd: OrgsCommand) -> Result<()
                         m.origin,
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
         }
         OrgsCommand::Add {
@@ -578,7 +582,7 @@ async fn run_orgs(config: &Config, store: &Store, cmd: OrgsCommand) -> Result<()
             if json {
                 print_json(&row)?;
             } else {
-                println!(
+                out!(
                     "added organization {:?}; domains: {}; desks: {}",
                     row.name,
                     or_none(&row.domains),
@@ -595,7 +599,7 @@ async fn run_orgs(config: &Config, store: &Store, cmd: OrgsCommand) -> Result<()
             if json {
                 print_json(&serde_json::json!({ "organization": name, "members": members }))?;
             } else {
-                println!(
+                out!(
                     "removed organization {name:?} and its {}",
                     plural(members.len(), "membership")
                 );
@@ -615,7 +619,7 @@ async fn run_orgs(config: &Config, store: &Store, cmd: OrgsCommand) -> Result<()
             if json {
                 print_json(&serde_json::json!({ "organization": name, "added": address }))?;
             } else {
-                println!("{address} is now a member of {name:?}");
+                out!("{address} is now a member of {name:?}");
             }
         }
         OrgsCommand::RemoveMember {
@@ -632,7 +636,7 @@ async fn run_orgs(config: &Config, store: &Store, cmd: OrgsCommand) -> Result<()
             if json {
                 print_json(&serde_json::json!({ "organization": name, "removed": address }))?;
             } else {
-                println!("{address} is no longer a member of {name:?}");
+                out!("{address} is no longer a member of {name:?}");
             }
         }
     }
@@ -674,7 +678,7 @@ async fn run_customers(
                         r.origin,
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
         }
         CustomersCommand::Add {
@@ -691,7 +695,7 @@ async fn run_customers(
             if json {
                 print_json(&serde_json::json!({ "desk": key, "added": address }))?;
             } else {
-                println!("{address} is now a customer of desk {key}");
+                out!("{address} is now a customer of desk {key}");
             }
         }
         CustomersCommand::Remove {
@@ -712,9 +716,9 @@ async fn run_customers(
                     "still_through": through,
                 }))?;
             } else if through.is_empty() {
-                println!("{address} is no longer a customer of desk {key}");
+                out!("{address} is no longer a customer of desk {key}");
             } else {
-                println!(
+                out!(
                     "{address} is no longer a direct customer of desk {key}, but still one through {}",
                     through.join(", ")
                 );
@@ -747,7 +751,7 @@ async fn run_agents(config: &Config, store: &Store, cmd: AgentsCommand) -> Resul
                         r.origin,
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
         }
         AgentsCommand::Add {
@@ -769,7 +773,7 @@ async fn run_agents(config: &Config, store: &Store, cmd: AgentsCommand) -> Resul
             if json {
                 print_json(&serde_json::json!({ "address": address, "desks_added": added }))?;
             } else {
-                println!("{address} is now an agent of {}", added.join(", "));
+                out!("{address} is now an agent of {}", added.join(", "));
             }
         }
         AgentsCommand::Remove { address: a, json } => {
@@ -781,7 +785,7 @@ async fn run_agents(config: &Config, store: &Store, cmd: AgentsCommand) -> Resul
             if json {
                 print_json(&serde_json::json!({ "address": address, "desks_removed": desks }))?;
             } else {
-                println!(
+                out!(
                     "{address} is no longer an agent (was one of {})",
                     or_none(&desks)
                 );

@@ -193,7 +193,7 @@ pub async fn import(
             .iter()
             .map(|((a, r), n)| serde_json::json!({"action": a, "reason": r, "count": n}))
             .collect();
-        println!(
+        out!(
             "{}",
             serde_json::json!({
                 "imported": imported,
@@ -212,7 +212,7 @@ pub async fn import(
             for ((a, r), n) in &run.counts {
                 t.row(vec![a.to_string(), r.to_string(), n.to_string()]);
             }
-            print!("{t}");
+            out_text!("{t}");
         }
         for r in &reports {
             let mut line = format!("{} ({}): ", r.path, r.kind.as_str());
@@ -234,9 +234,9 @@ pub async fn import(
             if r.quarantined > 0 {
                 line.push_str(&format!(", {} quarantined", r.quarantined));
             }
-            println!("{line}");
+            out!("{line}");
             if let Some(why) = &r.restarted {
-                println!("  read from the start again: {why}");
+                out!("  read from the start again: {why}");
             }
         }
         let mut last = if imported == 0 {
@@ -260,7 +260,7 @@ pub async fn import(
         } else if !no_send {
             last.push_str(&format!("; {sent} mail written"));
         }
-        println!("{last}");
+        out!("{last}");
     }
     if interrupted {
         eprintln!("intake: interrupted, run again to continue");

@@ -5,6 +5,24 @@
 //! 65 bad input, 69 not found, 70 internal error, 75 temporary failure (retry later),
 //! 78 configuration error.
 
+/// `println!` for command output: a reader that went away (`intake requests list | head`)
+/// ends the command quietly instead of a panic.
+macro_rules! out {
+    () => {
+        $crate::cli::print_out(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::print_out(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` for command output (no newline added), as [`out!`].
+macro_rules! out_text {
+    ($($arg:tt)*) => {
+        $crate::cli::print_out(format_args!($($arg)*), false)
+    };
+}
+
 mod admin;
 mod import;
 mod mbox;
@@ -34,6 +52,29 @@ pub const EX_NOINPUT: u8 = 66;
 pub const EX_SOFTWARE: u8 = 70;
 pub const EX_TEMPFAIL: u8 = 75;
 pub const EX_CONFIG: u8 = 78;
+
+/// Writes command output (and a newline). When standard output is a closed pipe the
+/// command's work is done and nobody reads the rest: exit 0 at once, as `head` expects.
+/// Any other write error ends the command with EX_IOERR (74).
+pub fn print_out(args: std::fmt::Arguments, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(args).and_then(|()| {
+        if newline {
+            stdout.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+    });
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("intake: cannot write to standard output: {e}");
+            std::process::exit(74);
+        }
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -425,7 +466,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     "accounts": expired.accounts,
                 }))?;
             } else {
-                println!(
+                out!(
                     "{} held request(s) expired, {} pending account(s) removed",
                     expired.requests.len(),
                     expired.accounts.len()
@@ -435,7 +476,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Migrate => {
             open_store(&config).await?;
-            println!("database {} is up to date", config.database.redacted_url());
+            out!("database {} is up to date", config.database.redacted_url());
             Ok(EX_OK)
         }
         Command::Explain {
@@ -452,8 +493,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .explain(&raw, desk.as_ref(), at.unwrap_or_else(crate::now))
                 .await?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&decision)?),
-                Format::Text => print!("{}", decision.to_text()),
+                Format::Json => out!("{}", serde_json::to_string_pretty(&decision)?),
+                Format::Text => out_text!("{}", decision.to_text()),
             }
             Ok(EX_OK)
         }
@@ -487,24 +528,24 @@ fn check_config(cli: &Cli) -> u8 {
     match Config::load(&source) {
         Ok(config) => {
             if let Err(e) = crate::outbox::templates::check(&config) {
-                println!(
+                out!(
                     "{}: outbox.templates_dir: {}",
                     config.origin,
                     crate::outbox::error_chain(&e)
                 );
                 return EX_CONFIG;
             }
-            println!("OK: {}", config.origin);
+            out!("OK: {}", config.origin);
             for (k, v) in crate::config::summary(&config) {
-                println!("  {k}: {v}");
+                out!("  {k}: {v}");
             }
             EX_OK
         }
         Err(ConfigError::Invalid(issues)) => {
             for issue in &issues {
-                println!("{issue}");
+                out!("{issue}");
             }
-            println!(
+            out!(
                 "{} problem{} found",
                 issues.len(),
                 if issues.len() == 1 { "" } else { "s" }
@@ -512,7 +553,7 @@ fn check_config(cli: &Cli) -> u8 {
             EX_CONFIG
         }
         Err(e) => {
-            println!("{e}");
+            out!("{e}");
             EX_CONFIG
         }
     }
@@ -723,7 +764,7 @@ async fn process(
             .iter()
             .map(|((a, r), n)| serde_json::json!({"action": a, "reason": r, "count": n}))
             .collect();
-        println!(
+        out!(
             "{}",
             serde_json::json!({"processed": total, "seconds": elapsed.as_secs_f64(), "outcomes": rows, "mail_sent": sent})
         );
@@ -732,8 +773,8 @@ async fn process(
         for ((a, r), n) in &counts {
             t.row(vec![a.clone(), r.clone(), n.to_string()]);
         }
-        print!("{t}");
-        println!(
+        out_text!("{t}");
+        out!(
             "{total} message{} in {:.2}s ({:.0}/s); {sent} mail written",
             if total == 1 { "" } else { "s" },
             elapsed.as_secs_f64(),
@@ -756,7 +797,7 @@ fn when(ts: i64) -> String {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -793,7 +834,7 @@ async fn requests(config: Arc<Config>, cmd: RequestsCommand) -> anyhow::Result<u
                         r.subject,
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
         }
         RequestsCommand::Attachment {
@@ -838,28 +879,32 @@ async fn requests(config: Arc<Config>, cmd: RequestsCommand) -> anyhow::Result<u
             if json {
                 print_json(&r)?;
             } else {
-                println!(
+                out!(
                     "{}  [{}]  {}",
-                    r.request.key, r.request.status, r.request.subject
+                    r.request.key,
+                    r.request.status,
+                    r.request.subject
                 );
-                println!("reporter: {}", r.request.reporter);
-                println!("created:  {}", when(r.request.created_at));
+                out!("reporter: {}", r.request.reporter);
+                out!("created:  {}", when(r.request.created_at));
                 if let Some(h) = r.held_until {
-                    println!("held until: {}", when(h));
+                    out!("held until: {}", when(h));
                 }
-                println!("participants:");
+                out!("participants:");
                 for p in &r.participant_list {
-                    println!("  {} ({}, {})", p.address, p.kind, p.status);
+                    out!("  {} ({}, {})", p.address, p.kind, p.status);
                 }
                 for a in &r.attachments {
-                    println!(
+                    out!(
                         "attachment: {} ({}, {} bytes)",
-                        a.filename, a.content_type, a.size
+                        a.filename,
+                        a.content_type,
+                        a.size
                     );
                 }
-                println!("\n{}", r.description.trim_end());
+                out!("\n{}", r.description.trim_end());
                 for c in &r.comment_list {
-                    println!(
+                    out!(
                         "\n--- {} at {}\n{}",
                         c.author,
                         when(c.created_at),
@@ -905,7 +950,7 @@ async fn accounts(config: Arc<Config>, cmd: AccountsCommand) -> anyhow::Result<u
                         a.organizations.join(", "),
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
         }
         AccountsCommand::Show { address, json } => {
@@ -921,29 +966,31 @@ async fn accounts(config: Arc<Config>, cmd: AccountsCommand) -> anyhow::Result<u
             if json {
                 print_json(&a)?;
             } else {
-                println!(
+                out!(
                     "{}  {}",
                     a.account.address,
                     a.account.display_name.clone().unwrap_or_default()
                 );
-                println!(
+                out!(
                     "kind: {}   status: {}   origin: {}",
-                    a.account.kind, a.account.status, a.account.origin
+                    a.account.kind,
+                    a.account.status,
+                    a.account.origin
                 );
-                println!("created: {}", when(a.account.created_at));
+                out!("created: {}", when(a.account.created_at));
                 if let Some(v) = a.verified_at {
-                    println!("verified: {}", when(v));
+                    out!("verified: {}", when(v));
                 }
                 if let Some(u) = a.undeliverable_at {
-                    println!("undeliverable since: {} (a permanent bounce)", when(u));
+                    out!("undeliverable since: {} (a permanent bounce)", when(u));
                 }
                 if a.soft_bounces > 0 {
-                    println!("temporary bounces: {}", a.soft_bounces);
+                    out!("temporary bounces: {}", a.soft_bounces);
                 }
-                println!("organizations: {}", a.account.organizations.join(", "));
-                println!("customer of desks: {}", a.desks.join(", "));
-                println!("reported: {}", a.reported.join(", "));
-                println!("participant in: {}", a.participating.join(", "));
+                out!("organizations: {}", a.account.organizations.join(", "));
+                out!("customer of desks: {}", a.desks.join(", "));
+                out!("reported: {}", a.reported.join(", "));
+                out!("participant in: {}", a.participating.join(", "));
                 print_audit(&a.history);
             }
         }
@@ -967,7 +1014,7 @@ fn print_audit(history: &[crate::store::AuditEntry]) {
             h.address_reason.clone(),
         ]);
     }
-    print!("{t}");
+    out_text!("{t}");
 }
 
 async fn audit(config: Arc<Config>, address: &str, json: bool) -> anyhow::Result<u8> {
@@ -977,7 +1024,7 @@ async fn audit(config: Arc<Config>, address: &str, json: bool) -> anyhow::Result
     if json {
         print_json(&history)?;
     } else if history.is_empty() {
-        println!("no decision has touched {address}");
+        out!("no decision has touched {address}");
     } else {
         print_audit(&history);
     }
@@ -1006,7 +1053,7 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
                         r.quarantine_ref.unwrap_or_default(),
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
             Ok(EX_OK)
         }
@@ -1070,7 +1117,7 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
                 return Ok(EX_SOFTWARE);
             };
             if let Outcome::Quarantined { reason, detail, .. } = o {
-                println!(
+                out!(
                     "message {id} is still quarantined: {} ({detail})",
                     reason.code()
                 );
@@ -1091,7 +1138,7 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
                 }
             }
             let (action, reason) = o.summary();
-            println!("message {id} released: {action} ({reason})");
+            out!("message {id} released: {action} ({reason})");
             Ok(EX_OK)
         }
     }
@@ -1129,22 +1176,24 @@ async fn outbox(config: Arc<Config>, cmd: OutboxCommand) -> anyhow::Result<u8> {
                         r.last_error.unwrap_or_default(),
                     ]);
                 }
-                print!("{t}");
+                out_text!("{t}");
             }
         }
         OutboxCommand::Retry { id } => {
             let store = open_store(&config).await?;
             let n = store.outbox_retry(id, crate::now()).await?;
-            println!("{n} mail{} queued again", if n == 1 { "" } else { "s" });
+            out!("{n} mail{} queued again", if n == 1 { "" } else { "s" });
         }
         OutboxCommand::Send => {
             let pipeline = pipeline(config).await?;
             let report = crate::daemon::outbox_worker(&pipeline)?
                 .drain_once(crate::now())
                 .await?;
-            println!(
+            out!(
                 "{} sent, {} failed (will retry), {} dead",
-                report.sent, report.failed, report.dead
+                report.sent,
+                report.failed,
+                report.dead
             );
         }
     }

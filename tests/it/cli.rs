@@ -186,6 +186,39 @@ fn explain_text_format_reads_well() {
     }
 }
 
+/// `intake ... | head`: output to a reader that has gone is no panic and no error.
+#[test]
+fn listings_into_a_closed_pipe_end_quietly() {
+    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
+    env.process(&["helpdesk-cc-outsider.eml"]);
+    for args in [
+        &["requests", "list"][..],
+        &["accounts", "list"],
+        &["outbox", "list"],
+        &[
+            "explain",
+            fixture("helpdesk-cc-outsider.eml").to_str().unwrap(),
+        ],
+    ] {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&env.config)
+            .args(args)
+            .current_dir(env.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before intake writes anything: every write is EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn embedded_defaults_run_on_a_fresh_directory() {
     let dir = tempfile::tempdir().unwrap();
