@@ -54,11 +54,14 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(env: &Envelope) -> Prepared {
+    fn new(env: &Envelope, max_size: u64) -> Prepared {
         Prepared {
             msg: message::parse_headers(&env.raw).map(|mut m| {
-                // Not for oversized messages: only their head is here.
-                if env.size == env.raw.len() as u64 {
+                // Not for oversized messages: only their head is here (and they are
+                // quarantined). Any other message is whole even when the size the server
+                // announced differs from what it sent (IMAP's RFC822.SIZE is not always
+                // the fetched length): a delivery report must be read as one.
+                if env.size <= max_size {
                     message::check_bounce(&mut m, &env.raw);
                 }
                 m
@@ -376,7 +379,11 @@ impl Pipeline {
         careful: bool,
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
-        let mut prepared: Vec<Prepared> = batch.iter().map(Prepared::new).collect();
+        let max_size = self.config().max_message_size;
+        let mut prepared: Vec<Prepared> = batch
+            .iter()
+            .map(|env| Prepared::new(env, max_size))
+            .collect();
         for (env, p) in batch.iter().zip(prepared.iter_mut()) {
             p.desk = p
                 .msg
@@ -808,3 +815,7 @@ fn oversized_decision(size: u64, limit: u64) -> Decision {
         format!("{size} bytes is over the limit of {limit} bytes"),
     )
 }
+
+#[cfg(test)]
+#[path = "pipeline_tests.rs"]
+mod tests;

@@ -1,0 +1,105 @@
+use std::collections::HashMap;
+
+use super::*;
+use crate::config::ConfigSource;
+use crate::policy::{Action, Reason};
+
+async fn pipeline(dir: &std::path::Path) -> Pipeline {
+    let toml = format!(
+        "[database]\nurl = \"sqlite://{d}/intake.db\"\n\
+         [[desks]]\nkey = \"IT\"\naddresses = [\"it@desk.example\"]\n\
+         [trust]\nrequire_authentication = false\n[outbox]\ndir = \"{d}/outbox\"\n",
+        d = dir.display()
+    );
+    let path = dir.join("intake.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config =
+        Arc::new(Config::load_with_env(&ConfigSource::File(path), Some(HashMap::new())).unwrap());
+    let store = Store::open(&config.database).await.unwrap();
+    let templates = crate::outbox::Templates::from_config(&config).unwrap();
+    Pipeline::new(store, config, templates)
+}
+
+/// A delivery report (RFC 3464) from a customer's mail server.
+fn dsn(id: &str) -> Vec<u8> {
+    format!(
+        "Return-Path: <>\r\nFrom: Mail Delivery System <MAILER-DAEMON@mx.outside.example>\r\n\
+         To: it@desk.example\r\nSubject: Undelivered Mail Returned to Sender\r\n\
+         Message-ID: <{id}@mx.outside.example>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+         --B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n\
+         --B\r\nContent-Type: message/delivery-status\r\n\r\n\
+         Reporting-MTA: dns; mx.outside.example\r\n\r\n\
+         Final-Recipient: rfc822; olga@outside.example\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n\
+         --B--\r\n"
+    )
+    .into_bytes()
+}
+
+/// The size a source announces (IMAP's RFC822.SIZE) may differ from the bytes it sent;
+/// the message is still whole and its delivery report is read (which recipient failed,
+/// how): only an oversized message, of which we hold the head, is not.
+#[test]
+fn a_delivery_report_is_read_whatever_size_the_source_announced() {
+    let raw = dsn("dsn-1");
+    let max = 1_000_000;
+    for (announced, read) in [
+        (raw.len() as u64, true),
+        (raw.len() as u64 + 1, true),
+        (raw.len() as u64 - 1, true),
+        (max, true),
+        (max + 1, false),
+    ] {
+        let env = Envelope {
+            size: announced,
+            raw: raw.clone(),
+            source: SourceRef {
+                source: "test".into(),
+                reference: "1".into(),
+            },
+            desk: None,
+            quarantine_ref: String::new(),
+            content_hash: None,
+            fetch_error: None,
+        };
+        let msg = Prepared::new(&env, max).msg.unwrap();
+        assert_eq!(msg.bounce.is_some(), read, "announced {announced}");
+        if read {
+            let report = msg.bounce.unwrap();
+            assert!(
+                format!("{report:?}").contains("olga@outside.example"),
+                "{report:?}"
+            );
+        }
+    }
+}
+
+/// And end to end: such a report is not a request.
+#[tokio::test]
+async fn a_delivery_report_with_another_announced_size_opens_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(dir.path()).await;
+    let raw = dsn("dsn-2");
+    let env = Envelope {
+        size: raw.len() as u64 + 4096,
+        raw,
+        source: SourceRef {
+            source: "test".into(),
+            reference: "2".into(),
+        },
+        desk: None,
+        quarantine_ref: String::new(),
+        content_hash: None,
+        fetch_error: None,
+    };
+    let outcomes = pipeline.process_batch(&[env], crate::now()).await.unwrap();
+    let Outcome::Decided { decision, .. } = &outcomes[0] else {
+        panic!("{:?}", outcomes[0]);
+    };
+    assert_eq!(
+        decision.reason,
+        Reason::DeliveryStatusNotification,
+        "{decision:?}"
+    );
+    assert_ne!(decision.action, Action::CreateRequest);
+}
