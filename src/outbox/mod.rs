@@ -232,11 +232,11 @@ pub struct Worker {
 /// (`claim_lease_secs`) need only cover a few sends.
 const CLAIM: i64 = 2;
 
-/// The claim lease for a transport: an SMTP send is up to six commands (connect,
-/// EHLO, STARTTLS/AUTH, MAIL, RCPT, DATA), each bounded by the timeout.
+/// The claim lease for a transport: long enough for every claimed mail's longest send
+/// ([`smtp::longest_send`]), so no other worker claims a mail still being sent.
 pub fn claim_lease_secs(smtp_timeout: Option<Duration>) -> i64 {
     match smtp_timeout {
-        Some(t) => CLAIM * (6 * t.as_secs().max(1) as i64) + 5,
+        Some(t) => CLAIM * smtp::longest_send(t.max(Duration::from_secs(1))).as_secs() as i64 + 5,
         None => 30,
     }
 }

@@ -33,6 +33,17 @@ pub const MAX_PER_CONNECTION: u32 = 100;
 /// idle sessions (Postfix after 300 s, others sooner), and a send on a dropped one fails.
 const IDLE_REUSE: Duration = Duration::from_secs(10);
 
+/// A connection unused for longer than this is asked (NOOP) before it is reused.
+const CHECK_AFTER: Duration = Duration::from_secs(1);
+
+/// The longest one [`SmtpTransport::send`] takes, given the relay's per-exchange
+/// `timeout`: closing the previous connection (QUIT), a NOOP, connecting (up to three
+/// exchanges' worth) and sending (four) fit; a second try on a new connection after a
+/// 4xx reply gets what is left. A claimed mail's lease must outlast it.
+pub fn longest_send(timeout: Duration) -> Duration {
+    timeout * 9
+}
+
 /// Sends through an SMTP relay. Cloning shares the open connection.
 #[derive(Clone)]
 pub struct SmtpTransport {
@@ -62,6 +73,16 @@ struct Session {
     conn: AsyncSmtpConnection,
     sent: u32,
     last_used: Instant,
+}
+
+impl Session {
+    fn new(conn: AsyncSmtpConnection) -> Session {
+        Session {
+            conn,
+            sent: 0,
+            last_used: Instant::now(),
+        }
+    }
 }
 
 /// TLS from the first byte, as lettre's stream trait wants it.
@@ -160,23 +181,56 @@ impl SmtpTransport {
     /// Sends one mail, on the open connection when there is a fresh one. A connection
     /// that failed in any way is closed: the next mail gets a new one.
     pub async fn send(&self, message: &Message) -> Result<(), SendError> {
+        let limit = longest_send(self.settings.timeout);
+        match tokio::time::timeout(limit, self.send_within(message)).await {
+            Ok(result) => result,
+            Err(_) => Err(self.timed_out("sending a message")),
+        }
+    }
+
+    async fn send_within(&self, message: &Message) -> Result<(), SendError> {
         let mut slot = self.session.lock().await;
-        let mut session = match slot.take() {
-            Some(s) if s.sent < MAX_PER_CONNECTION && s.last_used.elapsed() < IDLE_REUSE => s,
-            old => {
-                if let Some(mut old) = old {
-                    close(&mut old.conn).await;
-                }
-                Session {
-                    conn: self.connect().await?,
-                    sent: 0,
-                    last_used: Instant::now(),
-                }
+        let (session, reused) = self.session(slot.take()).await?;
+        let session = match self.send_on(session, message).await {
+            // A 4xx reply means the relay did not take the mail; on a reused connection
+            // it is often the session's own limit (421 after so many messages): once
+            // more, at once, on a new connection. Anything else (a dropped connection
+            // after the message may have been taken) waits for the retry schedule.
+            Err(SendError::Smtp { source, .. }) if reused && source.is_transient() => {
+                tracing::debug!(relay = %self.settings.address, error = %source, "reused SMTP connection refused the mail; trying a new one");
+                let fresh = Session::new(self.connect().await?);
+                self.send_on(fresh, message).await?
             }
+            other => other?,
         };
+        *slot = Some(session);
+        Ok(())
+    }
+
+    /// The open session when it is fresh and still answers, else a new one.
+    async fn session(&self, open: Option<Session>) -> Result<(Session, bool), SendError> {
+        if let Some(mut s) = open {
+            let idle = s.last_used.elapsed();
+            let usable = s.sent < MAX_PER_CONNECTION
+                && idle < IDLE_REUSE
+                // Mail of one pass follows at once; after a pause, ask (NOOP) first.
+                && (idle < CHECK_AFTER
+                    || tokio::time::timeout(self.settings.timeout, s.conn.test_connected())
+                        .await
+                        .unwrap_or(false));
+            if usable {
+                return Ok((s, true));
+            }
+            close(&mut s.conn, self.settings.timeout).await;
+        }
+        Ok((Session::new(self.connect().await?), false))
+    }
+
+    /// MAIL, RCPT, DATA and the message: four exchanges, each bounded by the timeout.
+    /// The session comes back when the relay took the mail.
+    async fn send_on(&self, mut session: Session, message: &Message) -> Result<Session, SendError> {
         let s = &self.settings;
         let bytes = message.formatted();
-        // MAIL, RCPT, DATA and the message: four exchanges, each bounded by the timeout.
         let sent =
             tokio::time::timeout(s.timeout * 4, session.conn.send(message.envelope(), &bytes))
                 .await;
@@ -184,11 +238,10 @@ impl SmtpTransport {
             Ok(Ok(_)) => {
                 session.sent += 1;
                 session.last_used = Instant::now();
-                *slot = Some(session);
-                Ok(())
+                Ok(session)
             }
             Ok(Err(source)) => {
-                close(&mut session.conn).await;
+                close(&mut session.conn, s.timeout).await;
                 Err(SendError::Smtp {
                     address: s.address.clone(),
                     permanent: super::recipient_refused(&source),
@@ -202,7 +255,7 @@ impl SmtpTransport {
     /// Closes the open connection (QUIT), if any: the end of an outbox pass.
     pub async fn finish(&self) {
         if let Some(mut s) = self.session.lock().await.take() {
-            close(&mut s.conn).await;
+            close(&mut s.conn, self.settings.timeout).await;
         }
     }
 
@@ -254,7 +307,15 @@ impl SmtpTransport {
             .map_err(|e| self.io_error("name lookup", e))?;
         let mut last = None;
         for addr in addrs {
-            match TcpStream::connect(addr).await {
+            // Each address within the timeout: one that never answers (a broken IPv6
+            // route) must not use up the time the next one needs.
+            let attempt = tokio::time::timeout(s.timeout, TcpStream::connect(addr)).await;
+            match attempt.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{addr} did not answer within {:?}", s.timeout),
+                ))
+            }) {
                 Ok(tcp) => {
                     tcp.set_nodelay(true)
                         .map_err(|e| self.io_error("TCP_NODELAY", e))?;
@@ -288,11 +349,12 @@ impl SmtpTransport {
     }
 }
 
-/// QUIT, or just drop the socket when the connection is broken.
-async fn close(conn: &mut AsyncSmtpConnection) {
+/// QUIT (waiting up to `timeout` for its answer), or just drop the socket when the
+/// connection is broken.
+async fn close(conn: &mut AsyncSmtpConnection, timeout: Duration) {
     if conn.has_broken() {
         conn.abort().await;
     } else {
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
+        let _ = tokio::time::timeout(timeout, conn.quit()).await;
     }
 }

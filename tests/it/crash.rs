@@ -56,8 +56,8 @@ fn vars(env: &Env) -> Vec<(&'static str, &'static str)> {
         // A new process binds at once, whatever the killed one left behind.
         ("INTAKE__HTTP__LISTEN", "127.0.0.1:0"),
     ];
-    // A mail a killed instance had claimed waits for the claim to run out: six SMTP
-    // timeouts per mail claimed, plus 5 s (17 s here; 30 s with the file transport).
+    // A mail a killed instance had claimed waits for the claim to run out: nine SMTP
+    // timeouts per mail claimed, plus 5 s (23 s here; 30 s with the file transport).
     if std::fs::read_to_string(&env.config).is_ok_and(|c| c.contains("[smtp]")) {
         vars.push(("INTAKE__SMTP__TIMEOUT", "1s"));
     }

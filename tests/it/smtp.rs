@@ -14,7 +14,8 @@ import os, ssl, sys, time
 from aiosmtpd.controller import Controller
 from aiosmtpd.handlers import Mailbox
 from aiosmtpd.smtp import AuthResult, LoginPassword
-port, maildir, mode, cert, key, user, password, parent = sys.argv[1:9]
+port, maildir, mode, cert, key, user, password, parent, per_session = sys.argv[1:10]
+per_session = int(per_session)
 class Auth:
     def __call__(self, server, session, envelope, mechanism, auth_data):
         ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user \
@@ -36,6 +37,16 @@ if user:
     # never offer AUTH, although the whole session is encrypted.
     kwargs['auth_require_tls'] = mode == 'starttls'
 class Recording(Mailbox):
+    # With a per-session limit, MAIL beyond it is refused with 421, as relays that cap
+    # a session's messages do.
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        n = getattr(session, 'intake_mails', 0) + 1
+        session.intake_mails = n
+        if per_session and n > per_session:
+            return '421 4.7.0 too many messages in this session'
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return '250 OK'
     # One line per message: the client's address and port, so a test can count the
     # connections that carried them.
     async def handle_DATA(self, server, session, envelope):
@@ -64,6 +75,8 @@ pub struct Smtp {
     pub ca_file: PathBuf,
     mode: Mode,
     auth: Option<(String, String)>,
+    /// MAIL commands a session may send before the server answers 421 (0: no limit).
+    pub per_session: u32,
     child: Option<Child>,
 }
 
@@ -83,6 +96,7 @@ impl Smtp {
             dir,
             mode,
             auth: None,
+            per_session: 0,
             child: None,
         }
     }
@@ -114,6 +128,7 @@ impl Smtp {
             .arg(user)
             .arg(password)
             .arg(std::process::id().to_string())
+            .arg(self.per_session.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(

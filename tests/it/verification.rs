@@ -358,6 +358,49 @@ fn one_connection_carries_an_outbox_pass() {
     }
 }
 
+/// A relay that refuses a session's third mail with 421 (its per-session limit): the
+/// mail goes out at once on a new connection, not after the retry delay.
+#[test]
+fn a_relay_session_limit_costs_no_retry() {
+    for backend in BACKENDS {
+        let mut smtp = Smtp::stopped(Mode::Plain);
+        smtp.per_session = 2;
+        smtp.launch();
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::default(),
+            &smtp.toml(""),
+        );
+        let paths: Vec<String> = (0..5)
+            .map(|i| {
+                let path = env.path(&format!("limit-{i}.eml"));
+                std::fs::write(
+                    &path,
+                    format!(
+                        "From: Olga {i} <olga{i}@outside.example>\r\nTo: it@desk.example\r\n\
+                         Subject: printer {i}\r\nMessage-ID: <limit-{i}@outside.example>\r\n\r\nhi\r\n"
+                    ),
+                )
+                .unwrap();
+                path.to_str().unwrap().to_string()
+            })
+            .collect();
+        let mut args = vec!["process", "--json", "--no-send"];
+        args.extend(paths.iter().map(String::as_str));
+        env.json(&args);
+        let out = env.intake(&["outbox", "send"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(smtp.messages().len(), 5);
+        assert_eq!(smtp.connections(), 3, "2 + 2 + 1 mails");
+        let outbox = env.json(&["outbox", "list", "--json"]);
+        for row in outbox.as_array().unwrap() {
+            assert_eq!(row["status"], "sent", "{outbox:#}");
+            assert_eq!(row["attempts"], 1, "{outbox:#}");
+        }
+    }
+}
+
 #[test]
 fn header_injection_from_inbound_mail_goes_nowhere() {
     for backend in BACKENDS {
