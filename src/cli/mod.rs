@@ -53,9 +53,21 @@ pub const EX_SOFTWARE: u8 = 70;
 pub const EX_TEMPFAIL: u8 = 75;
 pub const EX_CONFIG: u8 = 78;
 
+/// The exit code when standard output turns out to be a closed pipe: 0, or the failure
+/// a command is reporting when it prints (set by [`failing_with`]).
+static BROKEN_PIPE_EXIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// What follows on standard output reports a failure with `code`: a closed pipe must
+/// not turn it into success.
+fn failing_with(code: u8) -> u8 {
+    BROKEN_PIPE_EXIT.store(code, std::sync::atomic::Ordering::Relaxed);
+    code
+}
+
 /// Writes command output (and a newline). When standard output is a closed pipe the
-/// command's work is done and nobody reads the rest: exit 0 at once, as `head` expects.
-/// Any other write error ends the command with EX_IOERR (74).
+/// command's work is done and nobody reads the rest: exit at once, with 0 (as `head`
+/// expects) or the failure being reported. Any other write error ends the command with
+/// EX_IOERR (74).
 pub fn print_out(args: std::fmt::Arguments, newline: bool) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
@@ -68,7 +80,9 @@ pub fn print_out(args: std::fmt::Arguments, newline: bool) {
     });
     match written {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(i32::from(
+            BROKEN_PIPE_EXIT.load(std::sync::atomic::Ordering::Relaxed),
+        )),
         Err(e) => {
             eprintln!("intake: cannot write to standard output: {e}");
             std::process::exit(74);
@@ -528,12 +542,13 @@ fn check_config(cli: &Cli) -> u8 {
     match Config::load(&source) {
         Ok(config) => {
             if let Err(e) = crate::outbox::templates::check(&config) {
+                let code = failing_with(EX_CONFIG);
                 out!(
                     "{}: outbox.templates_dir: {}",
                     config.origin,
                     crate::outbox::error_chain(&e)
                 );
-                return EX_CONFIG;
+                return code;
             }
             out!("OK: {}", config.origin);
             for (k, v) in crate::config::summary(&config) {
@@ -542,6 +557,7 @@ fn check_config(cli: &Cli) -> u8 {
             EX_OK
         }
         Err(ConfigError::Invalid(issues)) => {
+            failing_with(EX_CONFIG);
             for issue in &issues {
                 out!("{issue}");
             }
@@ -553,6 +569,7 @@ fn check_config(cli: &Cli) -> u8 {
             EX_CONFIG
         }
         Err(e) => {
+            failing_with(EX_CONFIG);
             out!("{e}");
             EX_CONFIG
         }
@@ -1117,11 +1134,12 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
                 return Ok(EX_SOFTWARE);
             };
             if let Outcome::Quarantined { reason, detail, .. } = o {
+                let code = failing_with(EX_DATAERR);
                 out!(
                     "message {id} is still quarantined: {} ({detail})",
                     reason.code()
                 );
-                return Ok(EX_DATAERR);
+                return Ok(code);
             }
             pipeline.store().mark_released(id, now).await?;
             match &imap {

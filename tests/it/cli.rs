@@ -191,18 +191,22 @@ fn explain_text_format_reads_well() {
 fn listings_into_a_closed_pipe_end_quietly() {
     let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
     env.process(&["helpdesk-cc-outsider.eml"]);
-    for args in [
-        &["requests", "list"][..],
-        &["accounts", "list"],
-        &["outbox", "list"],
-        &[
-            "explain",
-            fixture("helpdesk-cc-outsider.eml").to_str().unwrap(),
-        ],
+    let bad = env.path("bad.toml");
+    std::fs::write(&bad, "[customer_access]\nsignup = \"sometimes\"\n").unwrap();
+    let explain = fixture("helpdesk-cc-outsider.eml");
+    let explain = explain.to_str().unwrap();
+    for (config, args, code) in [
+        (&env.config, &["requests", "list"][..], 0),
+        (&env.config, &["accounts", "list"], 0),
+        (&env.config, &["outbox", "list"], 0),
+        (&env.config, &["explain", explain], 0),
+        (&env.config, &["check-config"], 0),
+        // A failure being reported stays one.
+        (&bad, &["check-config"], 78),
     ] {
         let mut child = Command::new(BIN)
             .arg("--config")
-            .arg(&env.config)
+            .arg(config)
             .args(args)
             .current_dir(env.dir.path())
             .stdin(Stdio::null())
@@ -215,7 +219,7 @@ fn listings_into_a_closed_pipe_end_quietly() {
         let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
     }
 }
 
