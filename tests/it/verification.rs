@@ -308,6 +308,30 @@ fn starttls_and_implicit_tls_with_auth() {
     }
 }
 
+/// Queues one verification mail per outsider `olga{i}` (processed without sending),
+/// then sends them all in one `intake outbox send` pass.
+fn queue_and_send(env: &Env, outsiders: std::ops::Range<usize>) {
+    let paths: Vec<String> = outsiders
+        .map(|i| {
+            let path = env.path(&format!("olga-{i}.eml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "From: Olga {i} <olga{i}@outside.example>\r\nTo: it@desk.example\r\n\
+                     Subject: printer {i}\r\nMessage-ID: <olga-{i}@outside.example>\r\n\r\nhi\r\n"
+                ),
+            )
+            .unwrap();
+            path.to_str().unwrap().to_string()
+        })
+        .collect();
+    let mut args = vec!["process", "--json", "--no-send"];
+    args.extend(paths.iter().map(String::as_str));
+    env.json(&args);
+    let out = env.intake(&["outbox", "send"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// An outbox pass sends its mail over one connection (TLS and AUTH once), up to
 /// MAX_PER_CONNECTION mails, and a later pass opens a new one.
 #[test]
@@ -321,24 +345,7 @@ fn one_connection_carries_an_outbox_pass() {
                 &DeskSettings::default(),
                 &smtp.toml(""),
             );
-            let write = |i: usize| {
-                let path = env.path(&format!("pass-{i}.eml"));
-                std::fs::write(
-                    &path,
-                    format!(
-                        "From: Olga {i} <olga{i}@outside.example>\r\nTo: it@desk.example\r\n\
-                         Subject: printer {i}\r\nMessage-ID: <pass-{i}@outside.example>\r\n\r\nhi\r\n"
-                    ),
-                )
-                .unwrap();
-                path.to_str().unwrap().to_string()
-            };
-            let first: Vec<String> = (0..4).map(write).collect();
-            let mut args = vec!["process", "--json", "--no-send"];
-            args.extend(first.iter().map(String::as_str));
-            env.json(&args);
-            let out = env.intake(&["outbox", "send"]);
-            assert!(out.status.success(), "{mode:?}: {out:?}");
+            queue_and_send(&env, 0..4);
             assert_eq!(smtp.messages().len(), 4, "{mode:?}");
             assert_eq!(
                 smtp.connections(),
@@ -346,8 +353,7 @@ fn one_connection_carries_an_outbox_pass() {
                 "{mode:?}: one connection for the pass"
             );
             // The next pass does not reuse the closed connection.
-            let second = write(9);
-            env.json(&["process", "--json", &second]);
+            queue_and_send(&env, 4..5);
             assert_eq!(smtp.messages().len(), 5, "{mode:?}");
             assert_eq!(smtp.connections(), 2, "{mode:?}");
             let outbox = env.json(&["outbox", "list", "--json"]);
@@ -372,25 +378,7 @@ fn a_relay_session_limit_costs_no_retry() {
             &DeskSettings::default(),
             &smtp.toml(""),
         );
-        let paths: Vec<String> = (0..5)
-            .map(|i| {
-                let path = env.path(&format!("limit-{i}.eml"));
-                std::fs::write(
-                    &path,
-                    format!(
-                        "From: Olga {i} <olga{i}@outside.example>\r\nTo: it@desk.example\r\n\
-                         Subject: printer {i}\r\nMessage-ID: <limit-{i}@outside.example>\r\n\r\nhi\r\n"
-                    ),
-                )
-                .unwrap();
-                path.to_str().unwrap().to_string()
-            })
-            .collect();
-        let mut args = vec!["process", "--json", "--no-send"];
-        args.extend(paths.iter().map(String::as_str));
-        env.json(&args);
-        let out = env.intake(&["outbox", "send"]);
-        assert!(out.status.success(), "{out:?}");
+        queue_and_send(&env, 0..5);
         assert_eq!(smtp.messages().len(), 5);
         assert_eq!(smtp.connections(), 3, "2 + 2 + 1 mails");
         let outbox = env.json(&["outbox", "list", "--json"]);
