@@ -301,13 +301,13 @@ fn header(raw: &str, name: &str) -> Option<String> {
 
 /// The database, read directly: the invariants below are about rows the CLI only
 /// shows one request at a time.
-struct Db {
+pub(crate) struct Db {
     rt: tokio::runtime::Runtime,
     pool: sqlx::AnyPool,
 }
 
 impl Db {
-    fn open(url: &str) -> Db {
+    pub(crate) fn open(url: &str) -> Db {
         sqlx::any::install_default_drivers();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -323,7 +323,7 @@ impl Db {
         Db { rt, pool }
     }
 
-    fn all<T>(&self, sql: &'static str) -> Vec<T>
+    pub(crate) fn all<T>(&self, sql: &'static str) -> Vec<T>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
     {
@@ -332,7 +332,15 @@ impl Db {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    fn count(&self, sql: &'static str) -> usize {
+    /// [`Db::count`], or `None` while the query fails (the schema not created yet).
+    pub(crate) fn try_count(&self, sql: &'static str) -> Option<usize> {
+        self.rt
+            .block_on(sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool))
+            .ok()
+            .map(|n| n as usize)
+    }
+
+    pub(crate) fn count(&self, sql: &'static str) -> usize {
         self.rt
             .block_on(sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool))
             .unwrap_or_else(|e| panic!("{sql}: {e}")) as usize

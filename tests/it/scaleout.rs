@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::crash::Db;
 use crate::dovecot::Dovecot;
 use crate::harness::*;
 use crate::smtp::{Mode, Smtp};
@@ -47,16 +48,6 @@ fn three_instances_share_mailboxes_and_survive_a_sigkill() {
     for (_, folder) in &FOLDERS[1..] {
         imap.command(&format!("CREATE {folder}"));
     }
-    for (f, (_, folder)) in FOLDERS.iter().enumerate() {
-        for i in 0..PER_FOLDER {
-            let raw = format!(
-                "From: <s{f}-{i}@outside.example>\r\nTo: it@desk.example\r\n\
-                 Subject: Question {f}-{i}\r\nMessage-ID: <scale-{f}-{i}@outside.example>\r\n\r\n\
-                 Hello.\r\n"
-            );
-            imap.append(folder, raw.as_bytes());
-        }
-    }
     let smtp = Smtp::start(Mode::Plain, None);
     let mailboxes: String = FOLDERS
         .iter()
@@ -79,15 +70,64 @@ fn three_instances_share_mailboxes_and_survive_a_sigkill() {
         ("INTAKE__HTTP__LISTEN", "127.0.0.1:0"),
         ("INTAKE__SMTP__TIMEOUT", "1s"),
     ];
-    let first = start_daemon_with(&env, &vars);
-    let second = start_daemon_with(&env, &vars);
-    let third = start_daemon_with(&env, &vars);
-    let total = FOLDERS.len() * PER_FOLDER;
-    first.wait_for("part of the backlog", Duration::from_secs(60), || {
-        request_count(&env) >= total / 4
+    let mut daemons: Vec<Daemon> = (0..3).map(|_| start_daemon_with(&env, &vars)).collect();
+    // The backlog arrives once the mailboxes are shared out (four with the default
+    // Maildir one: two instances hold two each, the third stands by): appended before,
+    // the instance that started first could take every mailbox and finish the backlog
+    // (about a second on PostgreSQL) before it gave any back. The one killed is one
+    // that holds an IMAP folder, so there is something to take over.
+    let db = Db::open(&env.database_url);
+    let mut victim = 0;
+    daemons[0].wait_for("the mailboxes shared out", Duration::from_secs(60), || {
+        if db.try_count("SELECT COUNT(*) FROM mailbox_state").is_none() {
+            return false;
+        }
+        let leases: Vec<(String, Option<String>)> =
+            db.all("SELECT mailbox, lease_owner FROM mailbox_state");
+        let owners: BTreeSet<&str> = leases.iter().filter_map(|(_, o)| o.as_deref()).collect();
+        let imap_holder = leases.iter().find_map(|(m, o)| {
+            let o = o.as_deref()?;
+            FOLDERS.iter().any(|(name, _)| name == m).then_some(o)?;
+            daemons
+                .iter()
+                .position(|d| o.contains(&format!(":{}:", d.pid())))
+        });
+        match imap_holder {
+            Some(d) if owners.len() >= 2 => {
+                victim = d;
+                true
+            }
+            _ => false,
+        }
     });
-    // Mid-run, with mail in flight: no goodbye, no release.
-    first.signal("KILL");
+    let first = daemons.remove(victim);
+    let second = daemons.remove(0);
+    let third = daemons.remove(0);
+    // Folder by folder in turn, so each instance has work; the first is killed once a
+    // quarter of the backlog is done, while the rest is still arriving: mid-run, with
+    // mail in flight, no goodbye, no release.
+    let total = FOLDERS.len() * PER_FOLDER;
+    let mut killed = false;
+    for i in 0..PER_FOLDER {
+        for (f, (_, folder)) in FOLDERS.iter().enumerate() {
+            let raw = format!(
+                "From: <s{f}-{i}@outside.example>\r\nTo: it@desk.example\r\n\
+                 Subject: Question {f}-{i}\r\nMessage-ID: <scale-{f}-{i}@outside.example>\r\n\r\n\
+                 Hello.\r\n"
+            );
+            imap.append(folder, raw.as_bytes());
+        }
+        if !killed && i % 20 == 19 && request_count(&env) >= total / 4 {
+            first.signal("KILL");
+            killed = true;
+        }
+    }
+    if !killed {
+        first.wait_for("part of the backlog", Duration::from_secs(60), || {
+            request_count(&env) >= total / 4
+        });
+        first.signal("KILL");
+    }
     second.wait_for("the whole backlog", Duration::from_secs(120), || {
         request_count(&env) == total
     });
