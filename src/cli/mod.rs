@@ -859,13 +859,8 @@ async fn requests(config: Arc<Config>, cmd: RequestsCommand) -> anyhow::Result<u
             number,
             output,
         } => {
-            let r = match store.show_request(&key).await {
-                Ok(r) => r,
-                Err(crate::store::StoreError::NotFound(m)) => {
-                    eprintln!("intake: {m}");
-                    return Ok(69);
-                }
-                Err(e) => return Err(e.into()),
+            let Some(r) = shown_request(&store, &key).await? else {
+                return Ok(69);
             };
             let Some(a) = number.checked_sub(1).and_then(|i| r.attachments.get(i)) else {
                 eprintln!(
@@ -885,13 +880,8 @@ async fn requests(config: Arc<Config>, cmd: RequestsCommand) -> anyhow::Result<u
             out.flush().context("cannot write the attachment")?;
         }
         RequestsCommand::Show { key, json } => {
-            let r = match store.show_request(&key).await {
-                Ok(r) => r,
-                Err(crate::store::StoreError::NotFound(m)) => {
-                    eprintln!("intake: {m}");
-                    return Ok(69);
-                }
-                Err(e) => return Err(e.into()),
+            let Some(r) = shown_request(&store, &key).await? else {
+                return Ok(69);
             };
             if json {
                 print_json(&r)?;
@@ -1159,6 +1149,22 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
             out!("message {id} released: {action} ({reason})");
             Ok(EX_OK)
         }
+    }
+}
+
+/// The request `key` for `requests show` and `requests attachment`; `None` (said on
+/// stderr) when there is no such request, for exit code 69.
+async fn shown_request(
+    store: &Store,
+    key: &str,
+) -> anyhow::Result<Option<crate::store::RequestDetail>> {
+    match store.show_request(key).await {
+        Ok(r) => Ok(Some(r)),
+        Err(crate::store::StoreError::NotFound(m)) => {
+            eprintln!("intake: {m}");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
