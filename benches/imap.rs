@@ -399,7 +399,12 @@ poll_interval = "1h"
     let started = Instant::now();
     let mut children = Vec::new();
     for k in 0..opts.instances {
-        let log = std::fs::File::create(work.path().join(format!("intake-{k}.log"))).expect("log");
+        let log = std::fs::File::create(
+            std::env::var("INTAKE_BENCH_LOG")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|_| work.path().join(format!("intake-{k}.log"))),
+        )
+        .expect("log");
         children.push(
             Command::new(BIN)
                 .args(["--config", &config_arg, "run"])

@@ -399,7 +399,11 @@ impl Pipeline {
         }
         let index = DirectoryIndex::load(wtx.conn()).await?;
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut deferred = Deferred::default();
+        let mut deferred = if careful {
+            Deferred::default()
+        } else {
+            Deferred::holding_rows()
+        };
         let mut lookups = Lookups::default();
         self.look_ahead(
             wtx.conn(),
@@ -676,8 +680,9 @@ impl Pipeline {
                 decision: Box::new(decision),
             });
         };
-        if store::may_thread(&msg) {
-            // Finding the request reads what earlier messages of the batch wrote.
+        if store::may_thread(&msg) || deferred.holds_account_for(&msg) {
+            // Finding the request, or looking someone up again, reads what earlier
+            // messages of the batch wrote.
             deferred.flush_threads(conn).await?;
         }
         let (mut decision, known, facts) = match &desk {

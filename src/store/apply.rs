@@ -264,8 +264,26 @@ struct NewAccount<'a> {
 /// Rows every message produces that nothing later in the same batch reads — the ledger
 /// outcome, the audit row and outgoing mail — collected and written with one statement
 /// each per batch instead of per message.
+///
+/// Made with [`Deferred::holding_rows`], it also holds the accounts and requests the
+/// batch creates, with ids reserved ahead ([`IdPool`]), so a message costs no statement of
+/// its own. Whatever reads them first writes them ([`Deferred::flush_threads`]): finding
+/// the request a reply belongs to, looking up a person again ([`Deferred::holds_account_for`]),
+/// attachments and held recipients (which refer to the request), a delivery report.
 #[derive(Debug, Default)]
 pub struct Deferred {
+    /// Accounts and requests wait for the flush (else they are written at once).
+    hold_rows: bool,
+    account_ids: IdPool,
+    request_ids: IdPool,
+    /// Accounts to create, by address; written before anything that refers to them.
+    accounts: Vec<AccountInsert>,
+    pending_accounts: HashMap<String, i64>,
+    /// New accounts joining the organizations of their domains: (organization, account).
+    joins: Vec<(i64, i64)>,
+    requests: Vec<RequestInsert>,
+    /// Bytes of request text held, so a batch of long messages is written early.
+    held_bytes: usize,
     /// Request numbers handed out in this batch: desk → last number. Read once per desk
     /// and batch, written back at the flush.
     counters: HashMap<String, i64>,
@@ -321,10 +339,191 @@ struct OutboxRowInsert {
     ledger_id: Option<i64>,
 }
 
+#[derive(Debug)]
+struct AccountInsert {
+    id: i64,
+    address: String,
+    display_name: Option<String>,
+    kind: AccountKind,
+    status: AccountStatus,
+    now: i64,
+    verification_sent_at: Option<i64>,
+}
+
+#[derive(Debug)]
+struct RequestInsert {
+    id: i64,
+    key: String,
+    desk: String,
+    number: i64,
+    reporter: String,
+    reporter_id: Option<i64>,
+    subject: String,
+    description: String,
+    held_until: Option<i64>,
+    now: i64,
+}
+
+/// Ids reserved for rows not written yet. PostgreSQL: taken from the table's identity
+/// sequence a block at a time (other instances take theirs from the same sequence);
+/// SQLite: counted up from the highest id, which holds because the write transaction
+/// excludes every other writer and every insert into the table in it takes its id here.
+#[derive(Debug, Default)]
+struct IdPool {
+    /// Reserved and unused, the next one last.
+    free: Vec<i64>,
+    /// SQLite: the next id (once read).
+    next: Option<i64>,
+}
+
+/// Ids reserved from PostgreSQL's sequence per round trip (unused ones are simply skipped).
+const ID_BLOCK: i64 = 64;
+
+/// Request text held before the pending rows are written anyway.
+const HELD_BYTES: usize = 4 << 20;
+
+impl IdPool {
+    async fn take(
+        &mut self,
+        conn: &mut AnyConnection,
+        table: &'static str,
+    ) -> Result<i64, StoreError> {
+        if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+            let next = match self.next {
+                Some(n) => n,
+                None => {
+                    let sql = format!("SELECT COALESCE(MAX(id), 0) FROM {table}");
+                    let max: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                        .fetch_one(&mut *conn)
+                        .await
+                        .ctx("reserve ids")?;
+                    max + 1
+                }
+            };
+            self.next = Some(next + 1);
+            return Ok(next);
+        }
+        if self.free.is_empty() {
+            let mut ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT nextval(pg_get_serial_sequence($1, 'id')) FROM generate_series(1, $2)",
+            )
+            .bind(table)
+            .bind(ID_BLOCK)
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("reserve ids")?;
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+            self.free = ids;
+        }
+        self.free
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("the id sequence returned nothing".into()))
+    }
+}
+
 /// Rows per multi-row statement, well under SQLite's and PostgreSQL's parameter limits.
 pub(super) const CHUNK: usize = 400;
 
 impl Deferred {
+    /// A `Deferred` that also holds the accounts and requests the batch creates until
+    /// something reads them (see [`Deferred`]). Only for a batch run straight through: an
+    /// account another instance created meanwhile fails the flush
+    /// ([`StoreError::Conflict`]), and the batch is redone message by message with a
+    /// plain `Deferred`, which writes them at once and takes the other's account.
+    pub fn holding_rows() -> Deferred {
+        Deferred {
+            hold_rows: true,
+            ..Deferred::default()
+        }
+    }
+
+    /// Whether an account for one of `msg`'s addresses is waiting to be written (looking
+    /// them up again must see it: flush first).
+    pub fn holds_account_for(&self, msg: &InboundMessage) -> bool {
+        !self.pending_accounts.is_empty()
+            && msg
+                .from_mailbox()
+                .into_iter()
+                .chain(msg.recipients())
+                .any(|m| self.pending_accounts.contains_key(m.address.as_str()))
+    }
+
+    /// Writes the accounts and requests waiting, and the organization memberships of the
+    /// accounts.
+    async fn flush_rows(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        for chunk in std::mem::take(&mut self.accounts).chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO accounts (id, address, display_name, kind, status, origin, created_at, \
+                   updated_at, last_verification_sent_at) \
+                 VALUES {} ON CONFLICT (address) DO NOTHING RETURNING id",
+                values_list(conn, chunk.len(), 9)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for a in chunk {
+                q = q
+                    .bind(a.id)
+                    .bind(a.address.as_str())
+                    .bind(a.display_name.as_deref())
+                    .bind(a.kind.as_str())
+                    .bind(a.status.as_str())
+                    .bind("mail")
+                    .bind(a.now)
+                    .bind(a.now)
+                    .bind(a.verification_sent_at);
+            }
+            let written = q.fetch_all(&mut *conn).await.ctx("create accounts")?;
+            if written.len() < chunk.len() {
+                let ids: std::collections::HashSet<i64> = written
+                    .iter()
+                    .filter_map(|r| r.try_get::<i64, _>(0).ok())
+                    .collect();
+                let taken: Vec<&str> = chunk
+                    .iter()
+                    .filter(|a| !ids.contains(&a.id))
+                    .map(|a| a.address.as_str())
+                    .collect();
+                return Err(StoreError::Conflict(format!(
+                    "accounts created meanwhile by someone else: {}",
+                    taken.join(", ")
+                )));
+            }
+        }
+        self.pending_accounts.clear();
+        for chunk in std::mem::take(&mut self.joins).chunks(CHUNK) {
+            join_organizations(conn, chunk).await?;
+        }
+        for chunk in std::mem::take(&mut self.requests).chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO requests (id, request_key, desk, number, reporter_address, reporter_account_id, \
+                   subject, description, status, created_at, updated_at, held_until) VALUES {}",
+                values_list(conn, chunk.len(), 12)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.id)
+                    .bind(r.key.as_str())
+                    .bind(r.desk.as_str())
+                    .bind(r.number)
+                    .bind(r.reporter.as_str())
+                    .bind(r.reporter_id)
+                    .bind(r.subject.as_str())
+                    .bind(r.description.as_str())
+                    .bind(if r.held_until.is_some() {
+                        "held"
+                    } else {
+                        "open"
+                    })
+                    .bind(r.now)
+                    .bind(r.now)
+                    .bind(r.held_until);
+            }
+            q.execute(&mut *conn).await.ctx("create requests")?;
+        }
+        self.held_bytes = 0;
+        Ok(())
+    }
+
     /// The next request number on `desk`. The counter row is created if missing and
     /// locked for the rest of the transaction (SQLite: we hold the write lock already;
     /// PostgreSQL: `FOR UPDATE`), so concurrent instances never hand out a number twice.
@@ -438,9 +637,11 @@ impl Deferred {
         Ok(counts)
     }
 
-    /// Writes the participants and Message-IDs collected so far: before looking for
-    /// the request a reply belongs to, which reads them.
+    /// Writes the accounts, requests, participants and Message-IDs collected so far:
+    /// before looking for the request a reply belongs to, or for people again, which
+    /// reads them.
     pub async fn flush_threads(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
+        self.flush_rows(conn).await?;
         for chunk in std::mem::take(&mut self.participants).chunks(CHUNK) {
             let sql = format!(
                 "INSERT INTO participants (request_id, account_id, added_at) VALUES {} ON CONFLICT DO NOTHING",
@@ -661,9 +862,12 @@ pub async fn apply(
         Action::CreateRequest | Action::AddComment | Action::HoldForVerification
     );
     let held = d.action == Action::HoldForVerification;
-    let ids = resolve_accounts(conn, &input, active, active && !held, &mut result).await?;
+    let ids =
+        resolve_accounts(conn, &input, active, active && !held, &mut result, deferred).await?;
     let bounced = match &input.msg.bounce {
         Some(b) if d.reason == Reason::DeliveryStatusNotification => {
+            // It marks accounts: any of them may be waiting to be written.
+            deferred.flush_rows(conn).await?;
             super::bounce::record_bounce(conn, b, now).await?
         }
         _ => Vec::new(),
@@ -673,6 +877,8 @@ pub async fn apply(
         let requester_id = ids.get(address.as_str()).copied();
         let (request_id, key) = match (&d.request, input.known.thread_request) {
             (Some(key), Some(id)) => {
+                // Finding the thread wrote what was waiting; a request of this batch is
+                // in the table by now.
                 add_comment(conn, id, address, input.msg, now).await?;
                 (id, key.clone())
             }
@@ -692,10 +898,20 @@ pub async fn apply(
                     input.msg,
                     held.then_some(now + input.hold_ttl_secs),
                     now,
+                    deferred,
                 )
                 .await?
             }
         };
+        let waiting_recipients = held
+            && d.request.is_none()
+            && d.participants
+                .iter()
+                .any(|p| p.reason == crate::policy::Reason::RequestHeld);
+        if !input.msg.attachments.is_empty() || waiting_recipients {
+            // Their rows refer to the request.
+            deferred.flush_rows(conn).await?;
+        }
         store_attachments(conn, request_id, input.msg, now).await?;
         if held && d.request.is_none() {
             // Their participants are decided when the request is released.
@@ -841,7 +1057,7 @@ pub async fn apply_release(
     deferred: &mut Deferred,
 ) -> Result<ApplyResult, StoreError> {
     let mut result = ApplyResult::default();
-    let ids = resolve_accounts(conn, &input, false, true, &mut result).await?;
+    let ids = resolve_accounts(conn, &input, false, true, &mut result, deferred).await?;
     add_participants(input.decision, &ids, request_id, input.now, deferred);
     let request = (request_id, key.clone());
     let outbound = queue_emails(&input, &ids, Some(&request), deferred);
@@ -872,6 +1088,7 @@ async fn resolve_accounts(
     with_requester: bool,
     with_participants: bool,
     result: &mut ApplyResult,
+    deferred: &mut Deferred,
 ) -> Result<HashMap<String, i64>, StoreError> {
     let d = input.decision;
     let now = input.now;
@@ -922,7 +1139,7 @@ async fn resolve_accounts(
             }
         }
     }
-    let created = create_accounts(conn, &creates, &mailed, now, input.orgs).await?;
+    let created = create_accounts(conn, &creates, &mailed, now, input.orgs, deferred).await?;
     for c in &creates {
         if let Some(id) = created.get(c.address.as_str()) {
             result.accounts_created.push((c.address.clone(), c.kind));
@@ -1027,16 +1244,54 @@ fn audit_row(input: &ApplyInput<'_>, request_key: Option<String>) -> AuditRow {
 
 /// Creates accounts in one statement (an address created meanwhile by someone else is
 /// left alone) and joins the new ones to the organizations of their domains. Returns the
-/// addresses actually created.
+/// addresses actually created. With `deferred` holding rows, they are only reserved an
+/// id here and written at its flush.
 async fn create_accounts(
     conn: &mut AnyConnection,
     accounts: &[NewAccount<'_>],
     mailed: &[&EmailAddress],
     now: i64,
     orgs: &DirectoryIndex,
+    deferred: &mut Deferred,
 ) -> Result<HashMap<String, i64>, StoreError> {
     let mut created = HashMap::new();
     if accounts.is_empty() {
+        return Ok(created);
+    }
+    let sent_at = |a: &NewAccount<'_>| mailed.contains(&a.address).then_some(now);
+    let domain_of = |address: &str| address.rsplit_once('@').map(|(_, d)| d.to_string());
+    if deferred.hold_rows
+        && accounts
+            .iter()
+            .any(|a| deferred.pending_accounts.contains_key(a.address.as_str()))
+    {
+        // An earlier message of the batch creates one of them too (the caller should
+        // have flushed before looking them up): write those, then go the careful way.
+        deferred.flush_rows(conn).await?;
+        // SQLite numbers the row itself: count from the highest id again afterwards.
+        deferred.account_ids = IdPool::default();
+    } else if deferred.hold_rows {
+        for a in accounts {
+            if created.contains_key(a.address.as_str()) {
+                continue;
+            }
+            let id = deferred.account_ids.take(conn, "accounts").await?;
+            let domain = domain_of(a.address.as_str()).unwrap_or_default();
+            deferred
+                .joins
+                .extend(orgs.matching(&domain).map(|o| (o.id, id)));
+            deferred.accounts.push(AccountInsert {
+                id,
+                address: a.address.to_string(),
+                display_name: a.display_name.map(str::to_string),
+                kind: a.kind,
+                status: a.status,
+                now,
+                verification_sent_at: sent_at(a),
+            });
+            deferred.pending_accounts.insert(a.address.to_string(), id);
+            created.insert(a.address.to_string(), id);
+        }
         return Ok(created);
     }
     let sql = format!(
@@ -1055,32 +1310,46 @@ async fn create_accounts(
             .bind("mail")
             .bind(now)
             .bind(now)
-            .bind(mailed.contains(&a.address).then_some(now));
+            .bind(sent_at(a));
     }
     let rows = q.fetch_all(&mut *conn).await.ctx("create accounts")?;
     let mut joins: Vec<(i64, i64)> = Vec::new();
     for row in rows {
         let id: i64 = row.try_get(0).ctx("read new account")?;
         let address: String = row.try_get(1).ctx("read new account")?;
-        let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
-        joins.extend(orgs.matching(domain).map(|o| (o.id, id)));
+        let domain = domain_of(&address).unwrap_or_default();
+        joins.extend(orgs.matching(&domain).map(|o| (o.id, id)));
         created.insert(address, id);
     }
-    if !joins.is_empty() {
-        let sql = format!(
-            "INSERT INTO organization_members (organization_id, account_id, origin) VALUES {} \
-             ON CONFLICT DO NOTHING",
-            values_list(conn, joins.len(), 3)
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (org, account) in joins {
-            q = q.bind(org).bind(account).bind("mail");
-        }
-        q.execute(&mut *conn).await.ctx("join organizations")?;
+    for chunk in joins.chunks(CHUNK) {
+        join_organizations(conn, chunk).await?;
     }
     Ok(created)
 }
 
+/// Adds new accounts to organizations: (organization, account).
+async fn join_organizations(
+    conn: &mut AnyConnection,
+    joins: &[(i64, i64)],
+) -> Result<(), StoreError> {
+    if joins.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO organization_members (organization_id, account_id, origin) VALUES {} \
+         ON CONFLICT DO NOTHING",
+        values_list(conn, joins.len(), 3)
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (org, account) in joins {
+        q = q.bind(*org).bind(*account).bind("mail");
+    }
+    q.execute(&mut *conn).await.ctx("join organizations")?;
+    Ok(())
+}
+
+/// Creates a request: at once, or with `deferred` holding rows, an id now and the row
+/// at its flush.
 #[allow(clippy::too_many_arguments)]
 async fn create_request(
     conn: &mut AnyConnection,
@@ -1091,8 +1360,30 @@ async fn create_request(
     msg: &InboundMessage,
     held_until: Option<i64>,
     now: i64,
+    deferred: &mut Deferred,
 ) -> Result<(i64, RequestKey), StoreError> {
     let key = RequestKey::new(desk.clone(), number as u64);
+    let subject = msg.subject.as_deref().unwrap_or("(no subject)");
+    if deferred.hold_rows {
+        let id = deferred.request_ids.take(conn, "requests").await?;
+        deferred.held_bytes += subject.len() + msg.text_body.len();
+        deferred.requests.push(RequestInsert {
+            id,
+            key: key.to_string(),
+            desk: desk.to_string(),
+            number,
+            reporter: reporter.to_string(),
+            reporter_id,
+            subject: subject.to_string(),
+            description: msg.text_body.clone(),
+            held_until,
+            now,
+        });
+        if deferred.held_bytes > HELD_BYTES {
+            deferred.flush_rows(conn).await?;
+        }
+        return Ok((id, key));
+    }
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO requests (request_key, desk, number, reporter_address, reporter_account_id, \
            subject, description, status, created_at, updated_at, held_until) \
@@ -1103,7 +1394,7 @@ async fn create_request(
     .bind(number)
     .bind(reporter.as_str())
     .bind(reporter_id)
-    .bind(msg.subject.as_deref().unwrap_or("(no subject)"))
+    .bind(subject)
     .bind(&msg.text_body)
     .bind(if held_until.is_some() { "held" } else { "open" })
     .bind(now)

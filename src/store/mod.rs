@@ -75,6 +75,10 @@ pub enum StoreError {
     Invalid(String),
     #[error("unexpected data in the database: {0}")]
     Corrupt(String),
+    /// Another writer got there first (an account created by another instance while a
+    /// batch held its own): redo the work, reading what is there now.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl StoreError {
