@@ -1,7 +1,7 @@
 //! IMAP end to end against a real Dovecot (not a timed test; figures for the notes).
 //!
 //! `cargo bench --bench imap -- [N] [--postgres] [--big] [--mailboxes M] [--instances K]
-//! [--no-latency]`:
+//! [--desk-per-mailbox] [--no-latency]`:
 //! 1. backlog: N messages (default 10,000) appended, spread over M folders (default
 //!    1), plus with `--big` one 25 MB message; then the raw rate of `UID FETCH 1:*
 //!    BODY.PEEK[]` of every folder (the ceiling); then K `intake run` instances
@@ -16,6 +16,7 @@
 //! The database is SQLite in a temp dir, or with `--postgres` a throwaway PostgreSQL
 //! cluster with its default, durable settings (fsync on), started like the tests do;
 //! `INTAKE_BENCH_DATABASE_URL=postgres://...` uses an existing empty database instead.
+//! `INTAKE_BENCH_LOG=PATH` keeps each instance's log in `PATH.K` (else in the temp dir).
 
 #[path = "../tests/it/dovecot.rs"]
 mod dovecot;
@@ -254,6 +255,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 struct Opts {
     count: usize,
     postgres: bool,
+    /// Each mailbox feeds its own desk (else all feed desk IT).
+    desk_per_mailbox: bool,
     big: bool,
     mailboxes: usize,
     instances: usize,
@@ -283,6 +286,7 @@ fn options() -> Opts {
         mailboxes: value("--mailboxes").unwrap_or(1).max(1),
         instances: value("--instances").unwrap_or(1).max(1),
         latency: !args.iter().any(|a| a == "--no-latency"),
+        desk_per_mailbox: args.iter().any(|a| a == "--desk-per-mailbox"),
     }
 }
 
@@ -291,6 +295,15 @@ fn folder_name(i: usize) -> String {
         "INBOX".into()
     } else {
         format!("Box{i}")
+    }
+}
+
+/// The desk mailbox `m` feeds: IT, or with a desk per mailbox IT, D1, D2, ...
+fn desk_name(per_mailbox: bool, m: usize) -> String {
+    if per_mailbox && m > 0 {
+        format!("D{m}")
+    } else {
+        "IT".to_string()
     }
 }
 
@@ -363,6 +376,21 @@ fn main() {
                     "folder = \"INBOX\"",
                     &format!("folder = \"{}\"", folder_name(m)),
                 )
+                .replace(
+                    "desk = \"IT\"",
+                    &format!("desk = \"{}\"", desk_name(opts.desk_per_mailbox, m)),
+                )
+        })
+        .collect();
+    // Further desks, one per mailbox after the first, with `--desk-per-mailbox`.
+    let desks: String = (1..opts.mailboxes)
+        .filter(|_| opts.desk_per_mailbox)
+        .map(|m| {
+            format!(
+                "[[desks]]\nkey = \"{}\"\naddresses = [\"support{m}@desk.example\"]\n\
+                 sharing = \"any\"\nunknown_participants = \"create\"\n",
+                desk_name(true, m)
+            )
         })
         .collect();
     let config = work.path().join("intake.toml");
@@ -386,6 +414,7 @@ key = "IT"
 addresses = ["support@desk.example"]
 sharing = "any"
 unknown_participants = "create"
+{desks}
 {mailboxes}
 [outbox]
 dir = "{dir}/outbox"
@@ -401,7 +430,7 @@ poll_interval = "1h"
     for k in 0..opts.instances {
         let log = std::fs::File::create(
             std::env::var("INTAKE_BENCH_LOG")
-                .map(std::path::PathBuf::from)
+                .map(|l| std::path::PathBuf::from(format!("{l}.{k}")))
                 .unwrap_or_else(|_| work.path().join(format!("intake-{k}.log"))),
         )
         .expect("log");
