@@ -84,6 +84,26 @@ impl Prepared {
     }
 }
 
+/// A batch's headers read ahead ([`prepare`]): by a source on another thread while the
+/// previous batch is being written.
+pub struct PreparedHeads {
+    prepared: Vec<Prepared>,
+    /// The size limit they were read under (a reload may change it: then read again).
+    max_size: u64,
+}
+
+/// Reads the headers of `batch` for [`Pipeline::process_prepared_batch`]: parse, delivery
+/// report check, content hash. CPU work only.
+pub fn prepare(batch: &[Envelope], max_size: u64) -> PreparedHeads {
+    PreparedHeads {
+        prepared: batch
+            .iter()
+            .map(|env| Prepared::new(env, max_size))
+            .collect(),
+        max_size,
+    }
+}
+
 /// How far a source got, committed with the batch (IMAP: UIDVALIDITY and the last UID).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
@@ -347,11 +367,24 @@ impl Pipeline {
         now: i64,
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
+        self.process_prepared_batch(batch, None, now, progress)
+            .await
+    }
+
+    /// [`Pipeline::process_batch_with_progress`] with the headers read ahead by
+    /// [`prepare`] (`None`: read them now).
+    pub async fn process_prepared_batch(
+        &self,
+        batch: &[Envelope],
+        heads: Option<PreparedHeads>,
+        now: i64,
+        progress: Option<&Progress>,
+    ) -> Result<Vec<Outcome>, PipelineError> {
         let started = std::time::Instant::now();
-        let outcomes = match self.run_batch(batch, now, false, progress).await {
+        let outcomes = match self.run_batch(batch, heads, now, false, progress).await {
             Err(e) if !e.is_transient() => {
                 tracing::warn!(error = %crate::outbox::error_chain(&e), "a message failed; retrying the batch message by message");
-                self.run_batch(batch, now, true, progress).await?
+                self.run_batch(batch, None, now, true, progress).await?
             }
             other => other?,
         };
@@ -375,15 +408,16 @@ impl Pipeline {
     async fn run_batch(
         &self,
         batch: &[Envelope],
+        heads: Option<PreparedHeads>,
         now: i64,
         careful: bool,
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
         let max_size = self.config().max_message_size;
-        let mut prepared: Vec<Prepared> = batch
-            .iter()
-            .map(|env| Prepared::new(env, max_size))
-            .collect();
+        let mut prepared: Vec<Prepared> = match heads {
+            Some(h) if h.max_size == max_size && h.prepared.len() == batch.len() => h.prepared,
+            _ => prepare(batch, max_size).prepared,
+        };
         for (env, p) in batch.iter().zip(prepared.iter_mut()) {
             p.desk = p
                 .msg

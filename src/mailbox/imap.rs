@@ -42,6 +42,16 @@ type ImapSession = Session<ImapStream>;
 
 /// At most this many bytes of message bodies are held for one batch.
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// The next batch is fetched while one is processed only when it is at most this big.
+const PREFETCH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A batch fetched, not yet processed: envelopes and their UIDs, in UID order, and
+/// their headers when already read.
+struct Fetched {
+    envelopes: Arc<Vec<Envelope>>,
+    heads: Option<crate::pipeline::PreparedHeads>,
+    uids: Vec<u32>,
+}
 /// Messages larger than this are fetched in pieces of this size.
 const FETCH_PIECE: u64 = 1024 * 1024;
 /// A message whose body the server keeps failing to return is quarantined after this many
@@ -611,6 +621,10 @@ impl ImapSource {
 
     /// Processes the new messages, batch by batch, until they are done or `shutdown`.
     /// Returns how many were handled.
+    ///
+    /// The next batch is fetched while the current one is processed (the server works
+    /// while we do), when it is small ([`PREFETCH_BYTES`]): two large batches are not
+    /// held at once. Each batch is still acknowledged only after its commit.
     async fn process_new(
         &self,
         session: &mut ImapSession,
@@ -623,19 +637,68 @@ impl ImapSource {
         // Listed once, then worked through batch by batch: listing again after every
         // batch made a backlog of n messages cost n²/batch listed UIDs.
         let new = self.list_new(session, *last_uid).await?;
+        let max = pipeline.config().max_message_size;
         let mut rest = &new[..];
         let mut done = 0;
+        let mut next = None;
         while !rest.is_empty() && !shutdown.is_cancelled() {
-            let n = self
-                .process_listed(session, pipeline, uidvalidity, rest, last_uid, ops)
-                .await?;
+            let mut current = match next.take() {
+                Some(f) => f,
+                None => {
+                    let listed = self.next_batch(rest, max);
+                    self.fetch_batch(session, uidvalidity, &listed, max).await?
+                }
+            };
+            let n = current.uids.len();
             if n == 0 {
                 break;
             }
-            done += n;
             rest = &rest[n..];
+            let following = self.next_batch(rest, max);
+            let prefetch = !following.is_empty()
+                && !shutdown.is_cancelled()
+                && following.iter().map(|(_, s)| *s).sum::<u64>() <= PREFETCH_BYTES;
+            let (outcomes, fetched) = tokio::join!(
+                self.commit_batch(pipeline, uidvalidity, &mut current, last_uid),
+                async {
+                    if prefetch {
+                        Some(
+                            self.fetch_batch(session, uidvalidity, &following, max)
+                                .await,
+                        )
+                    } else {
+                        None
+                    }
+                }
+            );
+            let outcomes = outcomes?;
+            // A fetch that failed may have left the connection mid-response: nothing
+            // more is sent on it. The batch just committed is acknowledged after the
+            // reconnect, as a leftover (`reprocess_leftovers`).
+            next = fetched.transpose()?;
+            self.acknowledge_batch(session, pipeline, uidvalidity, &current, &outcomes, ops)
+                .await?;
+            done += n;
         }
         Ok(done)
+    }
+
+    /// The front of `listed` that makes one batch: [`ImapConfig::batch_size`] messages,
+    /// at most [`BATCH_BYTES`] of them (and at least one).
+    fn next_batch(&self, listed: &[(u32, u64)], max: u64) -> Vec<(u32, u64)> {
+        let mut batch: Vec<(u32, u64)> = Vec::new();
+        let mut bytes = 0u64;
+        for &(uid, size) in listed {
+            let counted = size.min(max);
+            if !batch.is_empty()
+                && (batch.len() >= self.cfg.batch_size || bytes + counted > BATCH_BYTES)
+            {
+                break;
+            }
+            bytes += counted;
+            batch.push((uid, size));
+        }
+        batch
     }
 
     /// Processes one batch from the front of `listed` (UID, size; in UID order) and
@@ -651,18 +714,28 @@ impl ImapSource {
         ops: Ops,
     ) -> Result<usize, ImapError> {
         let max = pipeline.config().max_message_size;
-        let mut batch: Vec<(u32, u64)> = Vec::new();
-        let mut bytes = 0u64;
-        for &(uid, size) in listed {
-            let counted = size.min(max);
-            if !batch.is_empty()
-                && (batch.len() >= self.cfg.batch_size || bytes + counted > BATCH_BYTES)
-            {
-                break;
-            }
-            bytes += counted;
-            batch.push((uid, size));
+        let batch = self.next_batch(listed, max);
+        let mut fetched = self.fetch_batch(session, uidvalidity, &batch, max).await?;
+        if fetched.uids.is_empty() {
+            return Ok(0);
         }
+        let outcomes = self
+            .commit_batch(pipeline, uidvalidity, &mut fetched, last_uid)
+            .await?;
+        self.acknowledge_batch(session, pipeline, uidvalidity, &fetched, &outcomes, ops)
+            .await?;
+        Ok(fetched.uids.len())
+    }
+
+    /// Fetches `batch` (UID, size; in UID order) as envelopes, in UID order; stops at a
+    /// message whose body did not come (see [`FETCH_ATTEMPTS`]).
+    async fn fetch_batch(
+        &self,
+        session: &mut ImapSession,
+        uidvalidity: i64,
+        batch: &[(u32, u64)],
+        max: u64,
+    ) -> Result<Fetched, ImapError> {
         let small: Vec<u32> = batch
             .iter()
             .filter(|(_, s)| *s <= max.min(FETCH_PIECE))
@@ -721,7 +794,7 @@ impl ImapSource {
         let mut envelopes = Vec::with_capacity(batch.len());
         let mut uids = Vec::with_capacity(batch.len());
         let mut failures = self.fetch_failures.lock().await;
-        for (uid, size) in &batch {
+        for (uid, size) in batch {
             let reference = format!("{uidvalidity}:{uid}");
             let (body, fetch_error) = match raw.remove(uid) {
                 Some(b) => {
@@ -770,8 +843,30 @@ impl ImapSource {
             uids.push(*uid);
         }
         drop(failures);
-        let Some(&highest) = uids.last() else {
-            return Ok(0);
+        // Headers are read on a blocking thread, beside the batch being written.
+        let envelopes = Arc::new(envelopes);
+        let shared = Arc::clone(&envelopes);
+        let heads = tokio::task::spawn_blocking(move || crate::pipeline::prepare(&shared, max))
+            .await
+            .ok();
+        Ok(Fetched {
+            envelopes,
+            heads,
+            uids,
+        })
+    }
+
+    /// Processes a fetched batch and commits it with the mailbox's progress; `last_uid`
+    /// moves to the highest UID in it if that is higher.
+    async fn commit_batch(
+        &self,
+        pipeline: &Pipeline,
+        uidvalidity: i64,
+        fetched: &mut Fetched,
+        last_uid: &mut i64,
+    ) -> Result<Vec<Outcome>, ImapError> {
+        let Some(&highest) = fetched.uids.last() else {
+            return Ok(Vec::new());
         };
         let progress = Progress {
             mailbox: self.name.clone(),
@@ -779,24 +874,41 @@ impl ImapSource {
             last_uid: i64::from(highest).max(*last_uid),
         };
         let outcomes = pipeline
-            .process_batch_with_progress(&envelopes, crate::now(), Some(&progress))
+            .process_prepared_batch(
+                &fetched.envelopes,
+                fetched.heads.take(),
+                crate::now(),
+                Some(&progress),
+            )
             .await
             .map_err(|source| ImapError::Pipeline {
                 mailbox: self.name.clone(),
                 source,
             })?;
         *last_uid = progress.last_uid;
+        Ok(outcomes)
+    }
+
+    /// Acknowledges a committed batch (`after`), and moves its quarantined messages away.
+    async fn acknowledge_batch(
+        &self,
+        session: &mut ImapSession,
+        pipeline: &Pipeline,
+        uidvalidity: i64,
+        fetched: &Fetched,
+        outcomes: &[Outcome],
+        ops: Ops,
+    ) -> Result<(), ImapError> {
         let mut done = Vec::new();
         let mut quarantined = Vec::new();
-        for (uid, outcome) in uids.iter().zip(&outcomes) {
+        for (uid, outcome) in fetched.uids.iter().zip(outcomes) {
             match outcome {
                 Outcome::Quarantined { ledger_id, .. } => quarantined.push((*uid, *ledger_id)),
                 _ => done.push(*uid),
             }
         }
         self.acknowledge(session, pipeline, uidvalidity, &done, &quarantined, ops)
-            .await?;
-        Ok(uids.len())
+            .await
     }
 
     /// Fetches a large message [`FETCH_PIECE`] bytes at a time (`BODY.PEEK[]<offset.n>`),
