@@ -436,7 +436,7 @@ impl Pipeline {
         let mut deferred = if careful {
             Deferred::default()
         } else {
-            Deferred::holding_rows()
+            Deferred::holding_rows(batch.len())
         };
         let mut lookups = Lookups::default();
         self.look_ahead(

@@ -48,6 +48,8 @@ const PREFETCH_BYTES: u64 = 4 * 1024 * 1024;
 /// A batch fetched, not yet processed: envelopes and their UIDs, in UID order, and
 /// their headers when already read.
 struct Fetched {
+    /// The size limit it was fetched under: larger messages hold only their head.
+    max: u64,
     envelopes: Arc<Vec<Envelope>>,
     heads: Option<crate::pipeline::PreparedHeads>,
     uids: Vec<u32>,
@@ -637,14 +639,16 @@ impl ImapSource {
         // Listed once, then worked through batch by batch: listing again after every
         // batch made a backlog of n messages cost n²/batch listed UIDs.
         let new = self.list_new(session, *last_uid).await?;
-        let max = pipeline.config().max_message_size;
         let mut rest = &new[..];
         let mut done = 0;
-        let mut next = None;
+        let mut next: Option<Fetched> = None;
         while !rest.is_empty() && !shutdown.is_cancelled() {
+            // The size limit decides what was fetched whole: a batch read ahead under
+            // another limit (a reload meanwhile) is fetched again.
+            let max = pipeline.config().max_message_size;
             let mut current = match next.take() {
-                Some(f) => f,
-                None => {
+                Some(f) if f.max == max => f,
+                _ => {
                     let listed = self.next_batch(rest, max);
                     self.fetch_batch(session, uidvalidity, &listed, max).await?
                 }
@@ -672,12 +676,14 @@ impl ImapSource {
                 }
             );
             let outcomes = outcomes?;
-            // A fetch that failed may have left the connection mid-response: nothing
-            // more is sent on it. The batch just committed is acknowledged after the
-            // reconnect, as a leftover (`reprocess_leftovers`).
+            // Acknowledged even when reading ahead failed: a refusal (NO) leaves the
+            // connection usable, and on a broken one this fails too, and the batch is
+            // acknowledged after the reconnect, as a leftover (`reprocess_leftovers`).
+            let acknowledged = self
+                .acknowledge_batch(session, pipeline, uidvalidity, &current, &outcomes, ops)
+                .await;
             next = fetched.transpose()?;
-            self.acknowledge_batch(session, pipeline, uidvalidity, &current, &outcomes, ops)
-                .await?;
+            acknowledged?;
             done += n;
         }
         Ok(done)
@@ -850,6 +856,7 @@ impl ImapSource {
             .await
             .ok();
         Ok(Fetched {
+            max,
             envelopes,
             heads,
             uids,

@@ -374,15 +374,25 @@ struct IdPool {
     free: Vec<i64>,
     /// SQLite: the next id (once read).
     next: Option<i64>,
+    /// PostgreSQL: how many to reserve per round trip (0: [`ID_BLOCK`]).
+    block: i64,
 }
 
-/// Ids reserved from PostgreSQL's sequence per round trip (unused ones are simply skipped).
+/// At most this many ids are reserved from PostgreSQL's sequence per round trip
+/// (unused ones are simply skipped).
 const ID_BLOCK: i64 = 64;
 
 /// Request text held before the pending rows are written anyway.
 const HELD_BYTES: usize = 4 << 20;
 
 impl IdPool {
+    fn with_block(block: i64) -> IdPool {
+        IdPool {
+            block,
+            ..IdPool::default()
+        }
+    }
+
     async fn take(
         &mut self,
         conn: &mut AnyConnection,
@@ -408,7 +418,7 @@ impl IdPool {
                 "SELECT nextval(pg_get_serial_sequence($1, 'id')) FROM generate_series(1, $2)",
             )
             .bind(table)
-            .bind(ID_BLOCK)
+            .bind(if self.block > 0 { self.block } else { ID_BLOCK })
             .fetch_all(&mut *conn)
             .await
             .ctx("reserve ids")?;
@@ -430,9 +440,16 @@ impl Deferred {
     /// account another instance created meanwhile fails the flush
     /// ([`StoreError::Conflict`]), and the batch is redone message by message with a
     /// plain `Deferred`, which writes them at once and takes the other's account.
-    pub fn holding_rows() -> Deferred {
+    /// `messages`: how many the batch has, so PostgreSQL ids are reserved in blocks
+    /// that fit it (a message arriving alone under IDLE takes one, not 64).
+    pub fn holding_rows(messages: usize) -> Deferred {
+        let block = i64::try_from(messages)
+            .unwrap_or(ID_BLOCK)
+            .clamp(1, ID_BLOCK);
         Deferred {
             hold_rows: true,
+            account_ids: IdPool::with_block(block),
+            request_ids: IdPool::with_block(block),
             ..Deferred::default()
         }
     }
@@ -451,7 +468,11 @@ impl Deferred {
     /// Writes the accounts and requests waiting, and the organization memberships of the
     /// accounts.
     async fn flush_rows(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
-        for chunk in std::mem::take(&mut self.accounts).chunks(CHUNK) {
+        let mut accounts = std::mem::take(&mut self.accounts);
+        // In one order everywhere, so two instances inserting overlapping accounts wait
+        // for each other instead of deadlocking.
+        accounts.sort_unstable_by(|a, b| a.address.cmp(&b.address));
+        for chunk in accounts.chunks(CHUNK) {
             let sql = format!(
                 "INSERT INTO accounts (id, address, display_name, kind, status, origin, created_at, \
                    updated_at, last_verification_sent_at) \
@@ -1269,7 +1290,7 @@ async fn create_accounts(
         // have flushed before looking them up): write those, then go the careful way.
         deferred.flush_rows(conn).await?;
         // SQLite numbers the row itself: count from the highest id again afterwards.
-        deferred.account_ids = IdPool::default();
+        deferred.account_ids = IdPool::with_block(deferred.account_ids.block);
     } else if deferred.hold_rows {
         for a in accounts {
             if created.contains_key(a.address.as_str()) {
