@@ -199,14 +199,15 @@ impl Store {
             pool = pool.after_connect(|conn, _meta| {
                 Box::pin(async move {
                     // synchronous=FULL: a commit is on disk before we acknowledge a source.
-                    // cache_size: 8 MiB per connection. A transaction's dirty pages stay
+                    // cache_size: 4 MiB per connection. A transaction's dirty pages stay
                     // in the cache until it commits or spills; with 32 MiB a batch holding
-                    // a 25 MB attachment kept 20 MB of blob pages there (massif), and
-                    // 8 MiB is as fast on a 10,000-message backlog (benches/imap.rs).
+                    // a 25 MB attachment kept 20 MB of blob pages there (massif). 4 MiB is
+                    // as fast as 8 on 10,000- and 20,000-message backlogs, and the peak
+                    // with a 25 MB message is 87-88 MiB instead of 91-95 (benches/imap.rs).
                     sqlx::raw_sql(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                          PRAGMA busy_timeout = 15000; PRAGMA foreign_keys = ON; \
-                         PRAGMA cache_size = -8192; PRAGMA temp_store = MEMORY;",
+                         PRAGMA cache_size = -4096; PRAGMA temp_store = MEMORY;",
                     )
                     .execute(conn)
                     .await?;
