@@ -104,6 +104,18 @@ pub fn prepare(batch: &[Envelope], max_size: u64) -> PreparedHeads {
     }
 }
 
+/// How a batch is run: first [`Pass::Held`]; after a [`StoreError::Conflict`],
+/// [`Pass::Plain`]; after a message failed for a reason of its own, [`Pass::Careful`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Straight through; new accounts and requests held until something reads them.
+    Held,
+    /// Straight through, everything written at once.
+    Plain,
+    /// Each message in its own savepoint; one that fails is quarantined.
+    Careful,
+}
+
 /// How far a source got, committed with the batch (IMAP: UIDVALIDITY and the last UID).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
@@ -381,10 +393,22 @@ impl Pipeline {
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
         let started = std::time::Instant::now();
-        let outcomes = match self.run_batch(batch, heads, now, false, progress).await {
+        let mut first = self
+            .run_batch(batch, heads, now, Pass::Held, progress)
+            .await;
+        if let Err(PipelineError::Store(e @ StoreError::Conflict(_))) = &first {
+            // Another instance wrote what the batch held back: run it again writing
+            // everything at once, which takes over what the other created.
+            tracing::warn!(error = %e, "running the batch again");
+            first = self
+                .run_batch(batch, None, now, Pass::Plain, progress)
+                .await;
+        }
+        let outcomes = match first {
             Err(e) if !e.is_transient() => {
                 tracing::warn!(error = %crate::outbox::error_chain(&e), "a message failed; retrying the batch message by message");
-                self.run_batch(batch, None, now, true, progress).await?
+                self.run_batch(batch, None, now, Pass::Careful, progress)
+                    .await?
             }
             other => other?,
         };
@@ -403,16 +427,16 @@ impl Pipeline {
         Ok(outcomes)
     }
 
-    /// One pass over the batch; with `careful`, each message in its own savepoint and a
-    /// message that fails is quarantined.
+    /// One pass over the batch (see [`Pass`]).
     async fn run_batch(
         &self,
         batch: &[Envelope],
         heads: Option<PreparedHeads>,
         now: i64,
-        careful: bool,
+        pass: Pass,
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
+        let careful = pass == Pass::Careful;
         let max_size = self.config().max_message_size;
         let mut prepared: Vec<Prepared> = match heads {
             Some(h) if h.max_size == max_size && h.prepared.len() == batch.len() => h.prepared,
@@ -433,10 +457,9 @@ impl Pipeline {
         }
         let index = DirectoryIndex::load(wtx.conn()).await?;
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut deferred = if careful {
-            Deferred::default()
-        } else {
-            Deferred::holding_rows(batch.len())
+        let mut deferred = match pass {
+            Pass::Held => Deferred::holding_rows(batch.len()),
+            Pass::Plain | Pass::Careful => Deferred::default(),
         };
         let mut lookups = Lookups::default();
         self.look_ahead(

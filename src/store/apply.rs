@@ -438,8 +438,8 @@ impl Deferred {
     /// A `Deferred` that also holds the accounts and requests the batch creates until
     /// something reads them (see [`Deferred`]). Only for a batch run straight through: an
     /// account another instance created meanwhile fails the flush
-    /// ([`StoreError::Conflict`]), and the batch is redone message by message with a
-    /// plain `Deferred`, which writes them at once and takes the other's account.
+    /// ([`StoreError::Conflict`]), and the batch is run again with a plain `Deferred`,
+    /// which writes them at once and takes the other's account.
     /// `messages`: how many the batch has, so PostgreSQL ids are reserved in blocks
     /// that fit it (a message arriving alone under IDLE takes one, not 64).
     pub fn holding_rows(messages: usize) -> Deferred {
