@@ -1280,7 +1280,6 @@ async fn create_accounts(
         return Ok(created);
     }
     let sent_at = |a: &NewAccount<'_>| mailed.contains(&a.address).then_some(now);
-    let domain_of = |address: &str| address.rsplit_once('@').map(|(_, d)| d.to_string());
     if deferred.hold_rows
         && accounts
             .iter()
@@ -1297,10 +1296,9 @@ async fn create_accounts(
                 continue;
             }
             let id = deferred.account_ids.take(conn, "accounts").await?;
-            let domain = domain_of(a.address.as_str()).unwrap_or_default();
             deferred
                 .joins
-                .extend(orgs.matching(&domain).map(|o| (o.id, id)));
+                .extend(orgs.matching(a.address.domain()).map(|o| (o.id, id)));
             deferred.accounts.push(AccountInsert {
                 id,
                 address: a.address.to_string(),
@@ -1338,8 +1336,8 @@ async fn create_accounts(
     for row in rows {
         let id: i64 = row.try_get(0).ctx("read new account")?;
         let address: String = row.try_get(1).ctx("read new account")?;
-        let domain = domain_of(&address).unwrap_or_default();
-        joins.extend(orgs.matching(&domain).map(|o| (o.id, id)));
+        let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
+        joins.extend(orgs.matching(domain).map(|o| (o.id, id)));
         created.insert(address, id);
     }
     for chunk in joins.chunks(CHUNK) {

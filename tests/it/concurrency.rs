@@ -20,18 +20,23 @@ fn write_messages(dir: &std::path::Path, prefix: &str, count: usize) {
     }
 }
 
+/// A desk open to anyone, whose unknown Cc's get accounts.
+fn sharing_env(backend: Backend) -> Env {
+    Env::new(
+        backend,
+        &Site::default(),
+        &DeskSettings {
+            sharing: "any",
+            unknown: "create",
+            ..DeskSettings::default()
+        },
+    )
+}
+
 #[test]
 fn concurrent_processes_share_one_database() {
     for backend in BACKENDS {
-        let env = Env::new(
-            backend,
-            &Site::default(),
-            &DeskSettings {
-                sharing: "any",
-                unknown: "create",
-                ..DeskSettings::default()
-            },
-        );
+        let env = sharing_env(backend);
         let a = env.path("a");
         let b = env.path("b");
         write_messages(&a, "a", 300);
@@ -90,15 +95,7 @@ fn concurrent_processes_share_one_database() {
 /// once, takes the other's account and creates nothing twice.
 #[test]
 fn an_account_created_meanwhile_by_another_instance_is_taken_over() {
-    let env = Env::new(
-        Backend::Postgres,
-        &Site::default(),
-        &DeskSettings {
-            sharing: "any",
-            unknown: "create",
-            ..DeskSettings::default()
-        },
-    );
+    let env = sharing_env(Backend::Postgres);
     let dir = env.path("mail");
     write_messages(&dir, "r", 3);
     // The schema is there (the directory's accounts too).
