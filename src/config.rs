@@ -260,6 +260,8 @@ pub struct ImapConfig {
     pub batch_size: usize,
     pub start: StartAt,
     pub connect_timeout: Duration,
+    /// How long the server may stay silent while a reply is due (not in IDLE).
+    pub reply_timeout: Duration,
 }
 
 impl ImapConfig {
@@ -675,6 +677,7 @@ struct RawMailbox {
     batch_size: Option<usize>,
     start: Option<String>,
     connect_timeout: Option<String>,
+    reply_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -1579,6 +1582,14 @@ impl Validator<'_> {
             m.connect_timeout.as_deref(),
             Duration::from_secs(30),
         );
+        let reply_timeout = self.duration(
+            &format!("{k}.reply_timeout"),
+            m.reply_timeout.as_deref(),
+            Duration::from_secs(120),
+        );
+        if reply_timeout < Duration::from_secs(1) {
+            self.issue(&format!("{k}.reply_timeout"), "must be at least 1s");
+        }
         Some(ImapConfig {
             host,
             port,
@@ -1595,6 +1606,7 @@ impl Validator<'_> {
             batch_size: batch_size.clamp(1, 5000),
             start,
             connect_timeout,
+            reply_timeout,
         })
     }
 

@@ -194,3 +194,34 @@ quarantine_folder = "INBOX"
         assert!(keys.contains(&expected), "missing {expected} in {issues:?}");
     }
 }
+
+#[test]
+fn imap_timeouts_are_read_and_a_reply_timeout_under_a_second_refused() {
+    let mailbox = |extra: &str| {
+        format!(
+            r#"{MINIMAL}
+[[mailboxes]]
+name = "support"
+kind = "imap"
+desk = "IT"
+host = "127.0.0.1"
+tls = "none"
+username = "u"
+password = "p"
+{extra}
+"#
+        )
+    };
+    let imap = |config: &Config| match &config.mailboxes[0].kind {
+        MailboxKind::Imap(imap) => imap.reply_timeout,
+        other => panic!("not imap: {other:?}"),
+    };
+    let config = load(&mailbox(""), &[]).unwrap();
+    assert_eq!(imap(&config), Duration::from_secs(120));
+    let config = load(&mailbox("reply_timeout = \"45s\""), &[]).unwrap();
+    assert_eq!(imap(&config), Duration::from_secs(45));
+    let Err(ConfigError::Invalid(issues)) = load(&mailbox("reply_timeout = \"0s\""), &[]) else {
+        panic!("accepted")
+    };
+    assert_eq!(issues[0].key, "mailboxes[0].reply_timeout");
+}

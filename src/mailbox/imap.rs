@@ -13,7 +13,9 @@
 //!   folder without being downloaded.
 //! - **Push.** IDLE when the server offers it, re-issued every `idle_timeout` (25 min,
 //!   inside RFC 2177's 29); polling otherwise. Errors reconnect with capped exponential
-//!   backoff and jitter; one mailbox's trouble never touches another's task.
+//!   backoff and jitter; one mailbox's trouble never touches another's task. A server
+//!   that sends nothing for `reply_timeout` while a reply is due is such an error (in
+//!   IDLE, TCP keep-alive watches the connection instead).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -36,7 +38,7 @@ use crate::pipeline::{Envelope, Outcome, Pipeline, Progress};
 use crate::store::SourceRef;
 
 use super::Backoff;
-use super::tls::{self, ImapStream};
+use super::tls::{self, ImapStream, ReplyTimeout};
 
 type ImapSession = Session<ImapStream>;
 
@@ -134,6 +136,8 @@ pub struct ImapSource {
     token_cache: Mutex<Option<(String, Instant)>>,
     /// Failed body fetches per (UIDVALIDITY, UID): how many, since when.
     fetch_failures: Mutex<HashMap<(i64, u32), (u32, Instant)>>,
+    /// The server's silence allowed when a reply is due (`reply_timeout`); lifted in IDLE.
+    reply_timeout: ReplyTimeout,
 }
 
 /// UIDs as an IMAP sequence set: `1:5,7,9:12`.
@@ -185,6 +189,7 @@ impl ImapSource {
         ImapSource {
             name,
             desk,
+            reply_timeout: ReplyTimeout::new(cfg.reply_timeout),
             cfg,
             token_cache: Mutex::new(None),
             fetch_failures: Mutex::new(HashMap::new()),
@@ -274,6 +279,17 @@ impl ImapSource {
         })?
         .map_err(connect_err)?;
         let _ = tcp.set_nodelay(true);
+        // Keep-alive probes find a peer that vanished (a NAT or firewall that dropped the
+        // connection) even while we sit in IDLE, where silence is normal.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(15))
+            .with_retries(4);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+        // Every session starts with the limit in force (an IDLE cut short may have left
+        // it lifted).
+        self.reply_timeout.restore();
+        let timeout = self.reply_timeout.clone();
         let tls_config = || {
             tls::client_config(self.cfg.ca_file.as_deref()).map_err(|source| ImapError::TlsConfig {
                 mailbox: self.name.clone(),
@@ -287,31 +303,33 @@ impl ImapSource {
         };
         let client = match self.cfg.tls {
             ImapTls::Implicit => {
-                let stream = tls::connect(tls_config()?, &self.cfg.host, tcp)
+                let stream = self
+                    .handshake(tls::connect(tls_config()?, &self.cfg.host, tcp))
                     .await
                     .map_err(tls_err)?;
-                let mut client = Client::new(ImapStream::Tls(Box::new(stream)));
+                let mut client = Client::new(ImapStream::tls(stream, timeout));
                 self.greeting(&mut client).await?;
                 client
             }
             ImapTls::StartTls => {
-                let mut client = Client::new(ImapStream::Plain(tcp));
+                let mut client = Client::new(ImapStream::plain(tcp, timeout.clone()));
                 self.greeting(&mut client).await?;
                 client
                     .run_command_and_check_ok("STARTTLS", None)
                     .await
                     .map_err(self.protocol("start TLS"))?;
-                let ImapStream::Plain(tcp) = client.into_inner() else {
+                let Some(tcp) = client.into_inner().into_plain() else {
                     // We built it plain two lines up.
                     return Err(tls_err(std::io::Error::other("STARTTLS on a TLS stream")));
                 };
-                let stream = tls::connect(tls_config()?, &self.cfg.host, tcp)
+                let stream = self
+                    .handshake(tls::connect(tls_config()?, &self.cfg.host, tcp))
                     .await
                     .map_err(tls_err)?;
-                Client::new(ImapStream::Tls(Box::new(stream)))
+                Client::new(ImapStream::tls(stream, timeout))
             }
             ImapTls::None => {
-                let mut client = Client::new(ImapStream::Plain(tcp));
+                let mut client = Client::new(ImapStream::plain(tcp, timeout));
                 self.greeting(&mut client).await?;
                 client
             }
@@ -351,6 +369,18 @@ impl ImapSource {
                 result
             }
         }
+    }
+
+    /// A TLS handshake, given `connect_timeout` (the stream's own limit comes after it).
+    async fn handshake<T>(
+        &self,
+        handshake: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> std::io::Result<T> {
+        tokio::time::timeout(self.cfg.connect_timeout, handshake)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+            })?
     }
 
     async fn greeting(&self, client: &mut Client<ImapStream>) -> Result<(), ImapError> {
@@ -501,6 +531,8 @@ impl ImapSource {
                 }
                 let mut handle = session.idle();
                 handle.init().await.map_err(self.protocol("start IDLE"))?;
+                // Silence is what IDLE is; keep-alive probes watch the connection meanwhile.
+                self.reply_timeout.lift();
                 let stopped = {
                     // async-imap restarts its timeout on every keep-alive the server
                     // sends; our own deadline makes sure IDLE is re-issued in time.
@@ -508,17 +540,20 @@ impl ImapSource {
                     tokio::pin!(wait);
                     tokio::select! {
                         r = &mut wait => {
+                            self.reply_timeout.restore();
                             match r.map_err(self.protocol("wait in IDLE"))? {
                                 IdleResponse::NewData(_) | IdleResponse::Timeout
                                 | IdleResponse::ManualInterrupt => false,
                             }
                         }
                         _ = tokio::time::sleep(self.cfg.idle_timeout) => {
+                            self.reply_timeout.restore();
                             drop(stop);
                             let _ = wait.await;
                             false
                         }
                         _ = shutdown.cancelled() => {
+                            self.reply_timeout.restore();
                             drop(stop);
                             let _ = wait.await;
                             true

@@ -1,12 +1,16 @@
 //! TLS for IMAP: rustls with the system's root certificates plus an optional extra CA
-//! file, and a stream type that is either plain TCP or TLS (STARTTLS starts plain).
+//! file, and the stream a session runs over: plain TCP or TLS (STARTTLS starts plain),
+//! with a limit on how long the server may stay silent when a reply is due.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -80,17 +84,91 @@ pub async fn connect(
     TlsConnector::from(config).connect(name, tcp).await
 }
 
-/// The connection an IMAP session runs over.
-pub enum ImapStream {
+/// How long the server may stay silent while we wait for its reply; shared between an
+/// [`ImapSource`](super::imap::ImapSource) and the stream of its current session, so
+/// IDLE (where silence is the normal state) can lift it and restore it afterwards.
+#[derive(Debug, Clone)]
+pub struct ReplyTimeout {
+    /// The limit in milliseconds (at least 1).
+    limit: u64,
+    /// Milliseconds in force; 0 while lifted.
+    current: Arc<AtomicU64>,
+}
+
+impl ReplyTimeout {
+    pub fn new(limit: Duration) -> Self {
+        let limit = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+        ReplyTimeout {
+            limit,
+            current: Arc::new(AtomicU64::new(limit)),
+        }
+    }
+
+    /// No limit until [`restore`](Self::restore) (IDLE).
+    pub fn lift(&self) {
+        self.current.store(0, Ordering::Relaxed);
+    }
+
+    pub fn restore(&self) {
+        self.current.store(self.limit, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Duration> {
+        match self.current.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// The connection an IMAP session runs over: plain TCP or TLS, and a watch on the
+/// server's silence. A read that gets nothing for the [`ReplyTimeout`] fails with
+/// `TimedOut`, so a server that stops answering (a hung process, a connection a
+/// firewall dropped without a word) ends the session instead of stalling the mailbox
+/// for ever. The clock starts when a read has to wait and restarts with every byte that
+/// arrives and every command sent.
+pub struct ImapStream {
+    transport: Transport,
+    timeout: ReplyTimeout,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+enum Transport {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl ImapStream {
+    pub fn plain(tcp: TcpStream, timeout: ReplyTimeout) -> Self {
+        ImapStream {
+            transport: Transport::Plain(tcp),
+            timeout,
+            deadline: None,
+        }
+    }
+
+    pub fn tls(stream: TlsStream<TcpStream>, timeout: ReplyTimeout) -> Self {
+        ImapStream {
+            transport: Transport::Tls(Box::new(stream)),
+            timeout,
+            deadline: None,
+        }
+    }
+
+    /// The TCP stream of a plain connection (for STARTTLS); `None` for TLS.
+    pub fn into_plain(self) -> Option<TcpStream> {
+        match self.transport {
+            Transport::Plain(tcp) => Some(tcp),
+            Transport::Tls(_) => None,
+        }
+    }
+}
+
 impl fmt::Debug for ImapStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ImapStream::Plain(_) => f.write_str("ImapStream::Plain"),
-            ImapStream::Tls(_) => f.write_str("ImapStream::Tls"),
+        match self.transport {
+            Transport::Plain(_) => f.write_str("ImapStream::Plain"),
+            Transport::Tls(_) => f.write_str("ImapStream::Tls"),
         }
     }
 }
@@ -101,9 +179,34 @@ impl AsyncRead for ImapStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ImapStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ImapStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        let read = match &mut this.transport {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if read.is_ready() {
+            this.deadline = None;
+            return read;
+        }
+        let Some(limit) = this.timeout.get() else {
+            this.deadline = None;
+            return Poll::Pending;
+        };
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                this.deadline = None;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the server sent nothing for {}s while a reply was due",
+                        limit.as_secs()
+                    ),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -114,23 +217,27 @@ impl AsyncWrite for ImapStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ImapStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ImapStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        let this = self.get_mut();
+        // A command sent: the wait for its reply starts afresh (a read abandoned
+        // earlier must not leave its clock running).
+        this.deadline = None;
+        match &mut this.transport {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ImapStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ImapStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().transport {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ImapStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ImapStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().transport {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

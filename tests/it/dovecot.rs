@@ -376,6 +376,18 @@ service anvil {{
         self.launch();
     }
 
+    /// Sends `signal` (`"STOP"`, `"CONT"`) to this instance's imap processes, the ones
+    /// serving logged-in clients: a stopped one keeps its connections open and answers
+    /// nothing, as a hung server does.
+    pub fn signal_imap(&self, signal: &str) {
+        let status = Command::new("pkill")
+            .arg(format!("-{signal}"))
+            .args(["-f", &format!("^dovecot-intake{}/imap( |$)", self.port)])
+            .status()
+            .expect("pkill");
+        assert!(status.success(), "no imap process to {signal}");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
     }
