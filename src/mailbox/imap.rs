@@ -1191,37 +1191,46 @@ impl ImapSource {
         if last_uid <= 0 {
             return Ok(());
         }
-        let query = match self.cfg.after {
-            After::Seen => format!("UID 1:{last_uid} UNSEEN"),
-            _ => format!("UID 1:{last_uid}"),
+        let store_err = |source| ImapError::Store {
+            mailbox: self.name.clone(),
+            source,
         };
-        let found: HashSet<u32> = session
-            .uid_search(&query)
-            .await
-            .map_err(self.protocol("search leftovers"))?;
-        let candidates: Vec<u32> = found
-            .into_iter()
-            .filter(|u| i64::from(*u) <= last_uid)
-            .collect();
-        // Only messages the ledger knows were committed: with `start = "new"` the
-        // mail that was there before the first start is below `last_uid` too, and
-        // is not ours to touch.
-        let refs: Vec<String> = candidates
-            .iter()
-            .map(|u| format!("{uidvalidity}:{u}"))
-            .collect();
-        let recorded = pipeline
+        // Everything above the UID progress started from was committed by us (with
+        // `start = "new"` the mail that was there before is below it, and not ours to
+        // touch) — duplicates too, which have no ledger row of their own.
+        let first_uid = pipeline
             .store()
-            .recorded_refs(&self.source_name(), &refs)
+            .mailbox_first_uid(&self.name)
             .await
-            .map_err(|source| ImapError::Store {
-                mailbox: self.name.clone(),
-                source,
-            })?;
-        let mut uids: Vec<u32> = candidates
+            .map_err(store_err)?;
+        let from = first_uid.unwrap_or(0) + 1;
+        let query = match self.cfg.after {
+            After::Seen => format!("UID {from}:{last_uid} UNSEEN"),
+            _ => format!("UID {from}:{last_uid}"),
+        };
+        let found: HashSet<u32> = if from <= last_uid {
+            session
+                .uid_search(&query)
+                .await
+                .map_err(self.protocol("search leftovers"))?
+        } else {
+            HashSet::new()
+        };
+        let mut uids: Vec<u32> = found
             .into_iter()
-            .filter(|u| recorded.contains(&format!("{uidvalidity}:{u}")))
+            .filter(|u| (from..=last_uid).contains(&i64::from(*u)))
             .collect();
+        if first_uid.is_none() {
+            // Progress recorded before the first UID was: only messages the ledger
+            // knows were committed.
+            let refs: Vec<String> = uids.iter().map(|u| format!("{uidvalidity}:{u}")).collect();
+            let recorded = pipeline
+                .store()
+                .recorded_refs(&self.source_name(), &refs)
+                .await
+                .map_err(store_err)?;
+            uids.retain(|u| recorded.contains(&format!("{uidvalidity}:{u}")));
+        }
         uids.sort_unstable();
         if !uids.is_empty() {
             tracing::info!(mailbox = %self.name, count = uids.len(), "processing again messages committed before the last disconnect");

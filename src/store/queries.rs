@@ -541,7 +541,8 @@ impl Store {
         }
     }
 
-    /// Sets a mailbox's progress outside a batch (first contact, UIDVALIDITY change).
+    /// Starts a mailbox's progress at `last_uid` (first contact, UIDVALIDITY change); it
+    /// is also remembered as the mailbox's first UID ([`Store::mailbox_first_uid`]).
     pub async fn set_mailbox_state(
         &self,
         mailbox: &str,
@@ -551,7 +552,28 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut wtx = self.begin_write().await?;
         save_mailbox_state(wtx.conn(), mailbox, uidvalidity, last_uid, now).await?;
+        sqlx::query("UPDATE mailbox_state SET first_uid = $1 WHERE mailbox = $2")
+            .bind(last_uid)
+            .bind(mailbox)
+            .execute(wtx.conn())
+            .await
+            .ctx("record where mailbox progress starts")?;
         wtx.commit().await
+    }
+
+    /// The UID a mailbox's progress started from: everything above it up to the last
+    /// UID was committed by us. `None` when it was started before this was recorded.
+    pub async fn mailbox_first_uid(&self, mailbox: &str) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.acquire().await?;
+        let row = sqlx::query("SELECT first_uid FROM mailbox_state WHERE mailbox = $1")
+            .bind(mailbox)
+            .fetch_optional(&mut *conn)
+            .await
+            .ctx("read mailbox progress")?;
+        match row {
+            Some(r) => r.try_get(0).ctx("read mailbox progress"),
+            None => Ok(None),
+        }
     }
 
     pub async fn mark_released(&self, ledger_id: i64, now: i64) -> Result<(), StoreError> {

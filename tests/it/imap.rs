@@ -156,6 +156,34 @@ fn start_new_leaves_existing_mail_alone() {
 }
 
 #[test]
+fn a_duplicate_committed_but_not_acknowledged_is_acknowledged_after_a_reconnect() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        // The same message twice: the second is a duplicate, which gets no ledger row.
+        imap.append("INBOX", &message(1, ""));
+        imap.append("INBOX", &message(1, ""));
+        let env = env_with(&dovecot, backend, "", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("both flagged seen", WAIT, || imap.status("INBOX") == (2, 0));
+        daemon.stop();
+        assert_eq!(request_count(&env), 1);
+        // As if the connection had dropped between the commit and the acknowledgement.
+        imap.command("SELECT INBOX");
+        imap.command("UID STORE 1:2 -FLAGS.SILENT (\\Seen)");
+        imap.command("CLOSE");
+        assert_eq!(imap.status("INBOX"), (2, 2));
+        let daemon = start_daemon(&env);
+        daemon.wait_for("both flagged seen again", WAIT, || {
+            imap.status("INBOX") == (2, 0)
+        });
+        let log = daemon.stop();
+        assert!(log.contains("processing again"), "{log}");
+        assert_eq!(request_count(&env), 1, "nothing processed twice");
+    }
+}
+
+#[test]
 fn oversized_is_quarantined_without_download_and_can_be_released() {
     for backend in BACKENDS {
         let dovecot = Dovecot::start();
