@@ -130,7 +130,10 @@ impl ReplyTimeout {
 pub struct ImapStream {
     transport: Transport,
     timeout: ReplyTimeout,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The silence clock, made once and reset (a read waits often in a backlog).
+    clock: Pin<Box<tokio::time::Sleep>>,
+    /// Whether `clock` runs for the read waiting now.
+    running: bool,
 }
 
 enum Transport {
@@ -140,18 +143,19 @@ enum Transport {
 
 impl ImapStream {
     pub fn plain(tcp: TcpStream, timeout: ReplyTimeout) -> Self {
-        ImapStream {
-            transport: Transport::Plain(tcp),
-            timeout,
-            deadline: None,
-        }
+        ImapStream::new(Transport::Plain(tcp), timeout)
     }
 
     pub fn tls(stream: TlsStream<TcpStream>, timeout: ReplyTimeout) -> Self {
+        ImapStream::new(Transport::Tls(Box::new(stream)), timeout)
+    }
+
+    fn new(transport: Transport, timeout: ReplyTimeout) -> Self {
         ImapStream {
-            transport: Transport::Tls(Box::new(stream)),
+            transport,
             timeout,
-            deadline: None,
+            clock: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            running: false,
         }
     }
 
@@ -185,19 +189,22 @@ impl AsyncRead for ImapStream {
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
         if read.is_ready() {
-            this.deadline = None;
+            this.running = false;
             return read;
         }
         let Some(limit) = this.timeout.get() else {
-            this.deadline = None;
+            this.running = false;
             return Poll::Pending;
         };
-        let deadline = this
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match deadline.as_mut().poll(cx) {
+        if !this.running {
+            this.clock
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limit);
+            this.running = true;
+        }
+        match this.clock.as_mut().poll(cx) {
             Poll::Ready(()) => {
-                this.deadline = None;
+                this.running = false;
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
@@ -220,7 +227,7 @@ impl AsyncWrite for ImapStream {
         let this = self.get_mut();
         // A command sent: the wait for its reply starts afresh (a read abandoned
         // earlier must not leave its clock running).
-        this.deadline = None;
+        this.running = false;
         match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
