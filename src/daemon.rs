@@ -237,9 +237,12 @@ pub async fn run(
             worker.run(token, wake).await
         });
     }
+    // Why the last reload was refused, until one succeeds: kept in the status line.
+    let refused: RefusedReload = Arc::default();
     if let Some(source) = source {
         let pipeline = pipeline.clone();
         let notifier = notifier.clone();
+        let refused = refused.clone();
         let token = shutdown.child_token();
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(mut hup) => {
@@ -251,7 +254,7 @@ pub async fn run(
                                 if got.is_none() {
                                     return;
                                 }
-                                reload(&pipeline, &source, &notifier).await;
+                                reload(&pipeline, &source, &notifier, &refused).await;
                             }
                         }
                     }
@@ -268,7 +271,7 @@ pub async fn run(
         let died = died.clone();
         let stop = shutdown.clone();
         let names: Vec<String> = config.mailboxes.iter().map(|m| m.name.clone()).collect();
-        tokio::spawn(async move { supervise(pipeline, notifier, names, died, stop).await })
+        tokio::spawn(async move { supervise(pipeline, notifier, names, died, refused, stop).await })
     };
     tracker.close();
     tracing::info!(
@@ -309,6 +312,9 @@ pub async fn run(
     Ok(())
 }
 
+/// Why the last configuration reload was refused (`None` once one succeeds).
+type RefusedReload = Arc<std::sync::Mutex<Option<String>>>;
+
 /// How long `READY=1` waits for every mailbox's first report. A mailbox whose server
 /// is down must not keep the unit "activating" until systemd gives up on it.
 const READY_WAIT: Duration = Duration::from_secs(30);
@@ -320,6 +326,7 @@ async fn supervise(
     notifier: Arc<Notifier>,
     mailboxes: Vec<String>,
     died: Died,
+    refused: RefusedReload,
     shutdown: CancellationToken,
 ) {
     let watchdog = notifier.watchdog();
@@ -352,7 +359,12 @@ async fn supervise(
             .await
             .ok()
             .and_then(Result::ok);
-        notifier.status(&status_line(&pipeline.counters, outbox, &health));
+        let mut status = status_line(&pipeline.counters, outbox, &health);
+        if let Some(why) = refused.lock().ok().and_then(|r| r.clone()) {
+            status.push_str("; last reload refused: ");
+            status.push_str(&why);
+        }
+        notifier.status(&status);
         tokio::time::sleep(tick).await;
     }
 }
@@ -388,7 +400,12 @@ fn status_line(
 /// directory and templates in force. An invalid one is refused and the running one
 /// kept. Settings read once at start (mailboxes, database, HTTP, SMTP, outbox) are
 /// reported as needing a restart.
-async fn reload(pipeline: &Pipeline, source: &ConfigSource, notifier: &Notifier) {
+async fn reload(
+    pipeline: &Pipeline,
+    source: &ConfigSource,
+    notifier: &Notifier,
+    refused: &RefusedReload,
+) {
     notifier.notify("RELOADING=1");
     tracing::info!(config = %source.describe(), "SIGHUP: reloading the configuration");
     let src = source.clone();
@@ -425,10 +442,16 @@ async fn reload(pipeline: &Pipeline, source: &ConfigSource, notifier: &Notifier)
     match outcome {
         Ok(()) => {
             tracing::info!("configuration reloaded: policy, directory and templates in force");
+            if let Ok(mut r) = refused.lock() {
+                *r = None;
+            }
         }
         Err(e) => {
             tracing::error!(error = %e, "configuration reload refused; the running configuration stays in force");
             notifier.status(&format!("reload refused: {e}"));
+            if let Ok(mut r) = refused.lock() {
+                *r = Some(e);
+            }
         }
     }
     notifier.notify("READY=1");

@@ -139,14 +139,24 @@ fn notify_protocol_watchdog_reload_and_stop() {
         });
         let log = daemon.log();
         assert!(log.contains("desks[0].sharing"), "{log}");
-        assert!(notify.last_status().starts_with("reload refused"));
+        assert!(notify.last_status().contains("reload refused"));
         drop_message(&env, "m3", "third@outside.example");
         daemon.wait_for("the third message decided", WAIT, || {
             notify.last_status().starts_with("3 messages")
         });
+        // The refusal stays in the status line until a reload succeeds.
+        let status = notify.last_status();
+        assert!(
+            status.contains("last reload refused: ") && status.contains("desks[0].sharing"),
+            "{status}"
+        );
         // (The CLI reads the file too: make it valid again before asking.)
         set_config(&env, "sharing = \"everyone", "sharing = \"");
         assert_eq!(request_count(&env), 1, "still restricted");
+        daemon.signal("HUP");
+        daemon.wait_for("a reload that succeeds clears it", WAIT, || {
+            notify.count("READY=1") == 4 && !notify.last_status().contains("refused")
+        });
 
         let log = daemon.stop();
         assert!(notify.count("STOPPING=1") == 1, "{:?}", notify.all());
