@@ -339,7 +339,7 @@ fn dovecot_restart_mid_backlog_loses_and_doubles_nothing() {
         // After a kill mid-write Dovecot may keep the folder locked until it judges the
         // lock stale (seen in CI: SELECT unanswered for 20 s and more); intake keeps
         // reconnecting meanwhile.
-        daemon.wait_for("some more requests", Duration::from_secs(180), || {
+        daemon.wait_for("some more requests", Duration::from_secs(240), || {
             request_count(&env) > after_first
         });
         dovecot.restart();
