@@ -106,6 +106,10 @@ pub struct DatabaseConfig {
     /// How long an instance's claim on a mailbox lasts without renewal: how soon
     /// another instance takes over when it dies.
     pub mailbox_lease: Duration,
+    /// PostgreSQL: how long a transaction of ours may sit waiting for us before the
+    /// server ends the session (`idle_in_transaction_session_timeout`), so an instance
+    /// that froze mid-batch cannot hold its locks (a desk's counter) for ever.
+    pub idle_transaction_timeout: Duration,
 }
 
 impl DatabaseConfig {
@@ -125,6 +129,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("url", &self.redacted_url())
             .field("max_connections", &self.max_connections)
             .field("mailbox_lease", &self.mailbox_lease)
+            .field("idle_transaction_timeout", &self.idle_transaction_timeout)
             .finish()
     }
 }
@@ -600,6 +605,7 @@ struct RawDatabase {
     url_file: Option<String>,
     max_connections: Option<u32>,
     mailbox_lease: Option<String>,
+    idle_transaction_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -931,6 +937,19 @@ impl Validator<'_> {
             self.issue(
                 "database.mailbox_lease",
                 "must be between 3s and 1h (renewed every third of it)",
+            );
+        }
+        let idle_transaction_timeout = self.duration(
+            "database.idle_transaction_timeout",
+            raw.database.idle_transaction_timeout.as_deref(),
+            Duration::from_secs(60),
+        );
+        if idle_transaction_timeout < Duration::from_secs(1)
+            || idle_transaction_timeout > Duration::from_secs(3600)
+        {
+            self.issue(
+                "database.idle_transaction_timeout",
+                "must be between 1s and 1h",
             );
         }
 
@@ -1340,6 +1359,7 @@ impl Validator<'_> {
                 url: SecretString::from(url),
                 max_connections,
                 mailbox_lease,
+                idle_transaction_timeout,
             },
             policy,
             desk_from,

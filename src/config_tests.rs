@@ -225,3 +225,23 @@ password = "p"
     };
     assert_eq!(issues[0].key, "mailboxes[0].reply_timeout");
 }
+
+#[test]
+fn idle_transaction_timeout_defaults_to_a_minute_and_is_bounded() {
+    let config = load(MINIMAL, &[]).unwrap();
+    assert_eq!(
+        config.database.idle_transaction_timeout,
+        Duration::from_secs(60)
+    );
+    let text = format!("[database]\nidle_transaction_timeout = \"5s\"\n{MINIMAL}");
+    let config = load(&text, &[]).unwrap();
+    assert_eq!(
+        config.database.idle_transaction_timeout,
+        Duration::from_secs(5)
+    );
+    let text = format!("[database]\nidle_transaction_timeout = \"500ms\"\n{MINIMAL}");
+    let Err(ConfigError::Invalid(issues)) = load(&text, &[]) else {
+        panic!("accepted")
+    };
+    assert_eq!(issues[0].key, "database.idle_transaction_timeout");
+}

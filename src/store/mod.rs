@@ -195,6 +195,21 @@ impl Store {
         let mut pool = AnyPoolOptions::new()
             .max_connections(db.max_connections)
             .acquire_timeout(Duration::from_secs(30));
+        if backend == Backend::Postgres {
+            // A session of ours that sits in a transaction this long belongs to an
+            // instance that froze (stopped, paused VM, hung): the server ends it, and
+            // its locks — a desk's request counter above all — go to the others.
+            let ms = db.idle_transaction_timeout.as_millis();
+            pool = pool.after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    let sql = format!("SET idle_in_transaction_session_timeout = {ms}");
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(conn)
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
         if backend == Backend::Sqlite {
             pool = pool.after_connect(|conn, _meta| {
                 Box::pin(async move {

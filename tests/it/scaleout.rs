@@ -180,3 +180,88 @@ fn three_instances_share_mailboxes_and_survive_a_sigkill() {
         logs[2]
     );
 }
+
+/// An instance that freezes (SIGSTOP: a paused VM, a hung process) in the middle of a
+/// batch holds its transaction open, and with it the desk's request counter. The server
+/// ends such a session after `database.idle_transaction_timeout`; the instance that took
+/// the mailbox over then gets the counter and finishes the backlog, and when the frozen
+/// one wakes up its batch is gone with its session: nothing is lost or done twice.
+#[test]
+fn an_instance_frozen_mid_batch_does_not_hold_the_desk_for_ever() {
+    let dovecot = Dovecot::start();
+    let mut imap = dovecot.client();
+    let total = 2000;
+    for i in 0..total {
+        let raw = format!(
+            "From: <f{i}@outside.example>\r\nTo: it@desk.example\r\n\
+             Subject: Frozen {i}\r\nMessage-ID: <frozen-{i}@outside.example>\r\n\r\nHello.\r\n"
+        );
+        imap.append("INBOX", raw.as_bytes());
+    }
+    imap.logout();
+    let env = Env::with_extra(
+        Backend::Postgres,
+        &Site::default(),
+        &DeskSettings::default(),
+        &dovecot.mailbox_toml("batch_size = 50"),
+    );
+    let vars = [
+        ("INTAKE__DATABASE__MAILBOX_LEASE", "3s"),
+        ("INTAKE__DATABASE__IDLE_TRANSACTION_TIMEOUT", "3s"),
+        ("INTAKE__HTTP__LISTEN", "127.0.0.1:0"),
+    ];
+    let first = start_daemon_with(&env, &vars);
+    first.wait_for("the first requests", Duration::from_secs(60), || {
+        request_count(&env) > 0
+    });
+    // Stopped until it is caught inside a transaction that holds the counter.
+    let db = Db::open(&env.database_url);
+    let holding = "SELECT COUNT(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                   JOIN pg_stat_activity a ON a.pid = l.pid \
+                   WHERE c.relname = 'desk_counters' AND a.state = 'idle in transaction'";
+    let mut caught = false;
+    for attempt in 0..200 {
+        first.signal("STOP");
+        std::thread::sleep(Duration::from_millis(50));
+        if db.try_count(holding).unwrap_or(0) > 0 {
+            caught = true;
+            break;
+        }
+        first.signal("CONT");
+        std::thread::sleep(Duration::from_millis(7 + (attempt * 13) % 60));
+    }
+    assert!(caught, "never caught holding the counter");
+    let done_before = request_count(&env);
+    assert!(
+        done_before < total,
+        "the backlog was done before the freeze"
+    );
+    let second = start_daemon_with(&env, &vars);
+    second.wait_for("the whole backlog", Duration::from_secs(120), || {
+        request_count(&env) == total
+    });
+    first.signal("CONT");
+    std::thread::sleep(Duration::from_secs(2));
+    let first_log = first.stop();
+    let second_log = second.stop();
+    assert!(second_log.contains("took over the mailbox"), "{second_log}");
+    assert!(
+        first_log.contains("idle-in-transaction"),
+        "the frozen instance's session was ended by the server:\n{first_log}"
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM requests"),
+        total,
+        "one request per message"
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(DISTINCT number) FROM requests"),
+        total,
+        "numbers handed out once"
+    );
+    assert_eq!(
+        db.count("SELECT MAX(number) FROM requests"),
+        total,
+        "and without gaps"
+    );
+}
