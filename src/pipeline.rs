@@ -12,7 +12,7 @@ use sqlx::Connection;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::keys::{DeskKey, RequestKey};
+use crate::keys::DeskKey;
 use crate::message::{self, InboundMessage, ParseError};
 use crate::outbox::Templates;
 use crate::policy::{self, Decision, Reason};
@@ -556,7 +556,6 @@ impl Pipeline {
             outcomes.push(outcome);
         }
         deferred.flush(wtx.conn()).await?;
-        renumber(&mut outcomes, deferred.renumbered());
         if let Some(p) = progress {
             store::save_mailbox_state(wtx.conn(), &p.mailbox, p.uidvalidity, p.last_uid, now)
                 .await?;
@@ -740,9 +739,7 @@ impl Pipeline {
         };
         if store::may_thread(&msg) || deferred.holds_account_for(&msg) {
             // Finding the request, or looking someone up again, reads what earlier
-            // messages of the batch wrote; a reply by key may name a request of this
-            // batch, which needs its number for that.
-            deferred.number_for_references(conn, &msg).await?;
+            // messages of the batch wrote.
             deferred.flush_threads(conn).await?;
         }
         let (mut decision, known, facts) = match &desk {
@@ -822,37 +819,6 @@ impl Pipeline {
             detail: detail.to_string(),
             ledger_id,
         })
-    }
-}
-
-/// Puts the real keys of requests numbered at the flush into the batch's outcomes.
-fn renumber(outcomes: &mut [Outcome], keys: &[(String, String)]) {
-    if keys.is_empty() {
-        return;
-    }
-    let map: std::collections::HashMap<&str, &str> =
-        keys.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    let fix = |key: &mut Option<RequestKey>| {
-        if let Some(k) = key
-            && let Some(to) = map.get(k.to_string().as_str())
-            && let Ok(real) = RequestKey::parse(to)
-        {
-            *k = real;
-        }
-    };
-    for o in outcomes {
-        match o {
-            Outcome::Decided { decision, applied } => {
-                fix(&mut applied.request);
-                fix(&mut decision.request);
-                store::rekey(&mut decision.explanation, keys);
-            }
-            Outcome::Duplicate { decision } => {
-                fix(&mut decision.request);
-                store::rekey(&mut decision.explanation, keys);
-            }
-            _ => {}
-        }
     }
 }
 

@@ -284,22 +284,9 @@ pub struct Deferred {
     requests: Vec<RequestInsert>,
     /// Bytes of request text held, so a batch of long messages is written early.
     held_bytes: usize,
-    /// Request numbers handed out in this batch: desk → last number. Read (and locked)
-    /// once per desk and batch, written back at the flush.
+    /// Request numbers handed out in this batch: desk → last number. Read once per desk
+    /// and batch, written back at the flush.
     counters: HashMap<String, i64>,
-    /// With held rows, new requests get a stand-in number ([`PROVISIONAL`] up) and their
-    /// real one at the flush ([`Deferred::number_desk`]): the desk's counter is locked
-    /// from then to the commit, not from the batch's first new request on, so batches of
-    /// one desk from several mailboxes or instances do not take turns.
-    late_numbers: bool,
-    /// Stand-in numbers handed out, per desk, in order.
-    provisional: HashMap<String, Vec<i64>>,
-    /// The last stand-in number handed out (one sequence for all desks).
-    last_provisional: i64,
-    /// A desk's last number as committed when first read in this batch (unlocked).
-    committed: HashMap<String, i64>,
-    /// Stand-in key → real key, for everything of the batch that carries a key.
-    renumbered: Vec<(String, String)>,
     outcomes: Vec<(i64, &'static str, &'static str, Option<String>, String)>,
     /// Mail queued in the last hour before this batch started (read when first needed).
     hour_base: Option<u32>,
@@ -395,22 +382,6 @@ struct IdPool {
 /// (unused ones are simply skipped).
 const ID_BLOCK: i64 = 64;
 
-/// Stand-in request numbers start above this (18 digits, so keys made of them still
-/// parse; no desk counts that far).
-const PROVISIONAL: i64 = 900_000_000_000_000_000;
-
-/// Replaces stand-in keys in `text` by real ones ([`Deferred::renumbered`]).
-pub fn rekey(text: &mut String, keys: &[(String, String)]) {
-    if !text.contains("-9000000000") {
-        return;
-    }
-    for (from, to) in keys {
-        if text.contains(from.as_str()) {
-            *text = text.replace(from.as_str(), to);
-        }
-    }
-}
-
 /// Request text held before the pending rows are written anyway.
 const HELD_BYTES: usize = 4 << 20;
 
@@ -477,7 +448,6 @@ impl Deferred {
             .clamp(1, ID_BLOCK);
         Deferred {
             hold_rows: true,
-            late_numbers: true,
             account_ids: IdPool::with_block(block),
             request_ids: IdPool::with_block(block),
             ..Deferred::default()
@@ -578,45 +548,11 @@ impl Deferred {
     /// The next request number on `desk`. The counter row is created if missing and
     /// locked for the rest of the transaction (SQLite: we hold the write lock already;
     /// PostgreSQL: `FOR UPDATE`), so concurrent instances never hand out a number twice.
-    /// With late numbers (held rows), a stand-in until [`Deferred::number_desk`].
     async fn next_number(
         &mut self,
         conn: &mut AnyConnection,
         desk: &DeskKey,
     ) -> Result<i64, StoreError> {
-        if self.late_numbers && !self.counters.contains_key(desk.as_str()) {
-            if !self.committed.contains_key(desk.as_str()) {
-                let last: Option<i64> =
-                    sqlx::query_scalar("SELECT last_number FROM desk_counters WHERE desk = $1")
-                        .bind(desk.as_str())
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .ctx("read the request counter")?;
-                self.committed.insert(desk.to_string(), last.unwrap_or(0));
-            }
-            self.last_provisional += 1;
-            let number = PROVISIONAL + self.last_provisional;
-            self.provisional
-                .entry(desk.to_string())
-                .or_default()
-                .push(number);
-            return Ok(number);
-        }
-        self.lock_counter(conn, desk).await?;
-        let last = self
-            .counters
-            .get_mut(desk.as_str())
-            .ok_or_else(|| StoreError::Corrupt("request counter vanished".into()))?;
-        *last += 1;
-        Ok(*last)
-    }
-
-    /// Reads and locks `desk`'s counter (once per batch).
-    async fn lock_counter(
-        &mut self,
-        conn: &mut AnyConnection,
-        desk: &DeskKey,
-    ) -> Result<(), StoreError> {
         if !self.counters.contains_key(desk.as_str()) {
             sqlx::query(
                 "INSERT INTO desk_counters (desk, last_number) VALUES ($1, 0) ON CONFLICT (desk) DO NOTHING",
@@ -636,126 +572,12 @@ impl Deferred {
                 .ctx("read the request counter")?;
             self.counters.insert(desk.to_string(), last);
         }
-        Ok(())
-    }
-
-    /// Gives `desk`'s requests of this batch that still have a stand-in number their real
-    /// numbers, under the counter's lock, in the order they were created: in the rows
-    /// (held or written), and in every key of mail, audit and ledger rows still held.
-    /// From then on the desk's new requests are numbered at once.
-    async fn number_desk(
-        &mut self,
-        conn: &mut AnyConnection,
-        desk: &DeskKey,
-    ) -> Result<(), StoreError> {
-        let Some(stand_ins) = self.provisional.remove(desk.as_str()) else {
-            return Ok(());
-        };
-        self.lock_counter(conn, desk).await?;
         let last = self
             .counters
             .get_mut(desk.as_str())
             .ok_or_else(|| StoreError::Corrupt("request counter vanished".into()))?;
-        let mut numbers: HashMap<i64, i64> = HashMap::with_capacity(stand_ins.len());
-        let mut keys = Vec::with_capacity(stand_ins.len());
-        for stand_in in stand_ins {
-            *last += 1;
-            numbers.insert(stand_in, *last);
-            keys.push((
-                RequestKey::new(desk.clone(), stand_in as u64).to_string(),
-                RequestKey::new(desk.clone(), *last as u64).to_string(),
-            ));
-        }
-        // Rows still held get theirs in place; rows written already are updated.
-        let mut written: Vec<(i64, i64)> = Vec::new();
-        let mut held = std::collections::HashSet::new();
-        for r in self.requests.iter_mut().filter(|r| r.desk == desk.as_str()) {
-            if let Some(n) = numbers.get(&r.number) {
-                held.insert(r.number);
-                r.number = *n;
-                r.key = RequestKey::new(desk.clone(), *n as u64).to_string();
-            }
-        }
-        for (stand_in, n) in &numbers {
-            if !held.contains(stand_in) {
-                written.push((*stand_in, *n));
-            }
-        }
-        for chunk in written.chunks(CHUNK) {
-            let sql = format!(
-                "UPDATE requests SET number = v.column2, request_key = v.column3                  FROM (VALUES {}) AS v WHERE requests.desk = v.column4 AND requests.number = v.column1",
-                values_list(conn, chunk.len(), 4)
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (stand_in, n) in chunk {
-                q = q
-                    .bind(*stand_in)
-                    .bind(*n)
-                    .bind(RequestKey::new(desk.clone(), *n as u64).to_string())
-                    .bind(desk.as_str());
-            }
-            q.execute(&mut *conn).await.ctx("number new requests")?;
-        }
-        for o in &mut self.outbox {
-            rekey(&mut o.subject, &keys);
-            rekey(&mut o.body, &keys);
-            if let Some(h) = &mut o.html {
-                rekey(h, &keys);
-            }
-            if let Some(k) = &mut o.request_key {
-                rekey(k, &keys);
-            }
-        }
-        for a in &mut self.audits {
-            rekey(&mut a.decision, &keys);
-            if let Some(f) = &mut a.facts {
-                rekey(f, &keys);
-            }
-            if let Some(k) = &mut a.request_key {
-                rekey(k, &keys);
-            }
-        }
-        for (_, _, _, key, detail) in &mut self.outcomes {
-            rekey(detail, &keys);
-            if let Some(k) = key {
-                rekey(k, &keys);
-            }
-        }
-        self.renumbered.extend(keys);
-        Ok(())
-    }
-
-    /// Numbers the desks of the references in `msg`'s subject whose requests of this
-    /// batch still have stand-ins, when a reference is above what the desk had committed:
-    /// it may name one of them (a reply by key must find it, as it would one message at a
-    /// time). A reference to an older request changes nothing.
-    pub async fn number_for_references(
-        &mut self,
-        conn: &mut AnyConnection,
-        msg: &InboundMessage,
-    ) -> Result<(), StoreError> {
-        if self.provisional.is_empty() {
-            return Ok(());
-        }
-        let Some(subject) = &msg.subject else {
-            return Ok(());
-        };
-        for key in RequestKey::find_in_subject(subject) {
-            let desk = key.desk();
-            let committed = self.committed.get(desk.as_str()).copied().unwrap_or(0);
-            if self.provisional.contains_key(desk.as_str())
-                && i64::try_from(key.number()).unwrap_or(i64::MAX) > committed
-            {
-                self.number_desk(conn, desk).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Stand-in key → real key for the requests this batch numbered late: what the
-    /// outcomes returned by the batch must be told.
-    pub fn renumbered(&self) -> &[(String, String)] {
-        &self.renumbered
+        *last += 1;
+        Ok(*last)
     }
 
     /// Counts the mail sent to `addresses` in the 24 hours before `now` (one query per
@@ -872,16 +694,6 @@ impl Deferred {
 
     /// Writes everything collected so far.
     pub async fn flush(&mut self, conn: &mut AnyConnection) -> Result<(), StoreError> {
-        // Numbered first (desks in one order: instances lock counters alike), so requests
-        // still held are written with their real numbers.
-        let mut desks: Vec<String> = self.provisional.keys().cloned().collect();
-        desks.sort_unstable();
-        for desk in desks {
-            // A desk key in the map came from a DeskKey.
-            let desk = DeskKey::parse(&desk)
-                .map_err(|_| StoreError::Corrupt(format!("desk key {desk:?}")))?;
-            self.number_desk(conn, &desk).await?;
-        }
         self.flush_threads(conn).await?;
         if self.hour_base.is_some() {
             self.flushed_mail += self.outbox.len() as u32;
