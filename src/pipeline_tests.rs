@@ -103,3 +103,66 @@ async fn a_delivery_report_with_another_announced_size_opens_no_request() {
     );
     assert_ne!(decision.action, Action::CreateRequest);
 }
+
+fn envelope(reference: &str, raw: String) -> Envelope {
+    Envelope {
+        size: raw.len() as u64,
+        raw: raw.into_bytes(),
+        source: SourceRef {
+            source: "test".into(),
+            reference: reference.into(),
+        },
+        desk: None,
+        quarantine_ref: String::new(),
+        content_hash: None,
+        fetch_error: None,
+    }
+}
+
+/// What a batch returns carries the keys of the requests it made: the new request's,
+/// and the one a reply in the same batch joined.
+#[tokio::test]
+async fn a_batch_returns_the_keys_of_the_requests_it_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(dir.path()).await;
+    let first = envelope(
+        "1",
+        "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\nSubject: Printer\r\n\
+         Message-ID: <p1@outside.example>\r\n\r\nIt is broken.\r\n"
+            .into(),
+    );
+    let second = envelope(
+        "2",
+        "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\nSubject: Re: Printer\r\n\
+         Message-ID: <p2@outside.example>\r\nIn-Reply-To: <p1@outside.example>\r\n\r\nStill.\r\n"
+            .into(),
+    );
+    let third = envelope(
+        "3",
+        "From: Piet <piet@outside.example>\r\nTo: it@desk.example\r\nSubject: Screen\r\n\
+         Message-ID: <p3@outside.example>\r\n\r\nDark.\r\n"
+            .into(),
+    );
+    let outcomes = pipeline
+        .process_batch(&[first, second, third], crate::now())
+        .await
+        .unwrap();
+    let keys: Vec<(Option<String>, Option<String>)> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Decided { decision, applied } => (
+                applied.request.as_ref().map(|k| k.to_string()),
+                decision.request.as_ref().map(|k| k.to_string()),
+            ),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            (Some("IT-1".into()), None),
+            (Some("IT-1".into()), Some("IT-1".into())),
+            (Some("IT-2".into()), None),
+        ]
+    );
+}

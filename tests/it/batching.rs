@@ -108,7 +108,7 @@ fn state(env: &Env) -> Value {
         "audit": audit,
         "requests": details,
         "accounts": strip(env.json(&["accounts", "list", "--json"]), &["address", "kind", "status", "display_name"]),
-        "outbox": strip(env.json(&["outbox", "list", "--json"]), &["to", "kind", "request"]),
+        "outbox": strip(env.json(&["outbox", "list", "--json"]), &["to", "kind", "request", "subject"]),
     })
 }
 
