@@ -34,6 +34,30 @@ fn request_count(env: &Env) -> usize {
         .unwrap_or(0)
 }
 
+/// `total` messages in INBOX.
+fn append_backlog(dovecot: &Dovecot, total: usize) {
+    let mut imap = dovecot.client();
+    for i in 0..total {
+        imap.append("INBOX", &message(i, ""));
+    }
+    imap.logout();
+}
+
+/// One request per message of [`append_backlog`], none twice.
+fn assert_each_message_once(env: &Env, total: usize) {
+    let requests = env.json(&["requests", "list", "--json", "--limit", "100000"]);
+    let mut subjects: Vec<&str> = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["subject"].as_str())
+        .collect();
+    assert_eq!(subjects.len(), total, "one request per message");
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), total, "no message twice");
+}
+
 #[test]
 fn idle_pushes_new_mail_and_seen_mode_flags_it() {
     for backend in BACKENDS {
@@ -317,12 +341,8 @@ fn uidvalidity_change_rescans_without_duplicates() {
 fn dovecot_restart_mid_backlog_loses_and_doubles_nothing() {
     for backend in BACKENDS {
         let dovecot = Dovecot::start();
-        let mut imap = dovecot.client();
         let total = 2000;
-        for i in 0..total {
-            imap.append("INBOX", &message(i, ""));
-        }
-        imap.logout();
+        append_backlog(&dovecot, total);
         // Small batches, so the backlog takes a while and the crash lands inside one. A
         // short reply timeout: a SELECT the restarted server leaves unanswered (below) is
         // given up in seconds, not the default two minutes.
@@ -359,17 +379,7 @@ fn dovecot_restart_mid_backlog_loses_and_doubles_nothing() {
             log.contains("mailbox connection failed"),
             "the crash was noticed:\n{log}"
         );
-        let requests = env.json(&["requests", "list", "--json", "--limit", "100000"]);
-        let mut subjects: Vec<&str> = requests
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|r| r["subject"].as_str())
-            .collect();
-        assert_eq!(subjects.len(), total, "one request per message");
-        subjects.sort();
-        subjects.dedup();
-        assert_eq!(subjects.len(), total, "no message twice");
+        assert_each_message_once(&env, total);
     }
 }
 
@@ -377,12 +387,8 @@ fn dovecot_restart_mid_backlog_loses_and_doubles_nothing() {
 fn a_server_that_stops_answering_is_left_and_reconnected() {
     for backend in BACKENDS {
         let dovecot = Dovecot::start();
-        let mut imap = dovecot.client();
         let total = 300;
-        for i in 0..total {
-            imap.append("INBOX", &message(i, ""));
-        }
-        imap.logout();
+        append_backlog(&dovecot, total);
         let env = env_with(
             &dovecot,
             backend,
@@ -414,17 +420,7 @@ fn a_server_that_stops_answering_is_left_and_reconnected() {
             failed.contains(&format!("127.0.0.1:{}", dovecot.port)),
             "{log}"
         );
-        let requests = env.json(&["requests", "list", "--json", "--limit", "100000"]);
-        let mut subjects: Vec<&str> = requests
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|r| r["subject"].as_str())
-            .collect();
-        assert_eq!(subjects.len(), total, "one request per message");
-        subjects.sort();
-        subjects.dedup();
-        assert_eq!(subjects.len(), total, "no message twice");
+        assert_each_message_once(&env, total);
     }
 }
 
