@@ -1175,11 +1175,12 @@ impl ImapSource {
         }
     }
 
-    /// After a reconnect: messages at or below the committed UID that are still where
-    /// they should not be were committed but not acknowledged (the connection dropped in
-    /// between). They are processed again — the ledger turns them into no-ops, or into
-    /// quarantine again — and acknowledged like any other. In `seen` mode the unread ones
-    /// are; quarantined messages someone read meanwhile are found through the ledger.
+    /// After a reconnect: messages above the UID progress started from and at or below
+    /// the committed UID that are still where they should not be were committed but not
+    /// acknowledged (the connection dropped in between). They are processed again — the
+    /// ledger turns them into no-ops (duplicates too), or into quarantine again — and
+    /// acknowledged like any other. In `seen` mode the unread ones are; quarantined
+    /// messages someone read meanwhile are found through the ledger.
     async fn reprocess_leftovers(
         &self,
         session: &mut ImapSession,
