@@ -261,11 +261,7 @@ fn participant_addresses(request: &Value) -> Vec<String> {
 
 #[test]
 fn merge_moves_everything_without_duplicates_and_keeps_the_old_address() {
-    let desk = DeskSettings {
-        sharing: "any",
-        unknown: "create",
-        ..DeskSettings::default()
-    };
+    let desk = DeskSettings::sharing_any();
     for backend in BACKENDS {
         let env = Env::new(backend, &Site::default(), &desk);
         for (name, text) in [("first.eml", FIRST), ("second.eml", SECOND)] {

@@ -51,11 +51,7 @@ fn write_messages(dir: &Path) {
 }
 
 fn env(backend: Backend) -> Env {
-    let desk = DeskSettings {
-        sharing: "any",
-        unknown: "create",
-        ..DeskSettings::default()
-    };
+    let desk = DeskSettings::sharing_any();
     let env = Env::new(backend, &Site::default(), &desk);
     let text = std::fs::read_to_string(&env.config)
         .unwrap()
@@ -197,11 +193,7 @@ fn held_requests_in_one_batch_keep_their_recipients() {
             signup: "verify",
             ..Site::default()
         };
-        let desk = DeskSettings {
-            sharing: "any",
-            unknown: "create",
-            ..DeskSettings::default()
-        };
+        let desk = DeskSettings::sharing_any();
         let env = Env::new(backend, &site, &desk);
         let dir = env.path("mail");
         std::fs::create_dir_all(&dir).unwrap();

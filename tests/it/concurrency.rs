@@ -22,15 +22,7 @@ fn write_messages(dir: &std::path::Path, prefix: &str, count: usize) {
 
 /// A desk open to anyone, whose unknown Cc's get accounts.
 fn sharing_env(backend: Backend) -> Env {
-    Env::new(
-        backend,
-        &Site::default(),
-        &DeskSettings {
-            sharing: "any",
-            unknown: "create",
-            ..DeskSettings::default()
-        },
-    )
+    Env::new(backend, &Site::default(), &DeskSettings::sharing_any())
 }
 
 #[test]

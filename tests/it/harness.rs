@@ -230,6 +230,17 @@ impl Default for DeskSettings {
     }
 }
 
+impl DeskSettings {
+    /// A desk open to anyone, whose unknown Cc's get accounts.
+    pub fn sharing_any() -> Self {
+        DeskSettings {
+            sharing: "any",
+            unknown: "create",
+            ..DeskSettings::default()
+        }
+    }
+}
+
 fn list(items: &[&str]) -> String {
     let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
     format!("[{}]", quoted.join(", "))

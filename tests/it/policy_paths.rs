@@ -538,11 +538,7 @@ fn site_customer_access_settings() {
                 external: &["partner.example"],
                 ..Site::default()
             },
-            &DeskSettings {
-                sharing: "any",
-                unknown: "create",
-                ..DeskSettings::default()
-            },
+            &DeskSettings::sharing_any(),
         );
         explain_then_process(
             &partners,

@@ -78,15 +78,7 @@ fn nul_bytes_and_huge_message_ids_work_on_both_backends() {
 #[test]
 fn thousands_of_recipients_are_bounded() {
     for backend in BACKENDS {
-        let env = Env::new(
-            backend,
-            &Site::default(),
-            &DeskSettings {
-                sharing: "any",
-                unknown: "create",
-                ..DeskSettings::default()
-            },
-        );
+        let env = Env::new(backend, &Site::default(), &DeskSettings::sharing_any());
         let mut raw = String::from(
             "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\nSubject: spam\r\nMessage-ID: <many@x.example>\r\nCc: ",
         );

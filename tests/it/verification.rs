@@ -17,14 +17,6 @@ fn verify_site() -> Site {
     }
 }
 
-fn sharing_desk() -> DeskSettings {
-    DeskSettings {
-        sharing: "any",
-        unknown: "create",
-        ..DeskSettings::default()
-    }
-}
-
 fn drop_in_maildir(env: &Env, name: &str, raw: &[u8]) {
     let maildir = env.path("maildir");
     for d in ["new", "cur", "tmp"] {
@@ -59,7 +51,12 @@ fn header<'a>(raw: &'a str, name: &str) -> Vec<&'a str> {
 fn browser_confirms_the_address_and_the_held_request_is_released() {
     for backend in BACKENDS {
         let smtp = Smtp::start(Mode::Plain, None);
-        let env = Env::with_extra(backend, &verify_site(), &sharing_desk(), &smtp.toml(""));
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::sharing_any(),
+            &smtp.toml(""),
+        );
         let daemon = start_daemon(&env);
         drop_in_maildir(
             &env,
