@@ -477,7 +477,7 @@ impl ImapSource {
             .map_err(self.protocol("select the folder"))?;
         let uidvalidity = i64::from(mailbox.uid_validity.unwrap_or(0));
         let (mut last_uid, fresh) = self
-            .starting_uid(pipeline, uidvalidity, mailbox.uid_next)
+            .starting_uid(&mut session, pipeline, uidvalidity, &mailbox)
             .await?;
         backoff.reset();
         pipeline.health.ok(&self.name);
@@ -578,41 +578,92 @@ impl ImapSource {
     }
 
     /// The last UID already handled: from the database, or — on first contact or after a
-    /// UIDVALIDITY change — 0 (everything) or `uidnext - 1` (`start = "new"`). The flag
-    /// says whether the state was just (re)initialized.
+    /// UIDVALIDITY change — where processing starts. The flag says whether the state was
+    /// just (re)initialized.
+    ///
+    /// First contact: 0 (everything), or with `start = "new"` `uidnext - 1`, recording the
+    /// newest INTERNALDATE then in the folder (`new_after`). A UIDVALIDITY change: the
+    /// folder is rescanned (the ledger skips what was processed) from UID 1, or, when
+    /// `new_after` was recorded, from the first message newer than it — mail that was
+    /// there before the first start (renumbered, say, by a migration to another server)
+    /// stays as untouched as `start = "new"` left it.
     async fn starting_uid(
         &self,
+        session: &mut ImapSession,
         pipeline: &Pipeline,
         uidvalidity: i64,
-        uid_next: Option<u32>,
+        mailbox: &async_imap::types::Mailbox,
     ) -> Result<(i64, bool), ImapError> {
         let store_err = |source| ImapError::Store {
             mailbox: self.name.clone(),
             source,
         };
         let store = pipeline.store();
-        match store.mailbox_state(&self.name).await.map_err(store_err)? {
-            Some((v, last)) if v == uidvalidity => Ok((last, false)),
-            previous => {
-                let start = match (previous, self.cfg.start) {
-                    (None, StartAt::New) => i64::from(uid_next.unwrap_or(1)).saturating_sub(1),
-                    _ => 0,
-                };
-                if let Some((old, _)) = previous {
-                    tracing::warn!(
-                        mailbox = %self.name,
-                        old_uidvalidity = old,
-                        uidvalidity,
-                        "UIDVALIDITY changed: rescanning the folder (the ledger skips what was processed)"
-                    );
+        let previous = store.mailbox_state(&self.name).await.map_err(store_err)?;
+        let (start, new_after) = match previous {
+            Some((v, last)) if v == uidvalidity => return Ok((last, false)),
+            None => match self.cfg.start {
+                StartAt::All => (0, None),
+                StartAt::New => {
+                    let dates = self.list_dates(session, mailbox.exists).await?;
+                    let start = i64::from(mailbox.uid_next.unwrap_or(1)).saturating_sub(1);
+                    (start, dates.iter().map(|(_, d)| *d).max())
                 }
-                store
-                    .set_mailbox_state(&self.name, uidvalidity, start, crate::now())
+            },
+            Some((old, _)) => {
+                let new_after = store
+                    .mailbox_new_after(&self.name)
                     .await
                     .map_err(store_err)?;
-                Ok((start, true))
+                let start = match new_after {
+                    None => 0,
+                    Some(t) => first_newer(&self.list_dates(session, mailbox.exists).await?, t),
+                };
+                tracing::warn!(
+                    mailbox = %self.name,
+                    old_uidvalidity = old,
+                    uidvalidity,
+                    from_uid = start + 1,
+                    "UIDVALIDITY changed: rescanning the folder (the ledger skips what was \
+                     processed{})",
+                    if new_after.is_some() {
+                        "; mail from before the first start is left alone"
+                    } else {
+                        ""
+                    }
+                );
+                (start, None)
             }
+        };
+        store
+            .set_mailbox_state(&self.name, uidvalidity, start, new_after, crate::now())
+            .await
+            .map_err(store_err)?;
+        Ok((start, true))
+    }
+
+    /// UID and INTERNALDATE (Unix seconds) of every message in the folder (`exists`
+    /// messages, as SELECT reported).
+    async fn list_dates(
+        &self,
+        session: &mut ImapSession,
+        exists: u32,
+    ) -> Result<Vec<(u32, i64)>, ImapError> {
+        if exists == 0 {
+            return Ok(Vec::new());
         }
+        let action = "list arrival dates";
+        session
+            .uid_fetch("1:*", "(UID INTERNALDATE)")
+            .await
+            .map_err(self.protocol(action))?
+            .try_filter_map(|f| {
+                let listed = f.uid.zip(f.internal_date().map(|d| d.timestamp()));
+                std::future::ready(Ok(listed))
+            })
+            .try_collect()
+            .await
+            .map_err(self.protocol(action))
     }
 
     /// UID and size of every message above `last_uid`.
@@ -872,6 +923,8 @@ impl ImapSource {
                     )
                 }),
                 fetch_error,
+                // Only the headers of a message over the limit were fetched.
+                truncated: *size > max,
                 size: (*size).max(body.len() as u64),
                 raw: body,
                 source: SourceRef {
@@ -1365,6 +1418,19 @@ pub async fn finish_released(source: &ImapSource, reference: &str) -> Result<(),
     }
     let _ = session.logout().await;
     Ok(())
+}
+
+/// Where a rescan starts so that it skips the messages up to the first one that arrived
+/// after `new_after` (see [`ImapSource::starting_uid`]): the UID before that one, or the
+/// highest UID when none did. Only the leading run of older mail is skipped; an older
+/// message above a newer one (moved in later, keeping its date) is processed.
+fn first_newer(dates: &[(u32, i64)], new_after: i64) -> i64 {
+    let mut sorted = dates.to_vec();
+    sorted.sort_unstable();
+    match sorted.iter().find(|(_, d)| *d > new_after) {
+        Some((uid, _)) => i64::from(*uid) - 1,
+        None => sorted.last().map_or(0, |(uid, _)| i64::from(*uid)),
+    }
 }
 
 /// `imap:NAME:FOLDER:UIDVALIDITY:UID` → (FOLDER, UID).

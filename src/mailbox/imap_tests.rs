@@ -10,6 +10,26 @@ fn uid_sets_are_compact() {
 }
 
 #[test]
+fn a_rescan_skips_the_leading_run_of_old_mail() {
+    // (UID, INTERNALDATE); new_after = 100.
+    assert_eq!(
+        first_newer(&[(3, 90), (1, 50), (2, 100), (4, 101), (5, 10)], 100),
+        3
+    );
+    assert_eq!(
+        first_newer(&[(1, 50), (7, 60)], 100),
+        7,
+        "all old: start after them"
+    );
+    assert_eq!(
+        first_newer(&[(1, 150), (2, 50)], 100),
+        0,
+        "the first is new"
+    );
+    assert_eq!(first_newer(&[], 100), 0);
+}
+
+#[test]
 fn quarantine_refs_round_trip() {
     assert_eq!(
         parse_quarantine_ref("imap:support:Quarantine:1795456189:17"),

@@ -38,7 +38,7 @@ pub use apply::{
 pub use directory::{DirectoryIndex, DirectorySync, directory_fingerprint};
 pub use facts::{Gathered, Known, Lookups, assemble_facts, gather_facts, may_thread};
 pub use import::{ImportProgress, RecordedDecision, decode_facts, encode_facts};
-pub use lease::{LeaseHolder, fence};
+pub use lease::{LeaseHolder, LiveInstance, fence};
 pub use queries::*;
 pub use verify::{
     Expired, HeldRequest, TokenInfo, activate_account, held_requests_of, token_info, use_token,
@@ -105,12 +105,14 @@ pub(crate) fn is_transient_sqlx(e: &sqlx::Error) -> bool {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
             // SQLite: SQLITE_BUSY (5) and its extended codes, SQLITE_LOCKED (6).
             // PostgreSQL: connection exceptions (08...), serialization failure, deadlock,
-            // admin/crash shutdown, cannot connect now.
+            // admin/crash shutdown, cannot connect now, and a session the server ended
+            // because its transaction sat idle (`database.idle_transaction_timeout`: this
+            // instance was frozen; a new session may go on).
             matches!(code.as_str(), "5" | "6" | "261" | "517" | "262")
                 || code.starts_with("08")
                 || matches!(
                     code.as_str(),
-                    "40001" | "40P01" | "57P01" | "57P02" | "57P03"
+                    "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "25P03"
                 )
         }
         _ => false,

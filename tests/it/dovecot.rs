@@ -534,11 +534,17 @@ impl ImapClient {
     }
 
     pub fn append(&mut self, folder: &str, message: &[u8]) {
+        self.append_dated(folder, None, message);
+    }
+
+    /// APPEND with an INTERNALDATE (`"01-Jan-2024 09:00:00 +0000"`) instead of now.
+    pub fn append_dated(&mut self, folder: &str, date: Option<&str>, message: &[u8]) {
         self.tag += 1;
         let tag = format!("t{}", self.tag);
+        let date = date.map(|d| format!("\"{d}\" ")).unwrap_or_default();
         write!(
             self.writer,
-            "{tag} APPEND \"{folder}\" {{{}+}}\r\n",
+            "{tag} APPEND \"{folder}\" {date}{{{}+}}\r\n",
             message.len()
         )
         .expect("write");

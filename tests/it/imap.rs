@@ -338,6 +338,55 @@ fn uidvalidity_change_rescans_without_duplicates() {
 }
 
 #[test]
+fn after_a_uidvalidity_change_start_new_still_leaves_the_old_mail_alone() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        // Mail from before the first start, as a mailbox has it: older.
+        for i in 0..3 {
+            imap.append_dated("INBOX", Some("02-Jan-2024 09:00:00 +0000"), &message(i, ""));
+        }
+        let env = env_with(&dovecot, backend, "start = \"new\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the mailbox to be watched", WAIT, || {
+            daemon.log().contains("idle=true")
+        });
+        for i in 10..12 {
+            imap.append("INBOX", &message(i, ""));
+        }
+        daemon.wait_for("two requests", WAIT, || request_count(&env) == 2);
+        daemon.wait_for("both seen", WAIT, || imap.status("INBOX") == (5, 3));
+        daemon.stop();
+        // The folder is renumbered (a migration, a rebuilt index); one message arrives
+        // meanwhile, and one moved in from elsewhere that keeps its old date.
+        dovecot.change_uidvalidity("INBOX", 4242);
+        let mut imap = dovecot.client();
+        imap.append("INBOX", &message(12, ""));
+        imap.append_dated(
+            "INBOX",
+            Some("03-Jan-2024 09:00:00 +0000"),
+            &message(13, ""),
+        );
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the two new messages", WAIT, || request_count(&env) == 4);
+        daemon.wait_for("all but the old mail seen", WAIT, || {
+            imap.status("INBOX") == (7, 3)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let log = daemon.stop();
+        assert!(
+            log.contains("mail from before the first start is left alone"),
+            "{log}"
+        );
+        assert_eq!(
+            request_count(&env),
+            4,
+            "no request from the old mail, none twice"
+        );
+    }
+}
+
+#[test]
 fn dovecot_restart_mid_backlog_loses_and_doubles_nothing() {
     for backend in BACKENDS {
         let dovecot = Dovecot::start();
@@ -623,6 +672,17 @@ fn a_broken_mailbox_does_not_stop_the_others() {
 /// predecessor on the same machine at once, instead of waiting out the lease.
 #[test]
 fn a_restarted_instance_takes_its_dead_predecessors_lease_at_once() {
+    restarted_instance_takes_over_at_once(start_daemon_with);
+}
+
+/// The same under the systemd unit's `ProcSubset=pid`, which hides /proc/sys (the boot
+/// id and the host name): the restarted process still knows its predecessor was here.
+#[test]
+fn under_proc_subset_pid_a_restarted_instance_still_takes_over_at_once() {
+    restarted_instance_takes_over_at_once(start_daemon_with_proc_subset_pid);
+}
+
+fn restarted_instance_takes_over_at_once(start: fn(&Env, &[(&str, &str)]) -> Daemon) {
     for backend in BACKENDS {
         let dovecot = Dovecot::start();
         let mut imap = dovecot.client();
@@ -630,11 +690,11 @@ fn a_restarted_instance_takes_its_dead_predecessors_lease_at_once() {
         let env = env_with(&dovecot, backend, "poll_interval = \"10m\"", "");
         // A lease far longer than the waits below: only the takeover can be in time.
         let vars = [("INTAKE__DATABASE__MAILBOX_LEASE", "10m")];
-        let first = start_daemon_with(&env, &vars);
+        let first = start(&env, &vars);
         first.wait_for("the first message", WAIT, || request_count(&env) == 1);
         first.kill();
         imap.append("INBOX", &message(2, ""));
-        let second = start_daemon_with(&env, &vars);
+        let second = start(&env, &vars);
         second.wait_for("the message after the restart", WAIT, || {
             request_count(&env) == 2
         });
