@@ -3,6 +3,7 @@
 //! commit are acknowledged: moved to `cur/` flagged Seen, moved into a Maildir++ folder,
 //! or deleted. Quarantined messages go to the `.Quarantine` folder, unflagged.
 
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +18,11 @@ use super::{Backoff, read_envelope};
 
 /// How many messages are committed together.
 pub const BATCH: usize = 250;
+
+/// How many of the oldest names in `new/` one scan lists: worked through batch by batch
+/// before `new/` is read again, so a backlog of n files costs n/LISTED directory reads
+/// rather than n/BATCH.
+const LISTED: usize = 10_000;
 
 /// At most this many bytes of messages are read for one batch.
 const BATCH_BYTES: u64 = 64 * 1024 * 1024;
@@ -49,16 +55,6 @@ impl MaildirSource {
         }
     }
 
-    fn skipped(&self, path: &Path) -> bool {
-        match self.skip.lock() {
-            Ok(mut skip) => {
-                skip.retain(|_, at| at.elapsed() < SKIP_FOR);
-                skip.contains_key(path)
-            }
-            Err(_) => false,
-        }
-    }
-
     fn folder(&self, name: &str) -> PathBuf {
         self.cfg.path.join(format!(".{name}"))
     }
@@ -81,28 +77,20 @@ impl MaildirSource {
     }
 
     /// Up to `limit` files in `new/`, oldest name first (Maildir names start with the
-    /// delivery time).
+    /// delivery time), leaving out those being skipped. The directory is read on a
+    /// blocking thread, keeping only the `limit` oldest names however many there are.
     pub async fn scan(&self, limit: usize) -> std::io::Result<Vec<PathBuf>> {
-        let mut dir = tokio::fs::read_dir(self.cfg.path.join("new")).await?;
-        let mut names = Vec::new();
-        while let Some(entry) = dir.next_entry().await? {
-            let name = entry.file_name();
-            if name.to_string_lossy().starts_with('.') {
-                continue;
+        let skip: HashSet<PathBuf> = match self.skip.lock() {
+            Ok(mut skip) => {
+                skip.retain(|_, at| at.elapsed() < SKIP_FOR);
+                skip.keys().cloned().collect()
             }
-            if entry
-                .file_type()
-                .await
-                .map(|t| t.is_file())
-                .unwrap_or(false)
-                && !self.skipped(&entry.path())
-            {
-                names.push(entry.path());
-            }
-        }
-        names.sort();
-        names.truncate(limit);
-        Ok(names)
+            Err(_) => HashSet::new(),
+        };
+        let new = self.cfg.path.join("new");
+        tokio::task::spawn_blocking(move || oldest_files(&new, limit, &skip))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     fn base_name(path: &Path) -> String {
@@ -168,28 +156,37 @@ impl MaildirSource {
     ) -> Result<usize, SourceError> {
         let mut total = 0;
         let max = pipeline.config().max_message_size;
+        let mut listed: VecDeque<PathBuf> = VecDeque::new();
         while !shutdown.is_cancelled() {
-            let files = self
-                .scan(BATCH)
-                .await
-                .map_err(|e| self.io_error("scan", e))?;
-            if files.is_empty() {
-                break;
-            }
-            let mut paths = Vec::with_capacity(files.len());
-            let mut envelopes = Vec::with_capacity(files.len());
-            let mut bytes = 0u64;
-            for path in files {
-                if bytes >= BATCH_BYTES {
+            if listed.is_empty() {
+                listed = self
+                    .scan(LISTED)
+                    .await
+                    .map_err(|e| self.io_error("scan", e))?
+                    .into();
+                if listed.is_empty() {
                     break;
                 }
+            }
+            let mut paths = Vec::with_capacity(BATCH);
+            let mut envelopes = Vec::with_capacity(BATCH);
+            let mut bytes = 0u64;
+            while paths.len() < BATCH && bytes < BATCH_BYTES {
+                let Some(path) = listed.pop_front() else {
+                    break;
+                };
                 match self.envelope(&path, max).await {
                     Ok(Some(env)) => {
                         bytes += env.raw.len() as u64;
                         paths.push(path);
                         envelopes.push(env);
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        // The lease keeps other intake instances away: another program
+                        // serving this Maildir (an IMAP server, a mail client) moved it,
+                        // most likely to cur/, which intake does not read.
+                        tracing::warn!(mailbox = %self.name, path = %path.display(), "the message file vanished before it was read: is another program moving mail out of new/?");
+                    }
                     Err(e) => {
                         tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot read message; skipping it for now");
                         self.skip_for_a_while(&path);
@@ -279,4 +276,36 @@ pub enum SourceError {
         #[source]
         source: crate::pipeline::PipelineError,
     },
+}
+
+/// The `limit` smallest names of the regular files in `dir` (hidden ones and those in
+/// `skip` left out), sorted; memory stays at `limit` names however large `dir` is.
+pub(super) fn oldest_files(
+    dir: &Path,
+    limit: usize,
+    skip: &HashSet<PathBuf>,
+) -> std::io::Result<Vec<PathBuf>> {
+    let mut oldest: BinaryHeap<std::ffi::OsString> = BinaryHeap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.as_encoded_bytes().starts_with(b".")
+            || !entry.file_type().is_ok_and(|t| t.is_file())
+            || oldest.len() >= limit && oldest.peek().is_some_and(|top| &name >= top)
+        {
+            continue;
+        }
+        if skip.contains(&entry.path()) {
+            continue;
+        }
+        oldest.push(name);
+        if oldest.len() > limit {
+            oldest.pop();
+        }
+    }
+    Ok(oldest
+        .into_sorted_vec()
+        .into_iter()
+        .map(|n| dir.join(n))
+        .collect())
 }

@@ -31,6 +31,7 @@ pub async fn read_envelope(
         .await
         .map_err(std::io::Error::other)??;
     Ok(read.map(|(raw, size)| Envelope {
+        truncated: size > max_size,
         content_hash: None,
         fetch_error: None,
         raw,
