@@ -17,9 +17,9 @@ use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, Message, MultiPart};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{OutboxRow, Store, StoreError};
+use crate::store::{OutboxClaim, OutboxRow, Store, StoreError};
 
-pub use smtp::{MAX_PER_CONNECTION, SmtpTransport};
+pub use smtp::{MAX_PER_CONNECTION, SmtpTransport, Step};
 pub use templates::Templates;
 
 /// Headers every mail we send carries, so replies thread and loops are caught.
@@ -42,13 +42,17 @@ pub enum SendError {
     },
     #[error("cannot set up SMTP for {address}: {message}")]
     SmtpSetup { address: String, message: String },
-    #[error("cannot send through {address}")]
+    /// The relay refused (or failed) the exchange at `step`.
+    #[error("cannot send through {address} {step}")]
     Smtp {
         address: String,
-        permanent: bool,
+        step: Step,
         #[source]
         source: lettre::transport::smtp::Error,
     },
+    /// The mail needs an extension the relay does not offer (SMTPUTF8, 8BITMIME).
+    #[error("cannot send through {address}: {what}")]
+    SmtpUnsupported { address: String, what: &'static str },
     #[error("cannot send through {address}: {what}")]
     SmtpIo {
         address: String,
@@ -63,11 +67,26 @@ impl SendError {
     pub fn is_permanent(&self) -> bool {
         match self {
             SendError::Build { .. } => true,
-            SendError::Smtp { permanent, .. } => *permanent,
-            SendError::Write { .. } | SendError::SmtpSetup { .. } | SendError::SmtpIo { .. } => {
-                false
-            }
+            SendError::Smtp { .. } => self.is_recipient_refused(),
+            SendError::Write { .. }
+            | SendError::SmtpSetup { .. }
+            | SendError::SmtpIo { .. }
+            | SendError::SmtpUnsupported { .. } => false,
         }
+    }
+
+    /// Whether the relay refused the recipient for good (see [`recipient_refused`]):
+    /// the address is as undeliverable as after a permanent bounce.
+    pub fn is_recipient_refused(&self) -> bool {
+        matches!(self, SendError::Smtp { step, source, .. } if recipient_refused(*step, source))
+    }
+
+    /// Whether the relay refused our sender address for good (see [`sender_refused`]:
+    /// Postfix's `553 5.7.1 Sender address rejected: not owned by user`, Exchange
+    /// Online's `550 5.7.60 SendAsDenied`): the relay's configuration or ours, the same
+    /// for every mail, to be fixed by an admin. Such mail is retried.
+    pub fn is_sender_refused(&self) -> bool {
+        matches!(self, SendError::Smtp { step, source, .. } if sender_refused(*step, source))
     }
 }
 
@@ -121,15 +140,62 @@ pub fn build_message(row: &OutboxRow, stamp: &Stamp) -> Result<Message, SendErro
     }
 }
 
-/// Whether the relay refused the recipient itself (550 mailbox unavailable, 551 not
-/// local, 553 name not allowed): retrying cannot help. Other 5xx replies, such as 530
-/// or 535 for a login the relay wants or refuses, or 554 for a policy the admin may fix,
-/// are usually the relay's configuration, and are retried until `max_attempts` like
-/// any transient failure, so one misconfiguration does not kill every queued mail.
-fn recipient_refused(e: &lettre::transport::smtp::Error) -> bool {
-    e.is_permanent()
-        && e.status()
-            .is_some_and(|code| matches!(code.to_string().as_str(), "550" | "551" | "553"))
+/// Whether the relay refused the recipient itself, so retrying cannot help (and the
+/// address is marked undeliverable): a 550 (mailbox unavailable), 551 (not local) or
+/// 553 (name not allowed) reply to RCPT TO whose enhanced status is 5.1.x (addressing:
+/// `5.1.1 User unknown`), or such a status after the message (some relays check
+/// recipients only then) — but not 5.1.7/5.1.8 (the *sender's* address) nor "Sender
+/// address rejected", which Postfix gives at RCPT TO by default ([`sender_refused`]).
+///
+/// Anything else is retried until `max_attempts` like a transient failure, so one
+/// misconfiguration does not kill every queued mail nor mark every recipient: a 5xx
+/// reply to MAIL FROM, 5.7.x (`Unable to relay`, policy), a refusal without an enhanced
+/// status (`550 relay not permitted` reads like `550 no such user`), 530 or 535 for a
+/// login the relay wants or refuses, 554 for a policy the admin may fix.
+fn recipient_refused(step: Step, e: &lettre::transport::smtp::Error) -> bool {
+    if !e.is_permanent() || sender_refused(step, e) {
+        return false;
+    }
+    let addressing = enhanced_status(e).is_some_and(|s| s.starts_with("5.1."));
+    match step {
+        Step::Recipient => {
+            addressing
+                && e.status()
+                    .is_some_and(|code| matches!(code.to_string().as_str(), "550" | "551" | "553"))
+        }
+        Step::Message => addressing,
+        Step::Connect | Step::Sender | Step::Data => false,
+    }
+}
+
+/// Whether a permanent refusal is about our sender address: any reply to MAIL FROM, or
+/// one whose enhanced status is 5.1.7/5.1.8 (bad sender mailbox or domain, RFC 3463) or
+/// whose text says "Sender address rejected" (Postfix answers RCPT TO so by default).
+fn sender_refused(step: Step, e: &lettre::transport::smtp::Error) -> bool {
+    use std::error::Error as _;
+    if !e.is_permanent() {
+        return false;
+    }
+    step == Step::Sender
+        || enhanced_status(e).is_some_and(|s| s == "5.1.7" || s == "5.1.8")
+        || e.source().is_some_and(|t| {
+            t.to_string()
+                .to_ascii_lowercase()
+                .contains("sender address rejected")
+        })
+}
+
+/// The enhanced status code (RFC 3463, `5.1.1`) a reply's text starts with, if any.
+/// lettre keeps the reply's text as the error's source.
+fn enhanced_status(e: &lettre::transport::smtp::Error) -> Option<String> {
+    use std::error::Error as _;
+    let text = e.source()?.to_string();
+    let word = text.split_whitespace().next()?;
+    let mut parts = word.split('.');
+    let well_formed = matches!(parts.next(), Some("2" | "4" | "5"))
+        && parts.clone().count() == 2
+        && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    well_formed.then(|| word.to_string())
 }
 
 /// Where mail goes.
@@ -228,6 +294,17 @@ pub struct Worker {
     pub claim_lease_secs: i64,
 }
 
+/// Logs an outcome that was not recorded because the claim had passed to another worker
+/// (this one was slower than its lease): that worker's outcome stands.
+fn lost_claim(id: i64, held: bool) {
+    if !held {
+        tracing::warn!(
+            outbox_id = id,
+            "another worker claimed this mail while it was being sent (the claim ran out): its outcome stands, and the mail may have gone out twice"
+        );
+    }
+}
+
 /// Mails claimed at once: small, so a worker that dies strands few, and its lease
 /// (`claim_lease_secs`) need only cover a few sends.
 const CLAIM: i64 = 2;
@@ -242,7 +319,9 @@ pub fn claim_lease_secs(smtp_timeout: Option<Duration>) -> i64 {
 }
 
 impl Worker {
-    /// Sends everything due now, in batches, until nothing is due.
+    /// Sends everything due now, in batches, until nothing is due. `now` is when the
+    /// pass starts; every claim, sent time and retry time reads the clock afresh (never
+    /// earlier than `now`), as a pass over a long backlog takes a while.
     pub async fn drain_once(&self, now: i64) -> Result<DrainReport, StoreError> {
         let result = self.drain(now).await;
         self.transport.finish().await;
@@ -251,36 +330,72 @@ impl Worker {
 
     async fn drain(&self, now: i64) -> Result<DrainReport, StoreError> {
         let mut report = DrainReport::default();
+        let clock = || now.max(crate::now());
         loop {
             // Small claims, each with the clock read afresh: a slow relay must not let a
             // lease run out while its rows are still waiting in this worker.
+            let claimed = std::time::Instant::now();
             let rows = self
                 .store
-                .claim_outbox(CLAIM, now.max(crate::now()), self.claim_lease_secs)
+                .claim_outbox(CLAIM, clock(), self.claim_lease_secs)
                 .await?;
             if rows.is_empty() {
                 return Ok(report);
             }
             for row in rows {
+                // A worker frozen past its lease (a paused VM, a stalled database) must
+                // not send what another worker has claimed since. Within the first half
+                // of the lease nobody can have (clocks would have to be that far apart),
+                // and the check, a query per mail, is skipped.
+                let fresh = claimed.elapsed().as_secs_f64() < self.claim_lease_secs as f64 / 2.0;
+                if !fresh && !self.store.outbox_claim_holds(row.claim(), clock()).await? {
+                    tracing::warn!(
+                        outbox_id = row.id,
+                        "the claim on this mail ran out before it was sent; it is left to the next claim"
+                    );
+                    continue;
+                }
                 let result = match build_message(&row, &self.stamp) {
                     Ok(message) => self.transport.send(&row, &message).await,
                     Err(e) => Err(e),
                 };
                 match result {
                     Ok(()) => {
-                        self.record_sent(row.id, now).await?;
+                        self.record_sent(row.claim(), clock()).await?;
                         report.sent += 1;
                         tracing::info!(outbox_id = row.id, kind = %row.kind, to = %row.to, "mail sent");
                     }
                     Err(e) => {
-                        let dead = e.is_permanent() || row.attempts >= i64::from(self.max_attempts);
-                        let retry_at = (!dead)
-                            .then(|| now + backoff_secs(row.attempts, self.retry_first_secs));
                         let text = error_chain(&e);
-                        self.store.outbox_failed(row.id, &text, retry_at).await?;
+                        if e.is_recipient_refused() {
+                            // Dead, and the address undeliverable as after a permanent
+                            // bounce: no more invitations or links are queued for it.
+                            let held = self
+                                .store
+                                .outbox_refused(row.claim(), &row.to, &text, clock())
+                                .await?;
+                            lost_claim(row.id, held);
+                            report.dead += 1;
+                            tracing::error!(outbox_id = row.id, to = %row.to, error = %text, "the relay refused the recipient; the mail is dead and the address undeliverable");
+                            continue;
+                        }
+                        let dead = e.is_permanent() || row.attempts >= i64::from(self.max_attempts);
+                        // From the time of the failure, not the start of the pass: a
+                        // retry time in the pass's past is due again at once, and a
+                        // transient failure used up every attempt within one pass.
+                        let retry_at = (!dead)
+                            .then(|| clock() + backoff_secs(row.attempts, self.retry_first_secs));
+                        let held = self
+                            .store
+                            .outbox_failed(row.claim(), &text, retry_at)
+                            .await?;
+                        lost_claim(row.id, held);
                         if dead {
                             report.dead += 1;
                             tracing::error!(outbox_id = row.id, error = %text, "mail is dead after {} attempts", row.attempts);
+                        } else if e.is_sender_refused() {
+                            report.failed += 1;
+                            tracing::error!(outbox_id = row.id, from = %row.from, error = %text, "the SMTP relay refuses our sender address: a configuration problem (smtp login, or the desk addresses it may send as); will retry");
                         } else {
                             report.failed += 1;
                             tracing::warn!(outbox_id = row.id, error = %text, "sending failed; will retry");
@@ -295,18 +410,22 @@ impl Worker {
     /// moment (a restart, a failover) it keeps trying, for up to the claim lease:
     /// giving up at once left the row claimed, and the mail went out a second time when
     /// the claim ran out (crash::postgres_crash_and_restart_under_a_running_backlog_loses_nothing).
-    async fn record_sent(&self, id: i64, now: i64) -> Result<(), StoreError> {
+    async fn record_sent(&self, claim: OutboxClaim, now: i64) -> Result<(), StoreError> {
         let deadline =
             std::time::Instant::now() + Duration::from_secs(self.claim_lease_secs.max(1) as u64);
         let mut pause = Duration::from_millis(200);
         loop {
-            match self.store.outbox_sent(id, now).await {
+            match self.store.outbox_sent(claim, now).await {
                 Err(e) if e.is_transient() && std::time::Instant::now() + pause < deadline => {
-                    tracing::warn!(outbox_id = id, error = %error_chain(&e), "cannot record a sent mail yet; retrying");
+                    tracing::warn!(outbox_id = claim.id, error = %error_chain(&e), "cannot record a sent mail yet; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                other => return other,
+                Err(e) => return Err(e),
+                Ok(held) => {
+                    lost_claim(claim.id, held);
+                    return Ok(());
+                }
             }
         }
     }

@@ -1,22 +1,26 @@
 //! Sending through an SMTP relay: lettre speaks the protocol, over a socket we open.
 //!
-//! Two things lettre's own transport does not do. The socket has `TCP_NODELAY`: lettre
+//! Three things lettre's own transport does not do. The socket has `TCP_NODELAY`: lettre
 //! writes a message and then its terminating `.` as two writes, and with Nagle's
 //! algorithm the second waits for the relay to acknowledge the first, which it delays
 //! (40 ms on Linux): every mail took 50 ms on loopback. And one connection carries the
 //! mail of a whole outbox pass (up to [`MAX_PER_CONNECTION`] mails): a new connection
-//! per mail is a TCP and TLS handshake and an AUTH each time.
+//! per mail is a TCP and TLS handshake and an AUTH each time. And a refusal says which
+//! command it answered ([`Step`]): a refused sender is our configuration, to be retried
+//! until it is fixed; only a refused recipient is that mailbox's, for good.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lettre::Message;
+use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{
     AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
 };
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use secrecy::ExposeSecret;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -42,6 +46,34 @@ const CHECK_AFTER: Duration = Duration::from_secs(1);
 /// 4xx reply gets what is left. A claimed mail's lease must outlast it.
 pub fn longest_send(timeout: Duration) -> Duration {
     timeout * 9
+}
+
+/// The step of an SMTP exchange a relay's reply answered: what a refusal means depends
+/// on it (a refused sender is our configuration, a refused recipient that mailbox).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Greeting, EHLO, STARTTLS, AUTH.
+    Connect,
+    /// MAIL FROM: our sender address.
+    Sender,
+    /// RCPT TO: the recipient.
+    Recipient,
+    /// The DATA command.
+    Data,
+    /// The reply after the message's final `.`.
+    Message,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Connect => "while connecting",
+            Step::Sender => "at MAIL FROM (our sender address)",
+            Step::Recipient => "at RCPT TO (the recipient)",
+            Step::Data => "at DATA",
+            Step::Message => "after the message",
+        })
+    }
 }
 
 /// Sends through an SMTP relay. Cloning shares the open connection.
@@ -231,25 +263,76 @@ impl SmtpTransport {
     async fn send_on(&self, mut session: Session, message: &Message) -> Result<Session, SendError> {
         let s = &self.settings;
         let bytes = message.formatted();
-        let sent =
-            tokio::time::timeout(s.timeout * 4, session.conn.send(message.envelope(), &bytes))
-                .await;
+        let sent = tokio::time::timeout(
+            s.timeout * 4,
+            self.transaction(&mut session.conn, message.envelope(), &bytes),
+        )
+        .await;
         match sent {
-            Ok(Ok(_)) => {
+            Ok(Ok(())) => {
                 session.sent += 1;
                 session.last_used = Instant::now();
                 Ok(session)
             }
-            Ok(Err(source)) => {
+            Ok(Err(e)) => {
                 close(&mut session.conn, s.timeout).await;
-                Err(SendError::Smtp {
-                    address: s.address.clone(),
-                    permanent: super::recipient_refused(&source),
-                    source,
-                })
+                Err(e)
             }
             Err(_) => Err(self.timed_out("sending a message")),
         }
+    }
+
+    /// One mail's exchanges, as lettre's `AsyncSmtpConnection::send` has them (with its
+    /// SMTPUTF8 and 8BITMIME checks), one command at a time, so that a refusal says
+    /// which command it answered: lettre's own error does not.
+    async fn transaction(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        envelope: &Envelope,
+        bytes: &[u8],
+    ) -> Result<(), SendError> {
+        let refused = |step, source| SendError::Smtp {
+            address: self.settings.address.clone(),
+            step,
+            source,
+        };
+        let unsupported = |what| SendError::SmtpUnsupported {
+            address: self.settings.address.clone(),
+            what,
+        };
+        let mut options = Vec::new();
+        let ascii_addresses = envelope
+            .from()
+            .into_iter()
+            .chain(envelope.to())
+            .all(|a| AsRef::<str>::as_ref(a).is_ascii());
+        if !ascii_addresses {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                return Err(unsupported("non-ASCII address, and no SMTPUTF8"));
+            }
+            options.push(MailParameter::SmtpUtfEight);
+        }
+        if !bytes.is_ascii() {
+            if !conn.server_info().supports_feature(Extension::EightBitMime) {
+                return Err(unsupported("non-ASCII message, and no 8BITMIME"));
+            }
+            options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        conn.command(Mail::new(envelope.from().cloned(), options))
+            .await
+            .map_err(|e| refused(Step::Sender, e))?;
+        for to in envelope.to() {
+            conn.command(Rcpt::new(to.clone(), Vec::new()))
+                .await
+                .map_err(|e| refused(Step::Recipient, e))?;
+        }
+        conn.command(Data)
+            .await
+            .map_err(|e| refused(Step::Data, e))?;
+        conn.message(bytes)
+            .await
+            .map_err(|e| refused(Step::Message, e))?;
+        Ok(())
     }
 
     /// Closes the open connection (QUIT), if any: the end of an outbox pass.
@@ -266,7 +349,7 @@ impl SmtpTransport {
             let tcp = self.tcp().await?;
             let smtp = |source| SendError::Smtp {
                 address: s.address.clone(),
-                permanent: false,
+                step: Step::Connect,
                 source,
             };
             let stream: Box<dyn AsyncTokioStream> = match &s.security {

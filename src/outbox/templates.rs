@@ -217,13 +217,41 @@ fn reason_sentence(reason: Option<Reason>) -> &'static str {
     }
 }
 
+/// Puts the values of `vars` in place of their `{{key}}`s, in one pass over `text`: a
+/// value is never read for placeholders itself (a name or subject written as
+/// `{{link}}` stays that text). Unknown placeholders are left as they are.
 fn fill(text: &str, vars: &[(&str, &str)]) -> String {
-    let mut out = text.to_string();
-    for (k, v) in vars {
-        out = out.replace(&format!("{{{{{k}}}}}"), v);
+    let mut out = String::with_capacity(text.len() + 256);
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let value = after.find("}}").and_then(|end| {
+            let key = &after[..end];
+            vars.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| (*v, end + 2))
+        });
+        match value {
+            Some((v, used)) => {
+                out.push_str(v);
+                rest = &after[used..];
+            }
+            None => {
+                out.push_str("{{");
+                rest = after;
+            }
+        }
     }
+    out.push_str(rest);
     out
 }
+
+/// How much of a name or subject from inbound mail our mail quotes. Verification mail
+/// goes to whatever From a message claims, so what it quotes is the sender's text in
+/// our name: kept short, it is no vehicle for someone else's advertising.
+const QUOTED_NAME_CHARS: usize = 60;
+const QUOTED_SUBJECT_CHARS: usize = 100;
 
 impl MailRenderer for Templates {
     fn render(&self, ctx: &MailContext<'_>) -> RenderedMail {
@@ -239,12 +267,12 @@ impl MailRenderer for Templates {
         } else {
             format!(" [{request}]")
         };
-        let name = ctx
-            .display_name
-            .map(str::to_string)
-            .unwrap_or_else(|| ctx.to.local_part().to_string());
+        let name = crate::message::one_line(
+            ctx.display_name.unwrap_or_else(|| ctx.to.local_part()),
+            QUOTED_NAME_CHARS,
+        );
         let hours = (self.ttl_secs / 3600).max(1).to_string();
-        let subject_text = ctx.original_subject.unwrap_or("(no subject)");
+        let subject_text = quoted_subject(ctx.original_subject.unwrap_or("(no subject)"));
         let vars = [
             ("name", name.as_str()),
             ("address", ctx.to.as_str()),
@@ -253,7 +281,7 @@ impl MailRenderer for Templates {
             ("link", link.as_str()),
             ("request", request.as_str()),
             ("request_tag", request_tag.as_str()),
-            ("subject", subject_text),
+            ("subject", subject_text.as_str()),
             ("reason", reason_sentence(ctx.about)),
             ("expires_hours", hours.as_str()),
         ];
@@ -284,7 +312,23 @@ impl MailRenderer for Templates {
     }
 }
 
+/// An inbound subject as our mail quotes it: one line, at most [`QUOTED_SUBJECT_CHARS`],
+/// with `…` where it was cut.
+fn quoted_subject(subject: &str) -> String {
+    let line = crate::message::one_line(subject, QUOTED_SUBJECT_CHARS + 1);
+    if line.chars().count() > QUOTED_SUBJECT_CHARS {
+        let cut: String = line.chars().take(QUOTED_SUBJECT_CHARS - 1).collect();
+        format!("{}…", cut.trim_end())
+    } else {
+        line
+    }
+}
+
 /// Checks that the configured templates load (used by `check-config`).
 pub fn check(config: &Config) -> Result<(), TemplateError> {
     Templates::from_config(config).map(|_| ())
 }
+
+#[cfg(test)]
+#[path = "templates_tests.rs"]
+mod tests;

@@ -54,3 +54,376 @@ fn backoff_grows_and_is_capped() {
     assert!(backoff_secs(3, 30) >= 120);
     assert!(backoff_secs(50, 30) <= 3600 + 720);
 }
+
+/// A store in `dir` (SQLite) for the worker's tests.
+async fn store(dir: &Path) -> Store {
+    let toml = format!(
+        "[database]\nurl = \"sqlite://{d}/intake.db\"\n\
+         [[desks]]\nkey = \"IT\"\naddresses = [\"it@desk.example\"]\n\
+         [trust]\nrequire_authentication = false\n[outbox]\ndir = \"{d}/outbox\"\n",
+        d = dir.display()
+    );
+    let path = dir.join("intake.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = crate::config::Config::load_with_env(
+        &crate::config::ConfigSource::File(path),
+        Some(std::collections::HashMap::new()),
+    )
+    .unwrap();
+    Store::open(&config.database).await.unwrap()
+}
+
+/// Queues one invitation to `to`, due since `due`.
+async fn queue(store: &Store, to: &str, due: i64) {
+    let mut c = store.acquire().await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (kind, desk, to_address, from_address, subject, body_text, \
+         message_id, status, attempts, next_attempt_at, created_at) \
+         VALUES ('invitation', 'IT', $1, 'it@desk.example', 's', 'b', 'm1@x', 'pending', 0, $2, $2)",
+    )
+    .bind(to)
+    .bind(due)
+    .execute(&mut *c)
+    .await
+    .unwrap();
+}
+
+/// An active account at `address`.
+async fn account(store: &Store, address: &str) {
+    let mut c = store.acquire().await.unwrap();
+    sqlx::query(
+        "INSERT INTO accounts (address, kind, status, origin, created_at, updated_at) \
+         VALUES ($1, 'portal_only', 'active', 'test', 0, 0)",
+    )
+    .bind(address)
+    .execute(&mut *c)
+    .await
+    .unwrap();
+}
+
+fn worker(store: &Store, transport: Transport) -> Worker {
+    Worker {
+        store: store.clone(),
+        transport,
+        stamp: Stamp {
+            from_name: "Desk".into(),
+            loop_id: "l".into(),
+        },
+        max_attempts: 12,
+        poll_interval: Duration::from_secs(1),
+        retry_first_secs: 30,
+        claim_lease_secs: 30,
+    }
+}
+
+/// A pass that began long ago (a long backlog) used its start time for the retry time:
+/// a failed mail was due again at once and retried in the same pass, twelve times in a
+/// row, and was dead within seconds of a transient failure.
+#[tokio::test]
+async fn a_long_pass_does_not_burn_a_failed_mails_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let real_now = crate::now();
+    queue(&store, "ann@example.com", real_now - 10).await;
+    // Writing fails every time (the directory is a regular file): a transient error.
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, "x").unwrap();
+    let worker = worker(
+        &store,
+        Transport::File(FileTransport::new(blocker.join("sub"))),
+    );
+    let report = worker.drain_once(real_now - 7200).await.unwrap();
+    assert_eq!(
+        report,
+        DrainReport {
+            sent: 0,
+            failed: 1,
+            dead: 0
+        }
+    );
+    let rows = store.list_outbox(None, 10).await.unwrap();
+    assert_eq!(rows[0].attempts, 1);
+    assert_eq!(rows[0].status, "pending");
+    assert!(
+        rows[0].next_attempt_at >= real_now + 30,
+        "retry at {} (now {real_now})",
+        rows[0].next_attempt_at
+    );
+}
+
+/// A relay on loopback that answers MAIL FROM with `mail`, RCPT TO with `rcpt` and the
+/// end of the message with `end`; everything else is accepted.
+async fn fake_relay(mail: &'static str, rcpt: &'static str, end: &'static str) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = socket.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(b"220 fake ESMTP\r\n").await.unwrap();
+                let mut line = String::new();
+                let mut in_data = false;
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let command = line.to_ascii_uppercase();
+                    let reply = if in_data {
+                        if line != ".\r\n" {
+                            continue;
+                        }
+                        in_data = false;
+                        end
+                    } else if command.starts_with("EHLO") {
+                        "250-fake\r\n250 8BITMIME"
+                    } else if command.starts_with("MAIL") {
+                        mail
+                    } else if command.starts_with("RCPT") {
+                        rcpt
+                    } else if command.starts_with("DATA") {
+                        in_data = true;
+                        "354 go ahead"
+                    } else if command.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        "250 ok"
+                    };
+                    w.write_all(format!("{reply}\r\n").as_bytes())
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    port
+}
+
+fn smtp_transport(port: u16) -> SmtpTransport {
+    SmtpTransport::new(&crate::config::SmtpConfig {
+        host: "127.0.0.1".into(),
+        port,
+        tls: crate::config::SmtpTls::None,
+        ca_file: None,
+        username: None,
+        password: None,
+        timeout: Duration::from_secs(5),
+        hello_name: None,
+    })
+    .unwrap()
+}
+
+const OK: &str = "250 2.0.0 ok";
+
+/// What a refusal means depends on the command it answered: a relay refusing our
+/// sender address (a configuration problem) used to kill every mail at once, as if
+/// each recipient had been refused.
+#[tokio::test]
+async fn a_refused_sender_is_retried_and_a_refused_recipient_is_not() {
+    let stamp = Stamp {
+        from_name: "Desk".into(),
+        loop_id: "l".into(),
+    };
+    let message = build_message(&row(), &stamp).unwrap();
+    // (MAIL reply, RCPT reply, reply after the message, permanent, sender refused)
+    let cases: &[(&'static str, &'static str, &'static str, bool, bool)] = &[
+        // Postfix, smtpd_sender_login_maps.
+        (
+            "553 5.7.1 <it@desk.example>: Sender address rejected: not owned by user intake",
+            OK,
+            OK,
+            false,
+            true,
+        ),
+        // Exchange Online, a mailbox the login may not send as.
+        (
+            "550 5.7.60 SMTP; Client does not have permissions to send as this sender",
+            OK,
+            OK,
+            false,
+            true,
+        ),
+        ("550 sender refused", OK, OK, false, true),
+        ("451 4.3.0 try again later", OK, OK, false, false),
+        // The recipient's mailbox does not exist.
+        (
+            OK,
+            "550 5.1.1 <ann@example.com>: Recipient address rejected: User unknown",
+            OK,
+            true,
+            false,
+        ),
+        (
+            OK,
+            "553 5.1.3 bad recipient address syntax",
+            OK,
+            true,
+            false,
+        ),
+        // Without an enhanced status a refusal cannot be told from "relay not permitted":
+        // retried, and the address not marked.
+        (OK, "550 no such user", OK, false, false),
+        (OK, "550 relay not permitted", OK, false, false),
+        // Postfix refuses a bad sender at RCPT TO by default (smtpd_delay_reject).
+        (
+            OK,
+            "553 5.7.1 <it@desk.example>: Sender address rejected: not owned by user intake",
+            OK,
+            false,
+            true,
+        ),
+        (
+            OK,
+            "550 5.1.8 <it@desk.example>: Sender address rejected: Domain not found",
+            OK,
+            false,
+            true,
+        ),
+        (OK, "550 5.1.7 bad sender mailbox syntax", OK, false, true),
+        // Relaying denied: the relay's configuration, not the mailbox.
+        (OK, "550 5.7.1 Unable to relay", OK, false, false),
+        (
+            OK,
+            "554 5.7.1 <ann@example.com>: Relay access denied",
+            OK,
+            false,
+            false,
+        ),
+        (OK, "450 4.2.0 greylisted", OK, false, false),
+        // Exchange checks the recipient after the message.
+        (
+            OK,
+            OK,
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found",
+            true,
+            false,
+        ),
+        // Content refused after the message: not the recipient's fault.
+        (OK, OK, "550 5.7.1 message refused as spam", false, false),
+    ];
+    for &(mail, rcpt, end, permanent, sender_refused) in cases {
+        let transport = smtp_transport(fake_relay(mail, rcpt, end).await);
+        let e = transport.send(&message).await.unwrap_err();
+        let text = error_chain(&e);
+        assert_eq!(e.is_permanent(), permanent, "{text}");
+        assert_eq!(e.is_sender_refused(), sender_refused, "{text}");
+        if sender_refused && mail != OK {
+            assert!(text.contains("MAIL FROM"), "{text}");
+        }
+    }
+    // All accepted: sent.
+    let transport = smtp_transport(fake_relay(OK, OK, OK).await);
+    transport.send(&message).await.unwrap();
+    transport.finish().await;
+}
+
+/// Through the worker: a refused sender leaves the mail pending for a retry.
+#[tokio::test]
+async fn a_refused_sender_leaves_the_mail_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let now = crate::now();
+    account(&store, "ann@example.com").await;
+    queue(&store, "ann@example.com", now - 10).await;
+    let port = fake_relay(
+        "553 5.7.1 <it@desk.example>: Sender address rejected: not owned by user intake",
+        OK,
+        OK,
+    )
+    .await;
+    let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
+    let report = worker.drain_once(now).await.unwrap();
+    assert_eq!(report.failed, 1, "{report:?}");
+    assert_eq!(report.dead, 0, "{report:?}");
+    let rows = store.list_outbox(None, 10).await.unwrap();
+    assert_eq!(rows[0].status, "pending");
+    let error = rows[0].last_error.as_deref().unwrap();
+    assert!(error.contains("Sender address rejected"), "{error}");
+    let ann = store.show_account("ann@example.com").await.unwrap();
+    assert_eq!(ann.undeliverable_at, None, "our sender, not her address");
+}
+
+/// A recipient the relay refuses for good is as undeliverable as one a permanent bounce
+/// named: the mail is dead and the account marked, so nothing more is queued for it.
+#[tokio::test]
+async fn a_refused_recipient_is_marked_undeliverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let now = crate::now();
+    account(&store, "ann@example.com").await;
+    queue(&store, "ann@example.com", now - 10).await;
+    let port = fake_relay(
+        OK,
+        "550 5.1.1 <ann@example.com>: Recipient address rejected: User unknown",
+        OK,
+    )
+    .await;
+    let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
+    let report = worker.drain_once(now).await.unwrap();
+    assert_eq!(report.dead, 1, "{report:?}");
+    let rows = store.list_outbox(None, 10).await.unwrap();
+    assert_eq!(rows[0].status, "dead");
+    let error = rows[0].last_error.as_deref().unwrap();
+    assert!(error.contains("User unknown"), "{error}");
+    let ann = store.show_account("ann@example.com").await.unwrap();
+    assert!(ann.undeliverable_at.is_some_and(|at| at >= now), "{ann:?}");
+}
+
+/// A worker frozen past its claim's lease finds, when it wakes, that another worker has
+/// claimed the mail since: it may not send it, and its outcome (here a failure, which
+/// would have put a sent mail back in the queue) changes nothing.
+#[tokio::test]
+async fn a_claim_another_worker_took_over_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let t = crate::now();
+    queue(&store, "ann@example.com", t - 10).await;
+    let first = store.claim_outbox(2, t, 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let a = first[0].claim();
+    assert!(store.outbox_claim_holds(a, t).await.unwrap());
+    // The lease ran out: another worker claims the mail and sends it.
+    let second = store.claim_outbox(2, t + 5, 30).await.unwrap();
+    let b = second[0].claim();
+    assert_eq!((b.id, b.attempts), (a.id, a.attempts + 1));
+    assert!(!store.outbox_claim_holds(a, t + 5).await.unwrap());
+    assert!(store.outbox_sent(b, t + 6).await.unwrap());
+    // The first worker wakes up with a failure to record.
+    assert!(
+        !store
+            .outbox_failed(a, "timed out", Some(t + 60))
+            .await
+            .unwrap()
+    );
+    assert!(!store.outbox_sent(a, t + 7).await.unwrap());
+    let row = &store.list_outbox(None, 10).await.unwrap()[0];
+    assert_eq!(row.status, "sent");
+    assert_eq!(row.attempts, 2);
+    assert_eq!(row.last_error, None);
+}
+
+/// `outbox retry` starts a dead mail's attempts again, so a later claim can have the
+/// attempts of a claim long gone: its lease's end tells them apart.
+#[tokio::test]
+async fn a_claim_from_before_a_retry_does_not_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let t = crate::now();
+    queue(&store, "ann@example.com", t - 10).await;
+    let a = store.claim_outbox(2, t - 5, 1).await.unwrap()[0].claim();
+    let b = store.claim_outbox(2, t, 30).await.unwrap()[0].claim();
+    assert!(store.outbox_failed(b, "refused", None).await.unwrap());
+    assert_eq!(store.outbox_retry(Some(a.id), t).await.unwrap(), 1);
+    let c = store.claim_outbox(2, t + 1, 30).await.unwrap()[0].claim();
+    assert_eq!(
+        c.attempts, a.attempts,
+        "the retry started the attempts again"
+    );
+    assert!(!store.outbox_claim_holds(a, t + 1).await.unwrap());
+    assert!(!store.outbox_sent(a, t + 2).await.unwrap());
+    assert!(store.outbox_claim_holds(c, t + 1).await.unwrap());
+    assert!(store.outbox_sent(c, t + 2).await.unwrap());
+}

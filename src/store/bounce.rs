@@ -65,15 +65,7 @@ pub async fn record_bounce(
         return Ok(Vec::new());
     };
     let (outcome, reason) = if r.permanent {
-        sqlx::query(
-            "UPDATE accounts SET undeliverable_at = COALESCE(undeliverable_at, $1), updated_at = $1 \
-             WHERE address = $2",
-        )
-        .bind(now)
-        .bind(&to)
-        .execute(&mut *conn)
-        .await
-        .ctx("mark an address undeliverable")?;
+        mark_undeliverable(conn, &to, now).await?;
         ("undeliverable", "bounce_permanent")
     } else {
         sqlx::query(
@@ -109,4 +101,25 @@ pub async fn record_bounce(
         .await
         .ctx("record a bounce on the outbox")?;
     Ok(vec![(to, "bounced", outcome, reason)])
+}
+
+/// Marks the account at `address` (as our outbox row has it) undeliverable, since the
+/// first time: intake mails it nothing more. A permanent bounce of our mail does it, and
+/// so does a relay refusing the recipient when we send
+/// ([`Store::outbox_refused`](super::Store::outbox_refused)).
+pub(super) async fn mark_undeliverable(
+    conn: &mut AnyConnection,
+    address: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE accounts SET undeliverable_at = COALESCE(undeliverable_at, $1), updated_at = $1 \
+         WHERE address = $2",
+    )
+    .bind(now)
+    .bind(address)
+    .execute(&mut *conn)
+    .await
+    .ctx("mark an address undeliverable")?;
+    Ok(())
 }

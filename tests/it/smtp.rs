@@ -1,6 +1,7 @@
 //! A real SMTP server for tests: Debian's `python3-aiosmtpd` (it imports only under
 //! `/usr/bin/python3`), delivering into a Maildir, with optional STARTTLS, implicit TLS
-//! and AUTH. Exits with the test process.
+//! and AUTH; it can refuse our sender or some recipients, as a misconfigured relay or an
+//! unknown mailbox does. Exits with the test process.
 
 #![allow(dead_code)]
 
@@ -10,12 +11,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SERVER_PY: &str = r#"
-import os, ssl, sys, time
+import json, os, ssl, sys, time
 from aiosmtpd.controller import Controller
 from aiosmtpd.handlers import Mailbox
 from aiosmtpd.smtp import AuthResult, LoginPassword
-port, maildir, mode, cert, key, user, password, parent, per_session = sys.argv[1:10]
+port, maildir, mode, cert, key, user, password, parent, per_session, sender_reply, refused = sys.argv[1:12]
 per_session = int(per_session)
+refused = json.loads(refused)
 class Auth:
     def __call__(self, server, session, envelope, mechanism, auth_data):
         ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user \
@@ -44,8 +46,16 @@ class Recording(Mailbox):
         session.intake_mails = n
         if per_session and n > per_session:
             return '421 4.7.0 too many messages in this session'
+        if sender_reply:
+            return sender_reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        return '250 OK'
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower() in refused:
+            return refused[address.lower()]
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
         return '250 OK'
     # One line per message: the client's address and port, so a test can count the
     # connections that carried them.
@@ -77,6 +87,10 @@ pub struct Smtp {
     auth: Option<(String, String)>,
     /// MAIL commands a session may send before the server answers 421 (0: no limit).
     pub per_session: u32,
+    /// The reply to every MAIL FROM instead of 250 (empty: accept).
+    pub sender_reply: String,
+    /// Recipients (lowercase) refused at RCPT TO, with the reply.
+    pub refused_recipients: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -97,6 +111,8 @@ impl Smtp {
             mode,
             auth: None,
             per_session: 0,
+            sender_reply: String::new(),
+            refused_recipients: Vec::new(),
             child: None,
         }
     }
@@ -129,6 +145,15 @@ impl Smtp {
             .arg(password)
             .arg(std::process::id().to_string())
             .arg(self.per_session.to_string())
+            .arg(&self.sender_reply)
+            .arg(
+                serde_json::Value::from_iter(
+                    self.refused_recipients
+                        .iter()
+                        .map(|(a, r)| (a.clone(), serde_json::Value::from(r.as_str()))),
+                )
+                .to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(

@@ -386,6 +386,123 @@ fn a_relay_session_limit_costs_no_retry() {
     }
 }
 
+/// A relay that refuses our sender address (Postfix's smtpd_sender_login_maps, a login
+/// that may not send as the desk) is misconfigured, the same for every mail: the mail
+/// stays queued, the log says what to fix, and once it is fixed the mail goes out. It
+/// used to be dead at once, as if the recipient had been refused.
+#[test]
+fn a_relay_refusing_our_sender_keeps_the_mail_queued() {
+    for backend in BACKENDS {
+        let mut smtp = Smtp::stopped(Mode::Plain);
+        smtp.sender_reply =
+            "553 5.7.1 <it@desk.example>: Sender address rejected: not owned by user intake".into();
+        smtp.launch();
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::default(),
+            &smtp.toml(""),
+        );
+        let text = std::fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("[outbox]", "[outbox]\nretry_first = \"1s\"");
+        std::fs::write(&env.config, text).unwrap();
+        let path = fixture("outsider-new.eml").display().to_string();
+        let out = env.intake(&["process", "--json", &path]);
+        assert!(out.status.success(), "{out:?}");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("refuses our sender address"), "{log}");
+        let outbox = env.json(&["outbox", "list", "--json"]);
+        assert_eq!(outbox[0]["status"], "pending", "{outbox:#}");
+        let error = outbox[0]["last_error"].as_str().unwrap();
+        assert!(error.contains("MAIL FROM"), "{error}");
+        assert!(error.contains("Sender address rejected"), "{error}");
+        assert!(smtp.messages().is_empty());
+
+        // The relay's configuration is fixed: the next pass after the retry time sends it.
+        smtp.stop();
+        smtp.sender_reply.clear();
+        smtp.launch();
+        std::thread::sleep(Duration::from_millis(2500));
+        let out = env.intake(&["outbox", "send"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(smtp.messages().len(), 1);
+        let outbox = env.json(&["outbox", "list", "--json"]);
+        assert_eq!(outbox[0]["status"], "sent", "{outbox:#}");
+        assert_eq!(outbox[0]["attempts"], 2, "{outbox:#}");
+    }
+}
+
+/// A recipient the relay refuses at RCPT TO (an unknown mailbox) is as undeliverable as
+/// one a permanent bounce named: the verification mail is dead at once, and when she
+/// writes again no new link is queued for her (without the mark one is, once the resend
+/// interval has passed).
+#[test]
+fn a_recipient_the_relay_refuses_is_marked_undeliverable() {
+    for backend in BACKENDS {
+        let mut smtp = Smtp::stopped(Mode::Plain);
+        smtp.refused_recipients = vec![(
+            "olga@outside.example".into(),
+            "550 5.1.1 <olga@outside.example>: Recipient address rejected: User unknown in \
+             local recipient table"
+                .into(),
+        )];
+        smtp.launch();
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::default(),
+            &smtp.toml(""),
+        );
+        let text = std::fs::read_to_string(&env.config).unwrap().replace(
+            "[customer_access]",
+            "[customer_access]\nverification_resend_interval = \"1s\"",
+        );
+        std::fs::write(&env.config, text).unwrap();
+        let to_olga = |env: &Env| -> Vec<serde_json::Value> {
+            let outbox = env.json(&["outbox", "list", "--json"]);
+            outbox
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["to"] == "olga@outside.example")
+                .cloned()
+                .collect()
+        };
+        let first = env.process(&["outsider-new.eml"]);
+        assert_eq!(
+            first["outcomes"][0]["action"], "hold_for_verification",
+            "{first:#}"
+        );
+        let mail = to_olga(&env);
+        assert_eq!(mail.len(), 1, "{mail:#?}");
+        assert_eq!(mail[0]["status"], "dead", "{mail:#?}");
+        assert_eq!(mail[0]["attempts"], 1, "{mail:#?}");
+        let error = mail[0]["last_error"].as_str().unwrap();
+        assert!(error.contains("RCPT TO"), "{error}");
+        assert!(error.contains("User unknown"), "{error}");
+        let olga = account(&env, "olga@outside.example");
+        assert!(olga["undeliverable_at"].is_i64(), "{olga:#}");
+
+        std::thread::sleep(Duration::from_millis(1500));
+        let next = env.process(&["pending-followup.eml"]);
+        assert_eq!(to_olga(&env).len(), 1, "no new link: {next:#}");
+        assert!(smtp.messages().is_empty());
+
+        // The admin clears the mark (the mailbox exists after all): links are queued again.
+        let cleared = env.json(&["accounts", "deliverable", "olga@outside.example", "--json"]);
+        assert_eq!(cleared["changed"], true, "{cleared:#}");
+        assert!(account(&env, "olga@outside.example")["undeliverable_at"].is_null());
+        let again = env.json(&["accounts", "deliverable", "olga@outside.example", "--json"]);
+        assert_eq!(again["changed"], false, "{again:#}");
+        std::thread::sleep(Duration::from_millis(1500));
+        let later = env.process(&["attachment.eml"]);
+        assert_eq!(to_olga(&env).len(), 2, "a new link: {later:#}");
+        let audit = env.json(&["audit", "olga@outside.example", "--json"]);
+        assert!(audit.to_string().contains("mark_deliverable"), "{audit:#}");
+    }
+}
+
 #[test]
 fn header_injection_from_inbound_mail_goes_nowhere() {
     for backend in BACKENDS {
