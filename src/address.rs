@@ -84,10 +84,31 @@ impl EmailAddress {
         &self.canonical[self.at + 1..]
     }
 
-    /// True for the addresses mail systems use for automatic mail: MAILER-DAEMON,
-    /// postmaster and the no-reply family.
+    /// True for the addresses mail systems use for their own mail: MAILER-DAEMON and
+    /// postmaster.
     pub fn is_mailer_daemon(&self) -> bool {
         matches!(self.local_part(), "mailer-daemon" | "postmaster")
+    }
+
+    /// True for an address that says it takes no replies: `noreply`, `no-reply`,
+    /// `donotreply`, `do-not-reply` (also with `_`), alone or before `-`, `.`, `_` or a
+    /// `+tag` (`noreply-billing@`, `no-reply+x@`). Mail sent there is never read.
+    pub fn is_no_reply(&self) -> bool {
+        let local = self.local_part();
+        [
+            "noreply",
+            "no-reply",
+            "no_reply",
+            "donotreply",
+            "do-not-reply",
+            "do_not_reply",
+        ]
+        .iter()
+        .any(|w| {
+            local
+                .strip_prefix(w)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', '.', '_', '+']))
+        })
     }
 }
 

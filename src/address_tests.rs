@@ -102,3 +102,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn no_reply_addresses() {
+    let no_reply = |s: &str| EmailAddress::parse(s).unwrap().is_no_reply();
+    for a in [
+        "noreply@x.example",
+        "No-Reply@x.example",
+        "no_reply@x.example",
+        "donotreply@x.example",
+        "do-not-reply@x.example",
+        "noreply-billing@x.example",
+        "no-reply.alerts@x.example",
+        "noreply+42@x.example",
+    ] {
+        assert!(no_reply(a), "{a}");
+    }
+    for a in [
+        "reply@x.example",
+        "noreplyx@x.example",
+        "nono-reply@x.example",
+        "info@noreply.example",
+        "mailer-daemon@x.example",
+    ] {
+        assert!(!no_reply(a), "{a}");
+    }
+}

@@ -39,6 +39,17 @@ pub struct Envelope {
     /// The source could not read the message (the server keeps refusing it): it is
     /// quarantined with this reason.
     pub fetch_error: Option<String>,
+    /// `raw` is only the message's head: it was over the size limit the source read it
+    /// under. Quarantined as oversized whatever the limit is by the time it is processed
+    /// (a reload may have raised it): the rest of it is not here.
+    pub truncated: bool,
+}
+
+impl Envelope {
+    /// Over `max_size`, or only its head is here: quarantined as oversized.
+    fn oversized(&self, max_size: u64) -> bool {
+        self.truncated || self.size > max_size
+    }
 }
 
 /// A message's headers parsed before the write transaction opens, so a slow or hostile
@@ -61,7 +72,7 @@ impl Prepared {
                 // quarantined). Any other message is whole even when the size the server
                 // announced differs from what it sent (IMAP's RFC822.SIZE is not always
                 // the fetched length): a delivery report must be read as one.
-                if env.size <= max_size {
+                if !env.oversized(max_size) {
                     message::check_bounce(&mut m, &env.raw);
                 }
                 m
@@ -77,11 +88,31 @@ impl Prepared {
 
     /// The parsed message, when it will be decided (not quarantined on the way).
     fn decidable(&self, env: &Envelope, max_size: u64) -> Option<&InboundMessage> {
-        if env.fetch_error.is_some() || env.size > max_size {
+        if env.fetch_error.is_some() || env.oversized(max_size) {
             return None;
         }
         self.msg.as_ref().ok()
     }
+}
+
+/// [`Pipeline::route`] under `policy`.
+fn route_in(
+    policy: &crate::policy::Policy,
+    msg: &InboundMessage,
+    desk: Option<&DeskKey>,
+) -> Option<DeskKey> {
+    if let Some(d) = desk {
+        return Some(d.clone());
+    }
+    msg.delivered_to
+        .iter()
+        .chain(msg.to.iter().map(|m| &m.address))
+        .chain(msg.cc.iter().map(|m| &m.address))
+        .find_map(|a| policy.desk_for_address(a).map(|d| d.key.clone()))
+        .or_else(|| match policy.desks.as_slice() {
+            [only] => Some(only.key.clone()),
+            _ => None,
+        })
 }
 
 /// A batch's headers read ahead ([`prepare`]): by a source on another thread while the
@@ -258,19 +289,7 @@ impl Pipeline {
     /// Picks the desk: the mailbox's, else the first desk address among Delivered-To /
     /// X-Original-To, To and Cc, else the only desk if there is just one.
     pub fn route(&self, msg: &InboundMessage, desk: Option<&DeskKey>) -> Option<DeskKey> {
-        if let Some(d) = desk {
-            return Some(d.clone());
-        }
-        let policy = &self.config().policy;
-        msg.delivered_to
-            .iter()
-            .chain(msg.to.iter().map(|m| &m.address))
-            .chain(msg.cc.iter().map(|m| &m.address))
-            .find_map(|a| policy.desk_for_address(a).map(|d| d.key.clone()))
-            .or_else(|| match policy.desks.as_slice() {
-                [only] => Some(only.key.clone()),
-                _ => None,
-            })
+        route_in(&self.config().policy, msg, desk)
     }
 
     /// Decides without side effects (the `explain` command).
@@ -437,7 +456,11 @@ impl Pipeline {
         progress: Option<&Progress>,
     ) -> Result<Vec<Outcome>, PipelineError> {
         let careful = pass == Pass::Careful;
-        let max_size = self.config().max_message_size;
+        // One size limit and one desk list for the whole batch: a reload meanwhile must
+        // not decide a message under another one than it was claimed under. (Mail limits
+        // and templates are read when used: a reload may change them mid-batch, harmlessly.)
+        let config = self.config();
+        let max_size = config.max_message_size;
         let mut prepared: Vec<Prepared> = match heads {
             Some(h) if h.max_size == max_size && h.prepared.len() == batch.len() => h.prepared,
             _ => prepare(batch, max_size).prepared,
@@ -447,7 +470,7 @@ impl Pipeline {
                 .msg
                 .as_ref()
                 .ok()
-                .and_then(|m| self.route(m, env.desk.as_ref()));
+                .and_then(|m| route_in(&config.policy, m, env.desk.as_ref()));
         }
         let mut wtx = self.store.begin_write().await?;
         if let Some(f) = &self.fence
@@ -464,6 +487,7 @@ impl Pipeline {
         let mut lookups = Lookups::default();
         self.look_ahead(
             wtx.conn(),
+            &config,
             batch,
             &mut prepared,
             &index,
@@ -485,6 +509,7 @@ impl Pipeline {
                     return self
                         .process_one(
                             wtx.conn(),
+                            &config,
                             env,
                             prepared,
                             &index,
@@ -508,6 +533,7 @@ impl Pipeline {
                 let result = match self
                     .process_one(
                         &mut sp,
+                        &config,
                         env,
                         prepared,
                         &index,
@@ -572,6 +598,7 @@ impl Pipeline {
     async fn look_ahead(
         &self,
         conn: &mut sqlx::AnyConnection,
+        config: &Config,
         batch: &[Envelope],
         prepared: &mut [Prepared],
         index: &DirectoryIndex,
@@ -580,7 +607,6 @@ impl Pipeline {
         deferred: &mut Deferred,
         lookups: &mut Lookups,
     ) -> Result<(), PipelineError> {
-        let config = self.config();
         let max = config.max_message_size;
         if claim {
             let mut at = Vec::new();
@@ -656,6 +682,7 @@ impl Pipeline {
     async fn process_one(
         &self,
         conn: &mut sqlx::AnyConnection,
+        config: &Config,
         env: &Envelope,
         prepared: Prepared,
         index: &DirectoryIndex,
@@ -663,7 +690,6 @@ impl Pipeline {
         deferred: &mut Deferred,
         lookups: &mut Lookups,
     ) -> Result<Outcome, PipelineError> {
-        let config = self.config();
         let content_hash = prepared.content_hash;
         if let Some(error) = &env.fetch_error {
             return self
@@ -678,11 +704,19 @@ impl Pipeline {
                 )
                 .await;
         }
-        if env.size > config.max_message_size {
-            let detail = format!(
-                "{} bytes is over the limit of {} bytes",
-                env.size, config.max_message_size
-            );
+        if env.oversized(config.max_message_size) {
+            let detail = if env.size > config.max_message_size {
+                format!(
+                    "{} bytes is over the limit of {} bytes",
+                    env.size, config.max_message_size
+                )
+            } else {
+                format!(
+                    "{} bytes was over the size limit when it was read (only its head was); \
+                     `intake quarantine release` processes it whole",
+                    env.size
+                )
+            };
             let partial = prepared.msg.ok();
             return self
                 .quarantine(

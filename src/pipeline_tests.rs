@@ -61,6 +61,7 @@ fn a_delivery_report_is_read_whatever_size_the_source_announced() {
             quarantine_ref: String::new(),
             content_hash: None,
             fetch_error: None,
+            truncated: false,
         };
         let msg = Prepared::new(&env, max).msg.unwrap();
         assert_eq!(msg.bounce.is_some(), read, "announced {announced}");
@@ -91,6 +92,7 @@ async fn a_delivery_report_with_another_announced_size_opens_no_request() {
         quarantine_ref: String::new(),
         content_hash: None,
         fetch_error: None,
+        truncated: false,
     };
     let outcomes = pipeline.process_batch(&[env], crate::now()).await.unwrap();
     let Outcome::Decided { decision, .. } = &outcomes[0] else {
@@ -102,6 +104,27 @@ async fn a_delivery_report_with_another_announced_size_opens_no_request() {
         "{decision:?}"
     );
     assert_ne!(decision.action, Action::CreateRequest);
+}
+
+/// Only the head of a message that was over the limit when the source read it: still
+/// quarantined as oversized after a reload raised the limit above its size, never decided
+/// (and acknowledged) as if the head were all of it.
+#[tokio::test]
+async fn a_head_read_under_a_lower_limit_is_quarantined_whatever_the_limit_is_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(dir.path()).await;
+    let head = "From: Olga <olga@outside.example>\r\nTo: support@desk.example\r\n\
+                Subject: Logs\r\nMessage-ID: <head-1@outside.example>\r\n\r\nThe logs:\r\n";
+    let mut env = envelope("head-1", head.to_string());
+    env.size = 200_000;
+    env.truncated = true;
+    assert!(env.size < pipeline.config().max_message_size);
+    let outcomes = pipeline.process_batch(&[env], crate::now()).await.unwrap();
+    let Outcome::Quarantined { reason, detail, .. } = &outcomes[0] else {
+        panic!("{:?}", outcomes[0]);
+    };
+    assert_eq!(*reason, Reason::Oversized);
+    assert!(detail.contains("only its head"), "{detail}");
 }
 
 fn envelope(reference: &str, raw: String) -> Envelope {
@@ -116,6 +139,7 @@ fn envelope(reference: &str, raw: String) -> Envelope {
         quarantine_ref: String::new(),
         content_hash: None,
         fetch_error: None,
+        truncated: false,
     }
 }
 

@@ -15,7 +15,7 @@ use crate::address::EmailAddress;
 
 use super::decision::{
     AccountOutcome, Action, Decision, EmailIntent, EmailKind, ParticipantDecision,
-    ParticipantOutcome, Reason,
+    ParticipantOutcome, Reason, SuppressedEmail,
 };
 use super::facts::{AccountKind, AccountStatus, Facts, Person, Thread};
 use super::model::{ChannelAccess, Desk, Policy, Sharing, Signup, SiteAccess, UnknownParticipants};
@@ -155,11 +155,12 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
                 && !sender.undeliverable
                 && reason_deserves_notice(reason)
             {
-                d.emails.push(EmailIntent {
-                    to: sender.address.clone(),
-                    kind: EmailKind::RejectionNotice,
-                    about: Some(reason),
-                });
+                mail(
+                    &mut d,
+                    &sender.address,
+                    EmailKind::RejectionNotice,
+                    Some(reason),
+                );
             }
             return d;
         }
@@ -171,11 +172,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     if let Some(kind) = requester.email
         && !sender.undeliverable
     {
-        decision.emails.push(EmailIntent {
-            to: sender.address.clone(),
-            kind,
-            about: None,
-        });
+        mail(&mut decision, &sender.address, kind, None);
     }
 
     if requester.hold {
@@ -247,15 +244,30 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     for p in &facts.recipients {
         let pd = participant(p, &ctx, &mut considered);
         if pd.outcome.created_kind().is_some() && !p.undeliverable {
-            decision.emails.push(EmailIntent {
-                to: p.address.clone(),
-                kind: EmailKind::Invitation,
-                about: None,
-            });
+            mail(&mut decision, &p.address, EmailKind::Invitation, None);
         }
         decision.participants.push(pd);
     }
     decision
+}
+
+/// Plans a mail to `to`; one to a no-reply address is recorded as suppressed instead
+/// (nobody reads it; it would only come back as a bounce or sit in a dead mailbox).
+fn mail(d: &mut Decision, to: &EmailAddress, kind: EmailKind, about: Option<Reason>) {
+    if to.is_no_reply() {
+        d.emails_suppressed.push(SuppressedEmail {
+            to: to.clone(),
+            kind,
+            reason: Reason::NoReplyAddress,
+            explanation: format!("{to} is a no-reply address"),
+        });
+        return;
+    }
+    d.emails.push(EmailIntent {
+        to: to.clone(),
+        kind,
+        about,
+    });
 }
 
 fn reason_deserves_notice(reason: Reason) -> bool {
@@ -768,6 +780,13 @@ fn participant(
         );
     }
     // No account.
+    if addr.is_no_reply() {
+        return drop(
+            p,
+            Reason::NoReplyAddress,
+            format!("{addr} is a no-reply address: no account is made for it"),
+        );
+    }
     if restricted {
         return drop(
             p,

@@ -103,6 +103,7 @@ reasons! {
     TooManyParticipants => "too_many_participants",
     RequestHeld => "request_held",
     MailRateLimited => "mail_rate_limited",
+    NoReplyAddress => "no_reply_address",
     AddressConfirmed => "address_confirmed",
     VerificationExpired => "verification_expired",
     MessageNotProcessed => "message_not_processed",

@@ -1438,3 +1438,52 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn no_reply_addresses_get_no_mail_and_no_new_account() {
+    let mut p = policy();
+    it(&mut p).unknown_participants = UnknownParticipants::Create;
+    let f = facts(
+        stranger("noreply@vendor.example"),
+        vec![
+            stranger("no-reply+alerts@vendor.example"),
+            stranger("olga@outside.example"),
+        ],
+    );
+    let d = decide(&f, &p);
+    // The request is still opened (an alert, a vendor's notice): only mail and accounts
+    // for addresses nobody reads are left out.
+    assert_eq!(d.action, Action::CreateRequest);
+    assert_eq!(
+        emails(&d),
+        vec![("olga@outside.example".into(), EmailKind::Invitation)]
+    );
+    let suppressed: Vec<(String, EmailKind, Reason)> = d
+        .emails_suppressed
+        .iter()
+        .map(|e| (e.to.to_string(), e.kind, e.reason))
+        .collect();
+    assert_eq!(
+        suppressed,
+        vec![(
+            "noreply@vendor.example".into(),
+            EmailKind::Invitation,
+            Reason::NoReplyAddress
+        )]
+    );
+    assert_eq!(
+        outcomes(&d),
+        vec![
+            (
+                "no-reply+alerts@vendor.example".into(),
+                ParticipantOutcome::Drop,
+                Reason::NoReplyAddress
+            ),
+            (
+                "olga@outside.example".into(),
+                ParticipantOutcome::CreatePortalOnly,
+                Reason::UnknownParticipantCreated
+            ),
+        ]
+    );
+}

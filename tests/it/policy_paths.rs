@@ -133,6 +133,41 @@ fn new_outsider_gets_portal_account_and_cc_is_dropped() {
     }
 }
 
+/// An alert from a no-reply address still opens a request; nobody reads mail sent
+/// there, so its invitation is suppressed, and a no-reply Cc gets no account.
+#[test]
+fn a_no_reply_sender_opens_a_request_but_gets_no_mail() {
+    for backend in BACKENDS {
+        let env = env(backend);
+        let d = explain_then_process(
+            &env,
+            "no-reply-sender.eml",
+            &Expect {
+                action: "create_request",
+                reason: "new_request",
+                account: "create_portal_only",
+                participants: &[(
+                    "no-reply+ops@alerts.vendor.example",
+                    "drop",
+                    "no_reply_address",
+                )],
+                emails: &[],
+            },
+        );
+        assert_eq!(
+            d["emails_suppressed"][0]["to"], "noreply@alerts.vendor.example",
+            "{d:#}"
+        );
+        assert_eq!(d["emails_suppressed"][0]["reason"], "no_reply_address");
+        assert_eq!(env.requests().len(), 1);
+        assert!(
+            !env.account_addresses()
+                .contains(&"no-reply+ops@alerts.vendor.example".to_string())
+        );
+        assert_eq!(env.outbox_files(), Vec::<std::path::PathBuf>::new());
+    }
+}
+
 #[test]
 fn help_desk_ccs_an_outsider_and_no_account_is_minted() {
     for backend in BACKENDS {
