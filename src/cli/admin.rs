@@ -1,4 +1,4 @@
-//! The directory commands: `accounts add|deactivate|reactivate|rename|merge`, `orgs`,
+//! The directory commands: `accounts add|deactivate|reactivate|deliverable|rename|merge`, `orgs`,
 //! `desks customers` and `agents`.
 //!
 //! Tables for people, `--json` for scripts. A refused change (bad input, a duplicate, a
@@ -39,6 +39,15 @@ pub enum AccountsAdminCommand {
     },
     /// Make a deactivated account active again.
     Reactivate {
+        /// The account's email address.
+        address: String,
+        /// Print JSON instead of a table (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear an address's undeliverable mark (a permanent bounce, or the relay refused
+    /// it), so that mail to it is queued again.
+    Deliverable {
         /// The account's email address.
         address: String,
         /// Print JSON instead of a table (for scripts).
@@ -415,6 +424,27 @@ async fn run_accounts(
         }
         AccountsAdminCommand::Reactivate { address: a, json } => {
             status(config, store, &a, AccountStatus::Active, json).await?;
+        }
+        AccountsAdminCommand::Deliverable { address: a, json } => {
+            let address = address(&a)?;
+            let since = store
+                .mark_deliverable(&actor(), &address)
+                .await
+                .map_err(admin)?;
+            if json {
+                print_json(&serde_json::json!({
+                    "address": address,
+                    "undeliverable_since": since,
+                    "changed": since.is_some(),
+                }))?;
+            } else if let Some(since) = since {
+                out!(
+                    "{address} is deliverable again (was undeliverable since {})",
+                    when(since)
+                );
+            } else {
+                out!("{address} was not marked undeliverable; nothing changed");
+            }
         }
         AccountsAdminCommand::Rename {
             address: a,

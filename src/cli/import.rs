@@ -476,6 +476,7 @@ impl Run {
                         .join(format!("{}.eml", m.sha256))
                         .display()
                         .to_string(),
+                    truncated: m.spilled.is_some(),
                     raw: m.raw,
                     size: m.size,
                     content_hash: Some(m.sha256),

@@ -196,7 +196,7 @@ pub enum Command {
     /// Requests: list and show.
     #[command(subcommand)]
     Requests(RequestsCommand),
-    /// Accounts: list, show, add, deactivate, reactivate, rename, merge.
+    /// Accounts: list, show, add, deactivate, reactivate, deliverable, rename, merge.
     #[command(subcommand)]
     Accounts(AccountsCommand),
     /// Organizations: list, show, add, remove, add-member, remove-member.
@@ -661,6 +661,7 @@ async fn deliver(config: Arc<Config>, desk: Option<&str>) -> anyhow::Result<u8> 
     };
     let env = Envelope {
         size,
+        truncated: spilled.is_some(),
         content_hash: Some(hash.clone()),
         fetch_error: None,
         quarantine_ref: quarantine_dir
@@ -989,7 +990,10 @@ async fn accounts(config: Arc<Config>, cmd: AccountsCommand) -> anyhow::Result<u
                     out!("verified: {}", when(v));
                 }
                 if let Some(u) = a.undeliverable_at {
-                    out!("undeliverable since: {} (a permanent bounce)", when(u));
+                    out!(
+                        "undeliverable since: {} (a permanent bounce, or the relay refused it)",
+                        when(u)
+                    );
                 }
                 if a.soft_bounces > 0 {
                     out!("temporary bounces: {}", a.soft_bounces);
@@ -1106,6 +1110,7 @@ async fn quarantine(config: Arc<Config>, cmd: QuarantineCommand) -> anyhow::Resu
             };
             let env = Envelope {
                 size: raw.len() as u64,
+                truncated: false,
                 content_hash: None,
                 fetch_error: None,
                 raw,

@@ -495,6 +495,58 @@ impl Store {
         Ok(change)
     }
 
+    /// Clears an account's undeliverable mark (a permanent bounce of our mail, or a relay
+    /// refusing the address) and its soft-bounce count: mail to it is queued again.
+    /// Returns since when it was marked; `None` when it was not (nothing changes).
+    pub async fn mark_deliverable(
+        &self,
+        actor: &Actor,
+        address: &EmailAddress,
+    ) -> Result<Option<i64>, AdminError> {
+        let mut wtx = self.begin_write().await?;
+        let conn = wtx.conn();
+        let acc = lock_account(conn, address).await?;
+        let since: Option<i64> =
+            sqlx::query_scalar("SELECT undeliverable_at FROM accounts WHERE id = $1")
+                .bind(acc.id)
+                .fetch_one(&mut *conn)
+                .await
+                .ctx("read an account")?;
+        let Some(since) = since else {
+            wtx.rollback().await?;
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE accounts SET undeliverable_at = NULL, soft_bounces = 0, updated_at = $1 \
+             WHERE id = $2",
+        )
+        .bind(actor.now)
+        .bind(acc.id)
+        .execute(&mut *conn)
+        .await
+        .ctx("mark an address deliverable")?;
+        write_audit(
+            conn,
+            actor,
+            Note {
+                action: "mark_deliverable",
+                desk: None,
+                explanation: format!(
+                    "{address} was marked deliverable again from the command line \
+                     (undeliverable since {since})"
+                ),
+                details: serde_json::json!({
+                    "address": address.as_str(),
+                    "undeliverable_since": since,
+                }),
+                addresses: vec![(acc.address.clone(), "account".into(), "deliverable")],
+            },
+        )
+        .await?;
+        wtx.commit().await?;
+        Ok(Some(since))
+    }
+
     /// Sets an account's display name. Returns the previous one, and whether it changed.
     pub async fn rename_account(
         &self,
