@@ -42,6 +42,10 @@ pub enum DaemonError {
 /// How long shutdown waits for work in flight.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// How long closing the database waits for connections still in use. The deadline, the
+/// final outbox pass (5 s) and this stay under the unit's `TimeoutStopSec` (30 s).
+const STORE_CLOSE_WAIT: Duration = Duration::from_secs(3);
+
 /// Opens the database, brings schema and directory up to date, and builds the pipeline.
 pub async fn prepare(config: Arc<Config>) -> Result<Pipeline, DaemonError> {
     let store = Store::open(&config.database).await?;
@@ -89,28 +93,57 @@ pub fn outbox_worker(pipeline: &Pipeline) -> Result<Worker, crate::outbox::SendE
 /// Long-running tasks that ended while the daemon was not stopping.
 type Died = Arc<std::sync::Mutex<Vec<String>>>;
 
-/// Spawns a task that should run until shutdown; if it ends earlier it is recorded in
-/// `died`, so the supervisor stops the daemon (and systemd restarts it).
+/// Spawns a task that should run until shutdown; if it ends earlier, or panics at any
+/// time, it is recorded in `died`, so the supervisor stops the daemon (and systemd
+/// restarts it). A panicking mailbox task (`mailbox`: its name) is also marked failed in
+/// `health`; its lease is left to expire, or to the restarted process, which sees this
+/// one gone and takes it at once.
 fn supervised<F>(
     tracker: &TaskTracker,
     died: &Died,
     shutdown: &CancellationToken,
     name: String,
+    mailbox: Option<(crate::health::Health, String)>,
     task: F,
 ) where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let died = died.clone();
     let shutdown = shutdown.clone();
+    // The task runs in its own spawn so that a panic ends only it and comes back here
+    // as a `JoinError`; awaited inline, it would unwind through this wrapper too.
+    let inner = tracker.spawn(task);
     tracker.spawn(async move {
-        task.await;
-        if !shutdown.is_cancelled() {
-            tracing::error!(task = %name, "a task ended unexpectedly; stopping so the service manager can restart intake");
-            if let Ok(mut d) = died.lock() {
-                d.push(name);
+        match inner.await {
+            Err(e) if e.is_panic() => {
+                let why = panic_message(e.into_panic());
+                tracing::error!(task = %name, panic = %why, "a task panicked; stopping so the service manager can restart intake");
+                if let Some((health, mailbox)) = &mailbox {
+                    health.failed(mailbox, &format!("the mailbox task panicked: {why}"));
+                }
+            }
+            // Ended, or cancelled (only when the runtime itself goes away).
+            Ok(()) | Err(_) => {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tracing::error!(task = %name, "a task ended unexpectedly; stopping so the service manager can restart intake");
             }
         }
+        if let Ok(mut d) = died.lock() {
+            d.push(name);
+        }
     });
+}
+
+/// The message a panic was raised with (`panic!("...")` gives a `&str` or a `String`).
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "no message".to_string(), |s| s.to_string()),
+    }
 }
 
 /// Runs until `shutdown` is cancelled. With `source`, SIGHUP reloads the configuration
@@ -132,7 +165,7 @@ pub async fn run(
     let board = Arc::new(Board::new(
         crate::mailbox::lease::instance_id(),
         config.database.mailbox_lease,
-        config.mailboxes.len(),
+        config.mailboxes.iter().map(|m| m.name.clone()).collect(),
     ));
     crate::mailbox::lease::forget_gone(pipeline.store()).await;
     crate::mailbox::lease::beat(pipeline.store(), &board).await;
@@ -140,9 +173,14 @@ pub async fn run(
         let store = pipeline.store().clone();
         let board = board.clone();
         let token = shutdown.child_token();
-        supervised(&tracker, &died, &shutdown, "heartbeat".into(), async move {
-            crate::mailbox::lease::heartbeat(store, board, token).await
-        });
+        supervised(
+            &tracker,
+            &died,
+            &shutdown,
+            "heartbeat".into(),
+            None,
+            async move { crate::mailbox::lease::heartbeat(store, board, token).await },
+        );
     }
     for mb in &config.mailboxes {
         let pipeline = pipeline.clone();
@@ -150,6 +188,7 @@ pub async fn run(
         let task = format!("mailbox {}", mb.name);
         let name = mb.name.clone();
         let board = board.clone();
+        let health = Some((pipeline.health.clone(), mb.name.clone()));
         match &mb.kind {
             MailboxKind::Maildir(cfg) => {
                 let source = Arc::new(MaildirSource::new(
@@ -158,7 +197,7 @@ pub async fn run(
                     cfg.clone(),
                 ));
                 tracing::info!(mailbox = %mb.name, path = %cfg.path.display(), desk = %mb.desk, "watching maildir");
-                supervised(&tracker, &died, &shutdown, task, async move {
+                supervised(&tracker, &died, &shutdown, task, health, async move {
                     run_leased(pipeline, name, board, token, |p, t| {
                         let source = source.clone();
                         async move { source.run(p, t).await }
@@ -173,7 +212,7 @@ pub async fn run(
                     (**cfg).clone(),
                 ));
                 tracing::info!(mailbox = %mb.name, address = %cfg.address(), folder = %cfg.folder, desk = %mb.desk, "watching imap folder");
-                supervised(&tracker, &died, &shutdown, task, async move {
+                supervised(&tracker, &died, &shutdown, task, health, async move {
                     run_leased(pipeline, name, board, token, |p, t| {
                         let source = source.clone();
                         async move { source.run(p, t).await }
@@ -199,6 +238,7 @@ pub async fn run(
             &died,
             &shutdown,
             "HTTP server".into(),
+            None,
             async move {
                 if let Err(e) = crate::http::serve(listener, state, token).await {
                     tracing::error!(error = %e, "HTTP server failed");
@@ -210,32 +250,44 @@ pub async fn run(
         // Held requests and pending accounts past their time, once a minute.
         let pipeline = pipeline.clone();
         let token = shutdown.child_token();
-        supervised(&tracker, &died, &shutdown, "expiry".into(), async move {
-            loop {
-                let hold_ttl = pipeline.config().hold_ttl.as_secs() as i64;
-                match pipeline.store().expire(crate::now(), hold_ttl).await {
-                    Ok(e) if !e.requests.is_empty() || !e.accounts.is_empty() => {
-                        tracing::info!(requests = ?e.requests, accounts = ?e.accounts, "expired unconfirmed requests and accounts");
+        supervised(
+            &tracker,
+            &died,
+            &shutdown,
+            "expiry".into(),
+            None,
+            async move {
+                loop {
+                    let hold_ttl = pipeline.config().hold_ttl.as_secs() as i64;
+                    match pipeline.store().expire(crate::now(), hold_ttl).await {
+                        Ok(e) if !e.requests.is_empty() || !e.accounts.is_empty() => {
+                            tracing::info!(requests = ?e.requests, accounts = ?e.accounts, "expired unconfirmed requests and accounts");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %crate::outbox::error_chain(&e), "expiry pass failed")
+                        }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %crate::outbox::error_chain(&e), "expiry pass failed")
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
                     }
                 }
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                }
-            }
-        });
+            },
+        );
     }
     {
         let worker = worker.clone();
         let token = shutdown.child_token();
         let wake = pipeline.outbox_wake.clone();
-        supervised(&tracker, &died, &shutdown, "outbox".into(), async move {
-            worker.run(token, wake).await
-        });
+        supervised(
+            &tracker,
+            &died,
+            &shutdown,
+            "outbox".into(),
+            None,
+            async move { worker.run(token, wake).await },
+        );
     }
     // Why the last reload was refused, until one succeeds: kept in the status line.
     let refused: RefusedReload = Arc::default();
@@ -243,6 +295,7 @@ pub async fn run(
         let pipeline = pipeline.clone();
         let notifier = notifier.clone();
         let refused = refused.clone();
+        let started = config.clone();
         let token = shutdown.child_token();
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(mut hup) => {
@@ -254,7 +307,7 @@ pub async fn run(
                                 if got.is_none() {
                                     return;
                                 }
-                                reload(&pipeline, &source, &notifier, &refused).await;
+                                reload(&pipeline, &started, &source, &notifier, &refused).await;
                             }
                         }
                     }
@@ -303,13 +356,26 @@ pub async fn run(
     {
         tracing::warn!(error = %crate::outbox::error_chain(&e), "final outbox pass failed");
     }
-    pipeline.store().close().await;
+    close_store(pipeline.store(), STORE_CLOSE_WAIT).await;
     let died = died.lock().map(|d| d.clone()).unwrap_or_default();
     if !died.is_empty() {
         return Err(DaemonError::TaskDied(died.join(", ")));
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Closes the database's connections, waiting at most `wait`. Closing waits for every
+/// connection in use to come back, and after the shutdown deadline one may never come
+/// back in time (a batch blocked on a row lock another instance holds): the process
+/// exits anyway, and the server rolls that transaction back when the socket closes.
+async fn close_store(store: &Store, wait: Duration) {
+    if tokio::time::timeout(wait, store.close()).await.is_err() {
+        tracing::warn!(
+            "database connections still in use after {:?}; exiting without closing them",
+            wait
+        );
+    }
 }
 
 /// Why the last configuration reload was refused (`None` once one succeeds).
@@ -402,6 +468,7 @@ fn status_line(
 /// reported as needing a restart.
 async fn reload(
     pipeline: &Pipeline,
+    started: &Config,
     source: &ConfigSource,
     notifier: &Notifier,
     refused: &RefusedReload,
@@ -419,25 +486,7 @@ async fn reload(
     };
     let outcome = match loaded {
         Err(e) => Err(e.to_string()),
-        Ok(new) => match Templates::from_config(&new) {
-            Err(e) => Err(crate::outbox::error_chain(&e)),
-            Ok(templates) => match pipeline
-                .store()
-                .sync_directory(&new.directory, crate::now(), true)
-                .await
-            {
-                Err(e) => Err(crate::outbox::error_chain(&e)),
-                Ok(_) => {
-                    let old = pipeline.config();
-                    let restart = restart_only_changes(&old, &new);
-                    if !restart.is_empty() {
-                        tracing::warn!(sections = ?restart, "these settings changed but take effect only after a restart");
-                    }
-                    pipeline.replace(Arc::new(new), templates);
-                    Ok(())
-                }
-            },
-        },
+        Ok(new) => put_in_force(pipeline, started, new).await,
     };
     match outcome {
         Ok(()) => {
@@ -455,6 +504,48 @@ async fn reload(
         }
     }
     notifier.notify("READY=1");
+}
+
+/// Checks a loaded configuration against the daemon (`started` under the configuration
+/// it was started with) and puts it in force: the policy, the directory (synced into the
+/// database) and the templates.
+async fn put_in_force(pipeline: &Pipeline, started: &Config, new: Config) -> Result<(), String> {
+    let taken = desks_taken_from_running_mailboxes(started, &new);
+    if !taken.is_empty() {
+        return Err(format!(
+            "{}: a running mailbox files into the desk it was started with, and would \
+             ignore (and acknowledge) every message; restart intake to rename or remove a \
+             desk a mailbox uses",
+            taken.join("; ")
+        ));
+    }
+    let templates = Templates::from_config(&new).map_err(|e| crate::outbox::error_chain(&e))?;
+    pipeline
+        .store()
+        .sync_directory(&new.directory, crate::now(), true)
+        .await
+        .map_err(|e| crate::outbox::error_chain(&e))?;
+    let restart = restart_only_changes(started, &new);
+    if !restart.is_empty() {
+        tracing::warn!(sections = ?restart, "these settings changed but take effect only after a restart");
+    }
+    pipeline.replace(Arc::new(new), templates);
+    Ok(())
+}
+
+/// The desks the running mailboxes (started under `old`) file into that `new` no longer
+/// has, as "mailbox NAME files into desk KEY, which the new configuration lacks".
+fn desks_taken_from_running_mailboxes(old: &Config, new: &Config) -> Vec<String> {
+    old.mailboxes
+        .iter()
+        .filter(|mb| !new.policy.desks.iter().any(|d| d.key == mb.desk))
+        .map(|mb| {
+            format!(
+                "mailbox {} files into desk {}, which the new configuration lacks",
+                mb.name, mb.desk
+            )
+        })
+        .collect()
 }
 
 /// The sections a reload cannot apply to the running daemon.
@@ -479,3 +570,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     changed
 }
+
+#[cfg(test)]
+#[path = "daemon_tests.rs"]
+mod tests;

@@ -2,23 +2,131 @@
 
 use super::*;
 
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn live(holder: &str, mailboxes: Option<&[&str]>, held: usize) -> LiveInstance {
+    LiveInstance {
+        holder: holder.into(),
+        mailboxes: mailboxes.map(names),
+        held,
+    }
+}
+
 #[test]
 fn fair_share_and_surplus() {
-    let board = Board::new("a".into(), Duration::from_secs(30), 3);
-    assert_eq!(board.fair_share(), 3);
-    board.held.store(3, Ordering::SeqCst);
-    assert!(!board.claim_surplus(), "alone it keeps all three");
-    board.live.store(2, Ordering::SeqCst);
-    assert_eq!(board.fair_share(), 2);
-    assert!(board.claim_surplus(), "with two instances one goes back");
-    assert_eq!(board.held.load(Ordering::SeqCst), 2);
-    assert!(!board.claim_surplus());
-    board.live.store(3, Ordering::SeqCst);
-    assert!(board.claim_surplus());
-    assert!(!board.claim_surplus());
-    assert_eq!(board.held.load(Ordering::SeqCst), 1);
-    board.live.store(10, Ordering::SeqCst);
-    assert_eq!(board.fair_share(), 1, "never less than one");
+    let board = Board::new("a".into(), Duration::from_secs(30), names(&["x", "y", "z"]));
+    let all: &[&str] = &["x", "y", "z"];
+    assert!(board.update(&[live("a", Some(all), 0)]).is_none());
+    assert_eq!(board.shares().share, 3);
+    board.shares().held = 3;
+    assert!(!board.claim_surplus("x"), "alone it keeps all three");
+    board.update(&[live("a", Some(all), 3), live("b", Some(all), 0)]);
+    assert_eq!(board.shares().share, 2);
+    assert!(board.claim_surplus("x"), "with two instances one goes back");
+    assert_eq!(board.shares().held, 2);
+    assert!(!board.claim_surplus("y"));
+    board.update(&[
+        live("a", Some(all), 2),
+        live("b", Some(all), 1),
+        live("c", Some(all), 0),
+    ]);
+    assert!(board.claim_surplus("y"));
+    assert!(!board.claim_surplus("z"));
+    assert_eq!(board.shares().held, 1);
+    let many: Vec<LiveInstance> = (0..10)
+        .map(|i| live(&format!("i{i}"), Some(all), 0))
+        .chain([live("a", Some(all), 1)])
+        .collect();
+    board.update(&many);
+    assert_eq!(board.shares().share, 1, "never less than one");
+}
+
+/// An instance counts toward the share only of the mailboxes it is configured for.
+#[test]
+fn shares_count_only_instances_that_can_take_the_mailbox() {
+    let two: &[&str] = &["m1", "m2"];
+    let share = |mine: &[&str], live: &[LiveInstance]| plan("a", &names(mine), live).0;
+    // An HTTP-only instance (no mailboxes) takes nothing: "a" keeps both.
+    assert_eq!(
+        share(two, &[live("a", Some(two), 0), live("w", Some(&[]), 0)]),
+        2
+    );
+    // The same list everywhere: ceil(mailboxes / instances), as before.
+    let four: &[&str] = &["m1", "m2", "m3", "m4"];
+    let same: Vec<LiveInstance> = ["a", "b", "c"]
+        .iter()
+        .map(|h| live(h, Some(four), 0))
+        .collect();
+    assert_eq!(share(four, &same), 2);
+    let three: &[&str] = &["m1", "m2", "m3"];
+    let same: Vec<LiveInstance> = ["a", "b", "c"]
+        .iter()
+        .map(|h| live(h, Some(three), 0))
+        .collect();
+    assert_eq!(share(three, &same), 1, "3 × 1/3 is not rounded up to 2");
+    // A rolling restart: "b" still runs the old list without m3. "a" takes m3 and
+    // half of the rest; "b" has room for one.
+    let (a_share, peers) = plan(
+        "a",
+        &names(&["m1", "m2", "m3"]),
+        &[
+            live("a", Some(&["m1", "m2", "m3"]), 0),
+            live("b", Some(two), 0),
+        ],
+    );
+    assert_eq!(a_share, 2);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].room, 1);
+    // The same seen from "b": "a" has room for two (m3 is its alone).
+    let (b_share, peers) = plan(
+        "b",
+        &names(two),
+        &[
+            live("a", Some(&["m1", "m2", "m3"]), 0),
+            live("b", Some(two), 0),
+        ],
+    );
+    assert_eq!(b_share, 1);
+    assert_eq!(peers[0].room, 2);
+    // An older version that did not say counts for every mailbox, as it counts itself,
+    // but is never handed one: its room is unknown.
+    let (a_share, peers) = plan("a", &names(two), &[live("b", None, 0)]);
+    assert_eq!(a_share, 1);
+    assert_eq!(peers[0].room, 0);
+}
+
+/// A mailbox goes back only to an instance that is configured for it and has room.
+#[test]
+fn surplus_goes_only_where_it_is_taken() {
+    let board = Board::new(
+        "a".into(),
+        Duration::from_secs(30),
+        names(&["m1", "m2", "m3"]),
+    );
+    board.update(&[
+        live("a", Some(&["m1", "m2", "m3"]), 3),
+        live("b", Some(&["m1"]), 0),
+        live("w", Some(&[]), 0),
+    ]);
+    // "a": 1/2 + 1 + 1 → 3; no surplus.
+    assert_eq!(board.shares().share, 3);
+    board.shares().held = 3;
+    assert!(!board.claim_surplus("m1"));
+    board.update(&[
+        live("a", Some(&["m1", "m2", "m3"]), 3),
+        live("b", Some(&["m1", "m2"]), 0),
+        live("c", Some(&["m1", "m2"]), 1),
+    ]);
+    // "a": 1/3 + 1/3 + 1 → 2, one too many; "b" has room for one (1/3 + 1/3 → 1), "c"
+    // none. Only m1 or m2 can go, and only once.
+    assert_eq!(board.shares().share, 2);
+    assert!(!board.claim_surplus("m3"), "nobody else can take m3");
+    assert!(board.claim_surplus("m2"));
+    assert!(!board.claim_surplus("m1"), "at its share now");
+    board.shares().held = 4;
+    assert!(!board.claim_surplus("m1"), "b's room was used by m2");
 }
 
 #[test]
@@ -47,6 +155,12 @@ fn gone_holders_here_and_elsewhere() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(gone_from_here(&sleeping), "a pid that has exited");
+    // The same tag under another host name (a cloned machine sharing the machine id):
+    // not judged here.
+    assert!(!gone_from_here(&format!(
+        "{host}-clone:{}:abcdef/{tag}",
+        child.id()
+    )));
     // Another machine, or no tag: never taken early.
     assert!(!gone_from_here(&format!(
         "{host}:{}:abcdef/000000000000",
@@ -73,4 +187,137 @@ fn a_live_process_of_the_same_program_is_not_gone() {
     child.wait().unwrap();
     assert!(alive, "a running instance is not gone");
     assert!(gone_from_here(&holder), "and is once it exited");
+}
+
+async fn pipeline(dir: &std::path::Path) -> Pipeline {
+    let toml = format!(
+        "[database]\nurl = \"sqlite://{d}/intake.db\"\n\
+         [[desks]]\nkey = \"IT\"\naddresses = [\"it@desk.example\"]\n\
+         [trust]\nrequire_authentication = false\n[outbox]\ndir = \"{d}/outbox\"\n",
+        d = dir.display()
+    );
+    let path = dir.join("intake.toml");
+    std::fs::write(&path, toml).unwrap();
+    let source = crate::config::ConfigSource::File(path);
+    let config = Arc::new(
+        crate::config::Config::load_with_env(&source, Some(std::collections::HashMap::new()))
+            .unwrap(),
+    );
+    let store = Store::open(&config.database).await.unwrap();
+    let templates = crate::outbox::Templates::from_config(&config).unwrap();
+    Pipeline::new(store, config, templates)
+}
+
+/// Which mailboxes are being worked, and how many turns each had.
+#[derive(Default)]
+struct Worked {
+    now: std::collections::BTreeSet<String>,
+    turns: std::collections::BTreeMap<String, usize>,
+}
+
+type Shared = Arc<std::sync::Mutex<Worked>>;
+
+/// Runs `mailboxes` under `board` with a source that records its turns.
+fn work(
+    pipeline: &Pipeline,
+    board: &Arc<Board>,
+    mailboxes: &[&str],
+    shutdown: &CancellationToken,
+    worked: &Shared,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    mailboxes
+        .iter()
+        .map(|mb| {
+            let (pipeline, board, shutdown, worked) = (
+                pipeline.clone(),
+                board.clone(),
+                shutdown.clone(),
+                worked.clone(),
+            );
+            let mb = mb.to_string();
+            tokio::spawn(async move {
+                run_leased(pipeline, mb.clone(), board, shutdown, move |_, token| {
+                    let (worked, mb) = (worked.clone(), mb.clone());
+                    async move {
+                        {
+                            let mut w = worked.lock().unwrap();
+                            w.now.insert(mb.clone());
+                            *w.turns.entry(mb.clone()).or_default() += 1;
+                        }
+                        token.cancelled().await;
+                        worked.lock().unwrap().now.remove(&mb);
+                    }
+                })
+                .await
+            })
+        })
+        .collect()
+}
+
+/// An instance with no mailboxes (HTTP only) on the same database used to count as
+/// live and halve the others' fair share: one of two mailboxes was never worked.
+#[tokio::test]
+async fn an_instance_without_mailboxes_does_not_starve_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(dir.path()).await;
+    let ttl = Duration::from_secs(1);
+    let http_only = Board::new("w".into(), ttl, Vec::new());
+    beat(pipeline.store(), &http_only).await;
+    let board = Arc::new(Board::new("a".into(), ttl, names(&["m1", "m2"])));
+    beat(pipeline.store(), &board).await;
+    let shutdown = CancellationToken::new();
+    let worked = Shared::default();
+    let tasks = work(&pipeline, &board, &["m1", "m2"], &shutdown, &worked);
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        beat(pipeline.store(), &http_only).await;
+        beat(pipeline.store(), &board).await;
+    }
+    let now = worked.lock().unwrap().now.clone();
+    shutdown.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(now.len(), 2, "worked: {now:?}");
+}
+
+/// Another instance is configured for both mailboxes and, by the shares, has room for
+/// one, but never takes it (its task failing). The mailbox nobody holds is taken above
+/// the share after a lease time, and the turns settle: nothing is handed back and forth.
+#[tokio::test]
+async fn a_mailbox_nobody_takes_is_taken_above_the_share_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(dir.path()).await;
+    let ttl = Duration::from_secs(1);
+    let idle = Board::new("p".into(), ttl, names(&["m1", "m2"]));
+    beat(pipeline.store(), &idle).await;
+    let board = Arc::new(Board::new("a".into(), ttl, names(&["m1", "m2"])));
+    beat(pipeline.store(), &board).await;
+    assert_eq!(board.shares().share, 1);
+    let shutdown = CancellationToken::new();
+    let worked = Shared::default();
+    let tasks = work(&pipeline, &board, &["m1", "m2"], &shutdown, &worked);
+    // Taken at once: one mailbox within the share. After a lease time the other, above
+    // it; one of the two then goes back to the idle instance, which does not take it,
+    // and is taken again a lease time later, for good (about 3.5 s in all).
+    let mut settled = None;
+    for round in 0..30 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        beat(pipeline.store(), &idle).await;
+        beat(pipeline.store(), &board).await;
+        if round == 19 {
+            settled = Some(worked.lock().unwrap().turns.clone());
+        }
+    }
+    let (now, turns) = {
+        let w = worked.lock().unwrap();
+        (w.now.clone(), w.turns.clone())
+    };
+    shutdown.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(now.len(), 2, "worked: {now:?}");
+    assert_eq!(settled, Some(turns.clone()), "no turns in the last 3 s");
+    assert!(turns.values().all(|n| *n <= 2), "turns: {turns:?}");
 }

@@ -161,18 +161,37 @@ pub async fn fence(
     Ok(done.rows_affected() == 1)
 }
 
+/// A live instance, as its heartbeat row and the leases it holds say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveInstance {
+    pub holder: String,
+    /// The mailboxes it is configured to work. `None`: a version that did not say.
+    pub mailboxes: Option<Vec<String>>,
+    /// Mailbox leases it holds now.
+    pub held: usize,
+}
+
 impl Store {
-    /// Records that `holder` is alive for `ttl_secs` more and forgets instances gone
-    /// for a long time. Returns how many instances are alive, this one included.
-    pub async fn instance_beat(&self, holder: &str, ttl_secs: i64) -> Result<i64, StoreError> {
+    /// Records that `holder`, configured with `mailboxes`, is alive for `ttl_secs` more,
+    /// and forgets instances gone for a long time. Returns the live instances, this one
+    /// included.
+    pub async fn instance_beat(
+        &self,
+        holder: &str,
+        ttl_secs: i64,
+        mailboxes: &[String],
+    ) -> Result<Vec<LiveInstance>, StoreError> {
         let mut wtx = self.begin_write().await?;
         let now = db_now(wtx.conn());
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO instances (holder, started_at, expires_at) VALUES ($1, {now}, {now} + $2) \
-             ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at"
+            "INSERT INTO instances (holder, started_at, expires_at, mailboxes) \
+             VALUES ($1, {now}, {now} + $2, $3) \
+             ON CONFLICT (holder) DO UPDATE SET expires_at = excluded.expires_at, \
+               mailboxes = excluded.mailboxes"
         )))
         .bind(holder)
         .bind(ttl_secs)
+        .bind(mailboxes.join(" "))
         .execute(wtx.conn())
         .await
         .ctx("record this instance")?;
@@ -182,14 +201,28 @@ impl Store {
         .execute(wtx.conn())
         .await
         .ctx("forget old instances")?;
-        let live: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT COUNT(*) FROM instances WHERE expires_at >= {now}"
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT i.holder, i.mailboxes, \
+               (SELECT COUNT(*) FROM mailbox_state s \
+                WHERE s.lease_owner = i.holder AND s.lease_expires_at >= {now}) \
+             FROM instances i WHERE i.expires_at >= {now} ORDER BY i.holder"
         )))
-        .fetch_one(wtx.conn())
+        .fetch_all(wtx.conn())
         .await
-        .ctx("count instances")?;
+        .ctx("list live instances")?;
         wtx.commit().await?;
-        Ok(live.max(1))
+        rows.iter()
+            .map(|r| {
+                let mailboxes: Option<String> = r.try_get(1).ctx("list live instances")?;
+                let held: i64 = r.try_get(2).ctx("list live instances")?;
+                Ok(LiveInstance {
+                    holder: r.try_get(0).ctx("list live instances")?,
+                    mailboxes: mailboxes
+                        .map(|m| m.split_whitespace().map(str::to_string).collect()),
+                    held: usize::try_from(held).unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     /// The instances that announced themselves, alive or not yet forgotten.

@@ -80,7 +80,8 @@ pub struct AccountDetail {
     #[serde(flatten)]
     pub account: AccountRow,
     pub verified_at: Option<i64>,
-    /// When a permanent bounce of our mail to the address arrived: we send it no more mail.
+    /// When a permanent bounce of our mail to the address arrived, or a relay refused it
+    /// as a recipient: we send it no more mail.
     pub undeliverable_at: Option<i64>,
     /// Temporary failures of our mail to the address.
     pub soft_bounces: i64,
@@ -107,6 +108,17 @@ pub struct LedgerRow {
     pub quarantine_ref: Option<String>,
 }
 
+/// One worker's claim on an outbox row: the row, its `attempts` and its lease's end
+/// (`next_attempt_at`) as the claim set them. Another claim counts one more attempt and
+/// sets its own lease; `outbox retry` resets the attempts, but a claim after it ends its
+/// lease at another time: together they name this claim alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxClaim {
+    pub id: i64,
+    pub attempts: i64,
+    pub until: i64,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct OutboxRow {
     pub id: i64,
@@ -128,6 +140,17 @@ pub struct OutboxRow {
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
     pub created_at: i64,
+}
+
+impl OutboxRow {
+    /// The claim this row was handed out under ([`Store::claim_outbox`]).
+    pub fn claim(&self) -> OutboxClaim {
+        OutboxClaim {
+            id: self.id,
+            attempts: self.attempts,
+            until: self.next_attempt_at,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -543,37 +566,58 @@ impl Store {
 
     /// Starts a mailbox's progress at `last_uid` (first contact, UIDVALIDITY change); it
     /// is also remembered as the mailbox's first UID ([`Store::mailbox_first_uid`]).
+    /// `new_after` (first contact with `start = "new"`) is kept until replaced: `None`
+    /// leaves the recorded one.
     pub async fn set_mailbox_state(
         &self,
         mailbox: &str,
         uidvalidity: i64,
         last_uid: i64,
+        new_after: Option<i64>,
         now: i64,
     ) -> Result<(), StoreError> {
         let mut wtx = self.begin_write().await?;
         save_mailbox_state(wtx.conn(), mailbox, uidvalidity, last_uid, now).await?;
-        sqlx::query("UPDATE mailbox_state SET first_uid = $1 WHERE mailbox = $2")
-            .bind(last_uid)
-            .bind(mailbox)
-            .execute(wtx.conn())
-            .await
-            .ctx("record where mailbox progress starts")?;
+        sqlx::query(
+            "UPDATE mailbox_state SET first_uid = $1, new_after = COALESCE($3, new_after) \
+             WHERE mailbox = $2",
+        )
+        .bind(last_uid)
+        .bind(mailbox)
+        .bind(new_after)
+        .execute(wtx.conn())
+        .await
+        .ctx("record where mailbox progress starts")?;
         wtx.commit().await
     }
 
     /// The UID a mailbox's progress started from: everything above it up to the last
     /// UID was committed by us. `None` when it was started before this was recorded.
     pub async fn mailbox_first_uid(&self, mailbox: &str) -> Result<Option<i64>, StoreError> {
+        self.mailbox_state_value(mailbox, "first_uid").await
+    }
+
+    /// With `start = "new"`: the newest INTERNALDATE that was in the folder at first
+    /// contact (Unix seconds), if it was recorded.
+    pub async fn mailbox_new_after(&self, mailbox: &str) -> Result<Option<i64>, StoreError> {
+        self.mailbox_state_value(mailbox, "new_after").await
+    }
+
+    /// One optional number of a mailbox's progress row (`column` is ours, not input).
+    async fn mailbox_state_value(
+        &self,
+        mailbox: &str,
+        column: &'static str,
+    ) -> Result<Option<i64>, StoreError> {
         let mut conn = self.acquire().await?;
-        let row = sqlx::query("SELECT first_uid FROM mailbox_state WHERE mailbox = $1")
-            .bind(mailbox)
-            .fetch_optional(&mut *conn)
-            .await
-            .ctx("read mailbox progress")?;
-        match row {
-            Some(r) => r.try_get(0).ctx("read mailbox progress"),
-            None => Ok(None),
-        }
+        let value: Option<Option<i64>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {column} FROM mailbox_state WHERE mailbox = $1"
+        )))
+        .bind(mailbox)
+        .fetch_optional(&mut *conn)
+        .await
+        .ctx("read mailbox progress")?;
+        Ok(value.flatten())
     }
 
     pub async fn mark_released(&self, ledger_id: i64, now: i64) -> Result<(), StoreError> {
@@ -662,6 +706,7 @@ impl Store {
             .await
             .ctx("claim outgoing mail")?;
             r.attempts += 1;
+            r.next_attempt_at = now + lease_secs;
             r.status = "sending".into();
             out.push(r);
         }
@@ -669,51 +714,96 @@ impl Store {
         Ok(out)
     }
 
-    /// Marks a mail sent. The body of mail carrying a one-time link is cleared: the token
-    /// must not outlive its delivery in the database.
-    pub async fn outbox_sent(&self, id: i64, now: i64) -> Result<(), StoreError> {
+    /// Whether the claim `claim` (the row's `attempts` once claimed, see [`OutboxClaim`])
+    /// is still this worker's and has not run out at `now`: checked before sending, so a
+    /// worker that was frozen past its lease does not send what another has claimed.
+    pub async fn outbox_claim_holds(
+        &self,
+        claim: OutboxClaim,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.acquire().await?;
-        sqlx::query(
-            "UPDATE outbox SET status = 'sent', sent_at = $1, last_error = NULL, \
+        let held: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM outbox WHERE {CLAIM_HELD} AND next_attempt_at > $4"
+        )))
+        .bind(claim.id)
+        .bind(claim.attempts)
+        .bind(claim.until)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await
+        .ctx("check a claim on outgoing mail")?;
+        Ok(held.is_some())
+    }
+
+    /// Marks a mail sent. The body of mail carrying a one-time link is cleared: the token
+    /// must not outlive its delivery in the database. False (nothing changed) when the
+    /// claim had passed to another worker meanwhile.
+    pub async fn outbox_sent(&self, claim: OutboxClaim, now: i64) -> Result<bool, StoreError> {
+        let mut conn = self.acquire().await?;
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE outbox SET status = 'sent', sent_at = $4, last_error = NULL, \
                body_text = CASE WHEN kind IN ('verification', 'invitation') \
                  THEN '(sent; the one-time link is not kept)' ELSE body_text END, \
                body_html = CASE WHEN kind IN ('verification', 'invitation') THEN NULL ELSE body_html END \
-             WHERE id = $2",
-        )
+             WHERE {CLAIM_HELD}"
+        )))
+        .bind(claim.id)
+        .bind(claim.attempts)
+        .bind(claim.until)
         .bind(now)
-        .bind(id)
         .execute(&mut *conn)
         .await
         .ctx("mark mail sent")?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Records a failed attempt: retried at `retry_at`, or `dead` when `retry_at` is None.
+    /// False (nothing changed) when the claim had passed to another worker meanwhile: its
+    /// outcome, perhaps `sent`, stands.
     pub async fn outbox_failed(
         &self,
-        id: i64,
+        claim: OutboxClaim,
         error: &str,
         retry_at: Option<i64>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut conn = self.acquire().await?;
-        let error: String = error.chars().take(1000).collect();
         match retry_at {
-            Some(at) => sqlx::query(
-                "UPDATE outbox SET status = 'pending', next_attempt_at = $1, last_error = $2 WHERE id = $3",
-            )
-            .bind(at)
-            .bind(&error)
-            .bind(id),
-            // Dead mail keeps its body (and link, which expires on its own) so that
-            // `outbox retry` can send it once the cause is fixed.
-            None => sqlx::query("UPDATE outbox SET status = 'dead', last_error = $1 WHERE id = $2")
-            .bind(&error)
-            .bind(id),
+            Some(at) => {
+                let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE outbox SET status = 'pending', next_attempt_at = $4, last_error = $5 \
+                     WHERE {CLAIM_HELD}"
+                )))
+                .bind(claim.id)
+                .bind(claim.attempts)
+                .bind(claim.until)
+                .bind(at)
+                .bind(error.chars().take(1000).collect::<String>())
+                .execute(&mut *conn)
+                .await
+                .ctx("record a failed send")?;
+                Ok(done.rows_affected() > 0)
+            }
+            None => outbox_dead(&mut conn, claim, error).await,
         }
-        .execute(&mut *conn)
-        .await
-        .ctx("record a failed send")?;
-        Ok(())
+    }
+
+    /// Records that the relay refused a mail's recipient for good: the mail is dead and
+    /// the account at `to` (the row's address) is marked undeliverable, as a permanent
+    /// bounce marks it, so no more invitations or verification mail are queued for it.
+    pub async fn outbox_refused(
+        &self,
+        claim: OutboxClaim,
+        to: &str,
+        error: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut wtx = self.begin_write().await?;
+        let held = outbox_dead(wtx.conn(), claim, error).await?;
+        // The refusal stands whoever holds the mail now: the address is undeliverable.
+        super::bounce::mark_undeliverable(wtx.conn(), to, now).await?;
+        wtx.commit().await?;
+        Ok(held)
     }
 
     /// Puts dead (or all failed) mail back in the queue. Returns how many rows changed.
@@ -788,6 +878,32 @@ async fn audit_for(conn: &mut AnyConnection, address: &str) -> Result<Vec<AuditE
             })
         })
         .collect()
+}
+
+/// The condition that an outbox row is still under an [`OutboxClaim`], bound as $1 (id),
+/// $2 (attempts) and $3 (until).
+const CLAIM_HELD: &str =
+    "id = $1 AND status = 'sending' AND attempts = $2 AND next_attempt_at = $3";
+
+/// Marks a claimed mail dead with `error`. Dead mail keeps its body (and link, which
+/// expires on its own) so that `outbox retry` can send it once the cause is fixed.
+/// False (nothing changed) when the claim had passed to another worker.
+async fn outbox_dead(
+    conn: &mut AnyConnection,
+    claim: OutboxClaim,
+    error: &str,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE outbox SET status = 'dead', last_error = $4 WHERE {CLAIM_HELD}"
+    )))
+    .bind(claim.id)
+    .bind(claim.attempts)
+    .bind(claim.until)
+    .bind(error.chars().take(1000).collect::<String>())
+    .execute(&mut *conn)
+    .await
+    .ctx("record a mail as dead")?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// Records a mailbox's progress on the caller's transaction.

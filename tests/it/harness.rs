@@ -619,15 +619,41 @@ pub fn start_daemon(env: &Env) -> Daemon {
 
 /// Starts `intake run` for `env` with extra environment variables.
 pub fn start_daemon_with(env: &Env, vars: &[(&str, &str)]) -> Daemon {
+    start_daemon_with_config(env, &env.config, vars)
+}
+
+/// Starts `intake run` in `env` with another configuration file (another instance's
+/// list of mailboxes, say) and extra environment variables.
+pub fn start_daemon_with_config(env: &Env, config: &Path, vars: &[(&str, &str)]) -> Daemon {
+    spawn_daemon(env, Command::new(BIN), config, vars)
+}
+
+/// Starts `intake run` as the systemd unit's `ProcSubset=pid` has it: in a mount
+/// namespace whose /proc shows processes only (no /proc/sys), in this pid namespace.
+pub fn start_daemon_with_proc_subset_pid(env: &Env, vars: &[(&str, &str)]) -> Daemon {
+    let mut wrapped = Command::new("unshare");
+    wrapped.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t proc -o subset=pid proc /proc && test ! -e /proc/sys && exec \"$0\" \"$@\"",
+        BIN,
+    ]);
+    spawn_daemon(env, wrapped, &env.config, vars)
+}
+
+fn spawn_daemon(env: &Env, mut command: Command, config: &Path, vars: &[(&str, &str)]) -> Daemon {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let log = env.path(&format!(
         "intake-{}.log",
         RUNS.fetch_add(1, Ordering::SeqCst)
     ));
     let file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(BIN)
+    let child = command
         .arg("--config")
-        .arg(&env.config)
+        .arg(config)
         .arg("run")
         .current_dir(env.dir.path())
         .env("INTAKE_LOG", "info")

@@ -249,6 +249,10 @@ fn an_instance_frozen_mid_batch_does_not_hold_the_desk_for_ever() {
         first_log.contains("idle-in-transaction"),
         "the frozen instance's session was ended by the server:\n{first_log}"
     );
+    assert!(
+        !first_log.contains("message by message"),
+        "a session the server ended is a transient failure, not a bad message:\n{first_log}"
+    );
     assert_eq!(
         db.count("SELECT COUNT(*) FROM requests"),
         total,
@@ -264,4 +268,92 @@ fn an_instance_frozen_mid_batch_does_not_hold_the_desk_for_ever() {
         total,
         "and without gaps"
     );
+}
+
+/// Maildir delivery: written in tmp/, renamed into new/.
+fn deliver(maildir: &std::path::Path, name: &str, raw: &str) {
+    for sub in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(maildir.join(sub)).unwrap();
+    }
+    std::fs::write(maildir.join("tmp").join(name), raw).unwrap();
+    std::fs::rename(
+        maildir.join("tmp").join(name),
+        maildir.join("new").join(name),
+    )
+    .unwrap();
+}
+
+/// An instance configured without mailboxes (an HTTP-only node) on the same database
+/// used to count as live for the fair share: the instance with two mailboxes had a
+/// share of one, gave the other back, and nobody ever took it; its mail waited for
+/// ever while every status said ok.
+#[test]
+fn an_instance_without_mailboxes_leaves_no_mailbox_unworked() {
+    let env = Env::new(
+        Backend::Postgres,
+        &Site::default(),
+        &DeskSettings::default(),
+    );
+    let base = std::fs::read_to_string(&env.config).unwrap();
+    // The HTTP-only node: the same configuration without its [[mailboxes]].
+    let mut http_only = String::new();
+    let mut in_mailbox = false;
+    for line in base.lines() {
+        if line.starts_with('[') {
+            in_mailbox = line.trim() == "[[mailboxes]]";
+        }
+        if !in_mailbox {
+            http_only.push_str(line);
+            http_only.push('\n');
+        }
+    }
+    assert!(!http_only.contains("kind = \"maildir\""), "{http_only}");
+    let http_only_config = env.path("http-only.toml");
+    std::fs::write(&http_only_config, http_only).unwrap();
+    // The worker: the Maildir of every test's configuration and a second one.
+    let second = env.path("second");
+    let two = format!(
+        "{base}\n[[mailboxes]]\nname = \"second\"\nkind = \"maildir\"\npath = \"{}\"\n\
+         desk = \"IT\"\npoll_interval = \"100ms\"\n",
+        second.display()
+    );
+    let two_config = env.path("two-mailboxes.toml");
+    std::fs::write(&two_config, two).unwrap();
+    let vars = [
+        ("INTAKE__DATABASE__MAILBOX_LEASE", "3s"),
+        ("INTAKE__HTTP__LISTEN", "127.0.0.1:0"),
+    ];
+    let db = Db::open(&env.database_url);
+    let web = start_daemon_with_config(&env, &http_only_config, &vars);
+    web.wait_for("the HTTP-only instance", Duration::from_secs(30), || {
+        db.try_count("SELECT COUNT(*) FROM instances") == Some(1)
+    });
+    let worker = start_daemon_with_config(&env, &two_config, &vars);
+    worker.wait_for("the worker", Duration::from_secs(30), || {
+        worker.log().contains("intake running")
+    });
+    // Longer than a lease renewal (1 s), when a mailbox above the share went back.
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, maildir) in [env.path("maildir"), second.clone()].iter().enumerate() {
+        let raw = format!(
+            "From: <o{i}@outside.example>\r\nTo: it@desk.example\r\nSubject: Question {i}\r\n\
+             Message-ID: <http-only-{i}@outside.example>\r\n\r\nHello.\r\n"
+        );
+        deliver(maildir, "1.eml", &raw);
+    }
+    worker.wait_for("mail in both mailboxes", Duration::from_secs(15), || {
+        request_count(&env) == 2
+    });
+    let leases: Vec<(String, Option<String>)> =
+        db.all("SELECT mailbox, lease_owner FROM mailbox_state ORDER BY mailbox");
+    let pid = format!(":{}:", worker.pid());
+    assert!(
+        leases
+            .iter()
+            .all(|(_, o)| o.as_deref().is_some_and(|o| o.contains(&pid))),
+        "{leases:?}"
+    );
+    let log = worker.stop();
+    web.stop();
+    assert!(!log.contains("gave the mailbox"), "{log}");
 }

@@ -164,6 +164,36 @@ fn notify_protocol_watchdog_reload_and_stop() {
     }
 }
 
+/// Renaming (or removing) a desk a running mailbox files into is refused on reload: the
+/// mailbox keeps the desk it was started with and would ignore, and acknowledge, every
+/// message until a restart.
+#[test]
+fn a_reload_that_takes_a_running_mailboxs_desk_away_is_refused() {
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the maildir watched", WAIT, || {
+            daemon.log().contains("watching maildir")
+        });
+        let original = std::fs::read_to_string(&env.config).unwrap();
+        // Renamed everywhere: the desk, its directory entries, the mailbox.
+        std::fs::write(&env.config, original.replace("\"IT\"", "\"SUPPORT\"")).unwrap();
+        daemon.signal("HUP");
+        daemon.wait_for("the refusal", WAIT, || {
+            daemon.log().contains("configuration reload refused")
+        });
+        let log = daemon.log();
+        assert!(
+            log.contains("mailbox inbox files into desk IT, which the new configuration lacks"),
+            "{log}"
+        );
+        std::fs::write(&env.config, original).unwrap();
+        drop_message(&env, "m1", "first@outside.example");
+        daemon.wait_for("a request on IT", WAIT, || request_count(&env) == 1);
+        daemon.stop();
+    }
+}
+
 #[test]
 fn the_unit_is_hardened() {
     let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/intake.service");
