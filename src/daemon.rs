@@ -42,8 +42,12 @@ pub enum DaemonError {
 /// How long shutdown waits for work in flight.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// How long the final outbox pass starts new mail; a mail begun is let finish.
+const FINAL_PASS: Duration = Duration::from_secs(5);
+
 /// How long closing the database waits for connections still in use. The deadline, the
-/// final outbox pass (5 s) and this stay under the unit's `TimeoutStopSec` (30 s).
+/// final outbox pass and this stay under the unit's `TimeoutStopSec` (30 s) unless the
+/// relay stalls the one mail in flight.
 const STORE_CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 /// Opens the database, brings schema and directory up to date, and builds the pipeline.
@@ -350,10 +354,18 @@ pub async fn run(
         );
     }
     supervisor.abort();
-    // One last outbox pass so mail queued by the final batch is not left waiting.
-    if let Ok(Err(e)) =
-        tokio::time::timeout(Duration::from_secs(5), worker.drain_once(crate::now())).await
-    {
+    // One last outbox pass so mail queued by the final batch is not left waiting. It
+    // starts mail for FINAL_PASS and never cuts one short: a mail the relay took but
+    // that was cut before it was marked sent went out again after the restart.
+    // systemd is told how long that may take, so a slow relay's mail in flight is not
+    // cut by the unit's stop timeout either.
+    let longest = FINAL_PASS + worker.transport.longest_send();
+    notifier.notify(&format!(
+        "EXTEND_TIMEOUT_USEC={}",
+        (longest + STORE_CLOSE_WAIT).as_micros()
+    ));
+    let final_pass = worker.drain_before(crate::now(), std::time::Instant::now() + FINAL_PASS);
+    if let Ok(Err(e)) = tokio::time::timeout(longest, final_pass).await {
         tracing::warn!(error = %crate::outbox::error_chain(&e), "final outbox pass failed");
     }
     close_store(pipeline.store(), STORE_CLOSE_WAIT).await;

@@ -213,6 +213,15 @@ impl Transport {
         }
     }
 
+    /// The longest one send takes: bounded by the relay's timeouts; a file is written
+    /// at once.
+    pub fn longest_send(&self) -> Duration {
+        match self {
+            Transport::File(_) => Duration::from_secs(5),
+            Transport::Smtp(s) => s.longest_send(),
+        }
+    }
+
     /// The end of a pass: an open SMTP connection is closed.
     pub async fn finish(&self) {
         if let Transport::Smtp(s) = self {
@@ -323,15 +332,40 @@ impl Worker {
     /// pass starts; every claim, sent time and retry time reads the clock afresh (never
     /// earlier than `now`), as a pass over a long backlog takes a while.
     pub async fn drain_once(&self, now: i64) -> Result<DrainReport, StoreError> {
-        let result = self.drain(now).await;
+        self.drain_while(now, || true).await
+    }
+
+    /// A pass that starts no new mail after `deadline`: the last pass at shutdown. A mail
+    /// whose sending has begun is never cut short (the relay may have taken it, and cut
+    /// before it is marked sent it would go out again); its time is bounded by the
+    /// relay's timeouts. Claimed mail not begun is given back, due at once.
+    pub async fn drain_before(
+        &self,
+        now: i64,
+        deadline: std::time::Instant,
+    ) -> Result<DrainReport, StoreError> {
+        self.drain_while(now, || std::time::Instant::now() < deadline)
+            .await
+    }
+
+    /// A pass that starts each mail only while `go_on()`.
+    async fn drain_while(
+        &self,
+        now: i64,
+        go_on: impl Fn() -> bool,
+    ) -> Result<DrainReport, StoreError> {
+        let result = self.drain(now, go_on).await;
         self.transport.finish().await;
         result
     }
 
-    async fn drain(&self, now: i64) -> Result<DrainReport, StoreError> {
+    async fn drain(&self, now: i64, go_on: impl Fn() -> bool) -> Result<DrainReport, StoreError> {
         let mut report = DrainReport::default();
         let clock = || now.max(crate::now());
         loop {
+            if !go_on() {
+                return Ok(report);
+            }
             // Small claims, each with the clock read afresh: a slow relay must not let a
             // lease run out while its rows are still waiting in this worker.
             let claimed = std::time::Instant::now();
@@ -342,7 +376,15 @@ impl Worker {
             if rows.is_empty() {
                 return Ok(report);
             }
-            for row in rows {
+            let mut rows = rows.into_iter();
+            while let Some(row) = rows.next() {
+                if !go_on() {
+                    for unsent in std::iter::once(row).chain(rows) {
+                        let held = self.store.outbox_release(unsent.claim(), clock()).await?;
+                        lost_claim(unsent.id, held);
+                    }
+                    return Ok(report);
+                }
                 // A worker frozen past its lease (a paused VM, a stalled database) must
                 // not send what another worker has claimed since. Within the first half
                 // of the lease nobody can have (clocks would have to be that far apart),
@@ -438,7 +480,12 @@ impl Worker {
     ) {
         let mut failures = 0u32;
         loop {
-            match self.drain_once(crate::now()).await {
+            // Shutdown lets the mail being sent finish and starts no more: the daemon's
+            // last pass (`drain_before`) takes what is left.
+            match self
+                .drain_while(crate::now(), || !shutdown.is_cancelled())
+                .await
+            {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures += 1;

@@ -210,6 +210,11 @@ impl SmtpTransport {
         })
     }
 
+    /// The longest one [`send`](Self::send) takes.
+    pub fn longest_send(&self) -> Duration {
+        longest_send(self.settings.timeout)
+    }
+
     /// Sends one mail, on the open connection when there is a fresh one. A connection
     /// that failed in any way is closed: the next mail gets a new one.
     pub async fn send(&self, message: &Message) -> Result<(), SendError> {

@@ -79,10 +79,11 @@ async fn queue(store: &Store, to: &str, due: i64) {
     sqlx::query(
         "INSERT INTO outbox (kind, desk, to_address, from_address, subject, body_text, \
          message_id, status, attempts, next_attempt_at, created_at) \
-         VALUES ('invitation', 'IT', $1, 'it@desk.example', 's', 'b', 'm1@x', 'pending', 0, $2, $2)",
+         VALUES ('invitation', 'IT', $1, 'it@desk.example', 's', 'b', $3, 'pending', 0, $2, $2)",
     )
     .bind(to)
     .bind(due)
+    .bind(format!("{to}.invitation@x"))
     .execute(&mut *c)
     .await
     .unwrap();
@@ -154,6 +155,16 @@ async fn a_long_pass_does_not_burn_a_failed_mails_retries() {
 /// A relay on loopback that answers MAIL FROM with `mail`, RCPT TO with `rcpt` and the
 /// end of the message with `end`; everything else is accepted.
 async fn fake_relay(mail: &'static str, rcpt: &'static str, end: &'static str) -> u16 {
+    slow_relay(mail, rcpt, end, Duration::ZERO).await
+}
+
+/// [`fake_relay`], answering the end of each message only after `end_delay`.
+async fn slow_relay(
+    mail: &'static str,
+    rcpt: &'static str,
+    end: &'static str,
+    end_delay: Duration,
+) -> u16 {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -176,6 +187,7 @@ async fn fake_relay(mail: &'static str, rcpt: &'static str, end: &'static str) -
                             continue;
                         }
                         in_data = false;
+                        tokio::time::sleep(end_delay).await;
                         end
                     } else if command.starts_with("EHLO") {
                         "250-fake\r\n250 8BITMIME"
@@ -370,6 +382,50 @@ async fn a_refused_recipient_is_marked_undeliverable() {
     assert!(error.contains("User unknown"), "{error}");
     let ann = store.show_account("ann@example.com").await.unwrap();
     assert!(ann.undeliverable_at.is_some_and(|at| at >= now), "{ann:?}");
+}
+
+/// The last pass at shutdown starts no mail after its deadline but lets the one being
+/// sent finish: cut short after the relay took it, it would have gone out again after
+/// the restart. The other claimed mail is given back unsent, its attempt not counted.
+#[tokio::test]
+async fn the_last_pass_lets_the_mail_in_flight_finish_and_gives_the_rest_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let now = crate::now();
+    for to in ["ann@example.com", "bob@example.com", "cy@example.com"] {
+        queue(&store, to, now - 10).await;
+    }
+    let slow = Duration::from_millis(1500);
+    let port = slow_relay(OK, OK, OK, slow).await;
+    let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
+    let started = std::time::Instant::now();
+    let report = worker
+        .drain_before(now, started + Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= slow,
+        "the mail in flight was cut short"
+    );
+    assert_eq!(report.sent, 1, "{report:?}");
+    let rows = store.list_outbox(None, 10).await.unwrap();
+    let status: Vec<(&str, i64)> = rows
+        .iter()
+        .map(|r| (r.status.as_str(), r.attempts))
+        .collect();
+    assert_eq!(
+        status.iter().filter(|s| **s == ("sent", 1)).count(),
+        1,
+        "{status:?}"
+    );
+    assert_eq!(
+        status.iter().filter(|s| **s == ("pending", 0)).count(),
+        2,
+        "{status:?}"
+    );
+    // Given back due at once: the next start sends them without waiting for a lease.
+    let due = store.claim_outbox(10, crate::now(), 30).await.unwrap();
+    assert_eq!(due.len(), 2);
 }
 
 /// A worker frozen past its claim's lease finds, when it wakes, that another worker has

@@ -806,6 +806,25 @@ impl Store {
         Ok(held)
     }
 
+    /// Gives a claimed mail back unsent (a worker stopping before it got to it): pending
+    /// again, due at `now`, and the attempt the claim counted is not counted. False when
+    /// the claim had passed to another worker.
+    pub async fn outbox_release(&self, claim: OutboxClaim, now: i64) -> Result<bool, StoreError> {
+        let mut conn = self.acquire().await?;
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE outbox SET status = 'pending', attempts = attempts - 1, next_attempt_at = $4 \
+             WHERE {CLAIM_HELD}"
+        )))
+        .bind(claim.id)
+        .bind(claim.attempts)
+        .bind(claim.until)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .ctx("give back a claim on outgoing mail")?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// Puts dead (or all failed) mail back in the queue. Returns how many rows changed.
     pub async fn outbox_retry(&self, id: Option<i64>, now: i64) -> Result<u64, StoreError> {
         let mut conn = self.acquire().await?;
