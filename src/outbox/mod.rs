@@ -90,6 +90,16 @@ impl SendError {
     }
 }
 
+/// RFC 3834's `Auto-Submitted` for a mail: `auto-replied` when it answers a message (an
+/// acknowledgement, a notice, a link or invitation sent because that message came in),
+/// `auto-generated` otherwise. Either way responders and desks do not answer it.
+fn auto_submitted(row: &OutboxRow) -> &'static str {
+    match row.in_reply_to {
+        Some(_) => "auto-replied",
+        None => "auto-generated",
+    }
+}
+
 /// Builds the RFC 5322 message for an outbox row.
 pub fn build_message(row: &OutboxRow, stamp: &Stamp) -> Result<Message, SendError> {
     let bad = |message: String| SendError::Build {
@@ -111,7 +121,7 @@ pub fn build_message(row: &OutboxRow, stamp: &Stamp) -> Result<Message, SendErro
         .date(std::time::UNIX_EPOCH + Duration::from_secs(row.created_at.max(0) as u64))
         .raw_header(HeaderValue::new(
             HeaderName::new_from_ascii_str("Auto-Submitted"),
-            "auto-generated".into(),
+            auto_submitted(row).into(),
         ))
         .raw_header(HeaderValue::new(
             HeaderName::new_from_ascii_str("X-Auto-Response-Suppress"),

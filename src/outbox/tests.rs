@@ -31,7 +31,7 @@ fn stamps_and_cannot_be_injected() {
     };
     let m = build_message(&row(), &stamp).unwrap();
     let text = String::from_utf8(m.formatted()).unwrap();
-    assert!(text.contains("Auto-Submitted: auto-generated"));
+    assert!(text.contains("Auto-Submitted: auto-replied"), "{text}");
     assert!(text.contains("X-Intake-Loop: intake.desk.example"));
     assert!(text.contains("Message-ID: <invitation.abc@intake.desk.example>"));
     assert!(text.contains("In-Reply-To: <orig@mail.example.com>"));
@@ -43,8 +43,16 @@ fn stamps_and_cannot_be_injected() {
     assert_eq!(parsed.to.len(), 1);
     assert_eq!(
         parsed.signals.auto_submitted.as_deref(),
-        Some("auto-generated")
+        Some("auto-replied")
     );
+    // Not in answer to a message: generated, not replied.
+    let unprompted = OutboxRow {
+        in_reply_to: None,
+        ..row()
+    };
+    let text = String::from_utf8(build_message(&unprompted, &stamp).unwrap().formatted()).unwrap();
+    assert!(text.contains("Auto-Submitted: auto-generated"), "{text}");
+    assert!(!text.contains("In-Reply-To"), "{text}");
 }
 
 #[test]

@@ -127,7 +127,7 @@ fn new_outsider_gets_portal_account_and_cc_is_dropped() {
         assert_eq!(files.len(), 1, "{files:?}");
         let mail = std::fs::read_to_string(&files[0]).unwrap();
         assert!(mail.contains("To: olga@outside.example"), "{mail}");
-        assert!(mail.contains("Auto-Submitted: auto-generated"));
+        assert!(mail.contains("Auto-Submitted: auto-replied"), "{mail}");
         assert!(mail.contains("[IT-1]"));
         assert!(mail.contains(&format!("http://127.0.0.1:{}/verify/", env.http_port)));
     }

@@ -67,7 +67,8 @@ fn browser_confirms_the_address_and_the_held_request_is_released() {
         let mail = wait_for_messages(&smtp, 1, WAIT).remove(0);
         let text = String::from_utf8_lossy(&mail).to_string();
         assert_eq!(header(&text, "To"), ["olga@outside.example"], "{text}");
-        assert_eq!(header(&text, "Auto-Submitted"), ["auto-generated"]);
+        // It answers her message (RFC 3834).
+        assert_eq!(header(&text, "Auto-Submitted"), ["auto-replied"]);
         assert_eq!(header(&text, "X-Intake-Loop"), ["intake.desk.example"]);
         assert!(
             text.contains("multipart/alternative"),
