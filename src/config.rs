@@ -304,7 +304,15 @@ pub struct OutboxConfig {
     pub max_per_recipient_per_day: u32,
     /// Verification and invitation mail in total per hour.
     pub max_per_hour: u32,
+    /// How long sent mail stays in the outbox before it is deleted; `None` keeps it.
+    pub keep_sent: Option<Duration>,
 }
+
+/// How long sent mail is kept by default.
+pub const DEFAULT_KEEP_SENT: Duration = Duration::from_secs(90 * 86_400);
+/// The shortest `outbox.keep_sent`: a bounce can come days after the mail (a relay
+/// retries for up to five), and the mail limits count the last 24 hours.
+pub const MIN_KEEP_SENT: Duration = Duration::from_secs(7 * 86_400);
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -698,6 +706,7 @@ struct RawOutbox {
     max_per_recipient_per_day: Option<u32>,
     max_per_hour: Option<u32>,
     retry_first: Option<String>,
+    keep_sent: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -844,6 +853,24 @@ impl Validator<'_> {
                 default
             }),
         }
+    }
+
+    /// `outbox.keep_sent`: a duration of at least [`MIN_KEEP_SENT`], or "forever".
+    fn keep_sent(&mut self, value: Option<&str>) -> Option<Duration> {
+        const KEY: &str = "outbox.keep_sent";
+        if value.is_some_and(|v| v.trim().eq_ignore_ascii_case("forever")) {
+            return None;
+        }
+        let keep = self.duration(KEY, value, DEFAULT_KEEP_SENT);
+        if keep < MIN_KEEP_SENT {
+            self.issue(
+                KEY,
+                format!(
+                    "{keep:?} is too short: bounces are matched to sent mail and mail limits count it, so keep it at least 7d (or \"forever\")"
+                ),
+            );
+        }
+        Some(keep)
     }
 
     fn address(&mut self, key: &str, value: &str) -> Option<EmailAddress> {
@@ -1244,6 +1271,7 @@ impl Validator<'_> {
             ),
             max_per_recipient_per_day: raw.outbox.max_per_recipient_per_day.unwrap_or(3),
             max_per_hour: raw.outbox.max_per_hour.unwrap_or(200),
+            keep_sent: self.keep_sent(raw.outbox.keep_sent.as_deref()),
         };
         let smtp = raw.smtp.and_then(|raw| self.smtp(raw));
         let listen = match raw.http.listen.as_deref() {

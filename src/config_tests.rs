@@ -245,3 +245,28 @@ fn idle_transaction_timeout_defaults_to_a_minute_and_is_bounded() {
     };
     assert_eq!(issues[0].key, "database.idle_transaction_timeout");
 }
+
+/// Sent mail is kept 90 days unless told otherwise; "forever" keeps it; less than a
+/// week is refused (bounces are matched to sent mail), naming the key.
+#[test]
+fn keep_sent_defaults_to_90_days_and_refuses_less_than_a_week() {
+    let c = load(MINIMAL, &[]).unwrap();
+    assert_eq!(c.outbox.keep_sent, Some(DEFAULT_KEEP_SENT));
+    let c = load(
+        &format!("{MINIMAL}\n[outbox]\nkeep_sent = \"forever\"\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.outbox.keep_sent, None);
+    let c = load(&format!("{MINIMAL}\n[outbox]\nkeep_sent = \"14d\"\n"), &[]).unwrap();
+    assert_eq!(c.outbox.keep_sent, Some(Duration::from_secs(14 * 86_400)));
+    for bad in ["1d", "soon"] {
+        let e = load(
+            &format!("{MINIMAL}\n[outbox]\nkeep_sent = \"{bad}\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("outbox.keep_sent"), "{bad}: {e}");
+    }
+}

@@ -42,6 +42,21 @@ pub enum DaemonError {
 /// How long shutdown waits for work in flight.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// How often the daemon deletes sent mail past `outbox.keep_sent`.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes sent mail older than `outbox.keep_sent` (nothing when it is "forever").
+pub async fn prune_sent_mail(
+    store: &Store,
+    config: &Config,
+    now: i64,
+) -> Result<u64, crate::store::StoreError> {
+    match config.outbox.keep_sent {
+        Some(keep) => store.prune_sent(now - keep.as_secs() as i64).await,
+        None => Ok(0),
+    }
+}
+
 /// How long the final outbox pass starts new mail; a mail begun is let finish.
 const FINAL_PASS: Duration = Duration::from_secs(5);
 
@@ -261,7 +276,23 @@ pub async fn run(
             "expiry".into(),
             None,
             async move {
+                let mut last_prune: Option<std::time::Instant> = None;
                 loop {
+                    if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                        last_prune = Some(std::time::Instant::now());
+                        match prune_sent_mail(pipeline.store(), &pipeline.config(), crate::now())
+                            .await
+                        {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(
+                                deleted = n,
+                                "deleted sent mail older than outbox.keep_sent"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(error = %crate::outbox::error_chain(&e), "deleting old sent mail failed")
+                            }
+                        }
+                    }
                     let hold_ttl = pipeline.config().hold_ttl.as_secs() as i64;
                     match pipeline.store().expire(crate::now(), hold_ttl).await {
                         Ok(e) if !e.requests.is_empty() || !e.accounts.is_empty() => {

@@ -296,7 +296,7 @@ pub fn render(s: &Snapshot) -> String {
         e.family(
             names::SEND_FAILURES,
             Kind::Counter,
-            "Failed attempts to send outgoing mail. Database-wide; `intake outbox retry` resets it for the mail it retries.",
+            "Failed attempts to send outgoing mail. Database-wide; `intake outbox retry` resets it for the mail it retries, and deleting sent mail past outbox.keep_sent for that mail.",
         );
         e.sample(names::SEND_FAILURES, &[], db.send_failures as f64);
     }

@@ -224,8 +224,9 @@ pub enum Command {
     Outbox(OutboxCommand),
     /// Create or update the database schema and sync the directory, then exit.
     Migrate,
-    /// Expire held requests and pending accounts that are past their time (the daemon
-    /// does this every minute).
+    /// Expire held requests and pending accounts that are past their time, and delete
+    /// sent mail older than outbox.keep_sent (the daemon does this every minute, and
+    /// hourly for sent mail).
     Expire {
         /// Print JSON instead of a table (for scripts).
         #[arg(long)]
@@ -471,19 +472,21 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Run | Command::CheckConfig => Ok(EX_OK),
         Command::Expire { json } => {
             let store = open_store(&config).await?;
-            let expired = store
-                .expire(crate::now(), config.hold_ttl.as_secs() as i64)
-                .await?;
+            let now = crate::now();
+            let expired = store.expire(now, config.hold_ttl.as_secs() as i64).await?;
+            let sent_deleted = crate::daemon::prune_sent_mail(&store, &config, now).await?;
             if json {
                 print_json(&serde_json::json!({
                     "requests": expired.requests,
                     "accounts": expired.accounts,
+                    "sent_mail_deleted": sent_deleted,
                 }))?;
             } else {
                 out!(
-                    "{} held request(s) expired, {} pending account(s) removed",
+                    "{} held request(s) expired, {} pending account(s) removed, {} sent mail(s) past outbox.keep_sent deleted",
                     expired.requests.len(),
-                    expired.accounts.len()
+                    expired.accounts.len(),
+                    sent_deleted
                 );
             }
             Ok(EX_OK)

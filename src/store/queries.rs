@@ -840,6 +840,28 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Deletes mail sent before `before`, [`PRUNE_CHUNK`] rows per statement so no
+    /// statement holds the outbox long. Returns how many rows went.
+    pub async fn prune_sent(&self, before: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let mut conn = self.acquire().await?;
+            let done = sqlx::query(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+                 WHERE status = 'sent' AND sent_at < $1 ORDER BY sent_at LIMIT $2)",
+            )
+            .bind(before)
+            .bind(PRUNE_CHUNK)
+            .execute(&mut *conn)
+            .await
+            .ctx("delete old sent mail")?;
+            deleted += done.rows_affected();
+            if done.rows_affected() < PRUNE_CHUNK as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
     /// Pending outbox rows (for metrics and shutdown).
     pub async fn outbox_depth(&self) -> Result<i64, StoreError> {
         let mut conn = self.acquire().await?;
@@ -849,6 +871,9 @@ impl Store {
             .ctx("count the outbox")
     }
 }
+
+/// Sent mail deleted per statement by [`Store::prune_sent`].
+const PRUNE_CHUNK: i64 = 5_000;
 
 async fn account_row(
     conn: &mut AnyConnection,

@@ -385,6 +385,28 @@ desks = ["IT", "HR"]
         self.dir.path().join(rel)
     }
 
+    /// Runs one SQL statement on this environment's database, for what no command does
+    /// (making rows look old). Returns the rows it changed.
+    pub fn sql(&self, statement: &str) -> u64 {
+        use sqlx::Connection as _;
+        sqlx::any::install_default_drivers();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut conn = sqlx::AnyConnection::connect(&self.database_url)
+                .await
+                .expect("connect to the test database");
+            let done = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+            conn.close().await.expect("close");
+            done.rows_affected()
+        })
+    }
+
     /// Runs `intake --config FILE ARGS...` in the test dir.
     pub fn intake(&self, args: &[&str]) -> Output {
         self.intake_with_stdin(args, None)

@@ -330,6 +330,78 @@ fn queue_and_send(env: &Env, outsiders: std::ops::Range<usize>) {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// Sent mail older than outbox.keep_sent is deleted by `intake expire` (and the daemon's
+/// hourly pass); newer sent mail and mail not yet sent stay.
+#[test]
+fn expire_deletes_sent_mail_past_keep_sent_and_nothing_else() {
+    for backend in BACKENDS {
+        let env = Env::new(backend, &verify_site(), &DeskSettings::default());
+        let text = std::fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("[outbox]", "[outbox]\nkeep_sent = \"30d\"");
+        std::fs::write(&env.config, text).unwrap();
+        queue_and_send(&env, 0..3);
+        let path = env.path("late.eml");
+        std::fs::write(
+            &path,
+            "From: Late <late@outside.example>\r\nTo: it@desk.example\r\n\
+             Subject: late\r\nMessage-ID: <late@outside.example>\r\n\r\nhi\r\n",
+        )
+        .unwrap();
+        env.json(&["process", "--json", "--no-send", path.to_str().unwrap()]);
+        let age = |to: &str| {
+            let sql = format!(
+                "UPDATE outbox SET sent_at = sent_at - 31 * 86400 WHERE to_address = '{to}'"
+            );
+            assert_eq!(env.sql(&sql), 1, "{backend:?}");
+        };
+        let left = || {
+            let outbox = env.json(&["outbox", "list", "--json"]);
+            let mut left: Vec<String> = outbox
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| format!("{} {}", m["to"].as_str().unwrap(), m["status"]))
+                .collect();
+            left.sort();
+            left
+        };
+
+        // One went out 31 days ago: the daemon deletes it as it starts, and sends the
+        // pending one.
+        age("olga0@outside.example");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the old sent mail to go", WAIT, || {
+            left().len() == 3 && daemon.log().contains("deleted sent mail")
+        });
+        daemon.stop();
+        assert_eq!(
+            left(),
+            [
+                "late@outside.example \"sent\"",
+                "olga1@outside.example \"sent\"",
+                "olga2@outside.example \"sent\""
+            ],
+            "{backend:?}"
+        );
+
+        // Another: `intake expire` deletes it.
+        age("olga1@outside.example");
+        let expired = env.json(&["expire", "--json"]);
+        assert_eq!(expired["sent_mail_deleted"], 1, "{backend:?}: {expired}");
+        assert_eq!(
+            left(),
+            [
+                "late@outside.example \"sent\"",
+                "olga2@outside.example \"sent\""
+            ],
+            "{backend:?}"
+        );
+        let again = env.json(&["expire", "--json"]);
+        assert_eq!(again["sent_mail_deleted"], 0, "{backend:?}: {again}");
+    }
+}
+
 /// An outbox pass sends its mail over one connection (TLS and AUTH once), up to
 /// MAX_PER_CONNECTION mails, and a later pass opens a new one.
 #[test]
