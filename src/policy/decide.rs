@@ -564,6 +564,16 @@ fn requester(
         AccountKind::Internal => Reason::ApprovedDomain,
         AccountKind::PortalOnly => Reason::ExternalDomainAllowed,
     };
+    if access.signup == Signup::Verify && addr.is_no_reply() {
+        // No link can reach it: a pending account would wait for nobody and its request
+        // expire unseen.
+        return Err((
+            Reason::NoReplyAddress,
+            format!(
+                "{why}, but {addr} is a no-reply address: it cannot confirm a verification link, so under signup = verify no account is created and no request opened"
+            ),
+        ));
+    }
     Ok(match access.signup {
         Signup::Verify => RequesterOutcome {
             account,

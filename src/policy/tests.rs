@@ -1486,4 +1486,16 @@ fn no_reply_addresses_get_no_mail_and_no_new_account() {
             ),
         ]
     );
+    // Under signup = verify a no-reply sender could never confirm: no pending account
+    // waits for a link nobody reads, and the decision says why.
+    p.access.signup = Signup::Verify;
+    let d = decide(&f, &p);
+    assert_eq!(d.action, Action::Reject, "{}", d.to_text());
+    assert_eq!(d.reason, Reason::NoReplyAddress);
+    assert!(d.emails.is_empty(), "{}", d.to_text());
+    assert_eq!(d.requester.account, AccountOutcome::None, "{}", d.to_text());
+    assert!(d.explanation.contains("cannot confirm"), "{}", d.explanation);
+    // An ordinary sender under verify is still held for verification.
+    let f = facts(stranger("olga@outside.example"), vec![]);
+    assert_eq!(decide(&f, &p).action, Action::HoldForVerification);
 }
