@@ -56,19 +56,34 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// This boot of this machine and this pid namespace: a pid means the same process
-/// only where both are the same. Under the unit's `ProcSubset=pid` the boot id is
-/// hidden and the machine id stands in: a holder from before a reboot is gone, and its
-/// pid, if in use again, is checked like any other ([`gone_from_here`]).
+/// This boot of this machine, this pid namespace and this user: a pid means the same
+/// process only where all are the same. Under the unit's `ProcSubset=pid` the boot id
+/// is hidden and the machine id stands in: a holder from before a reboot is gone, and
+/// its pid, if in use again, is checked like any other ([`gone_from_here`]). The user
+/// is in it because under `ProtectProc=invisible` another user's processes are not in
+/// /proc at all: an instance run by another user (a second unit, an admin's `intake
+/// run`) would look gone while it runs.
 fn machine_tag() -> Option<String> {
+    machine_tag_as(own_uid()?)
+}
+
+/// [`machine_tag`] for a process of user `uid` on this machine.
+fn machine_tag_as(uid: u32) -> Option<String> {
     let boot = ["/proc/sys/kernel/random/boot_id", "/etc/machine-id"]
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
         .find(|id| !id.trim().is_empty())?;
     let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
-    let tag =
-        crate::message::content_hash(format!("{}|{}", boot.trim(), pid_ns.display()).as_bytes());
+    let tag = crate::message::content_hash(
+        format!("{}|{}|{uid}", boot.trim(), pid_ns.display()).as_bytes(),
+    );
     Some(tag[..12].to_string())
+}
+
+/// The user this process runs as (the owner of its /proc entry).
+fn own_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
 /// True when `holder` (another instance's [`instance_id`]) was a process on this
@@ -99,8 +114,10 @@ pub fn gone_from_here(holder: &str) -> bool {
         // This process has the pid now; the holder was an earlier one (the name differs).
         return true;
     }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        // No such process. Anything else (not allowed to look) is uncertain.
+        Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
     };
     // `pid (comm) state ...`: a zombie is dead, and a pid reused by another program
     // is not the holder.

@@ -168,6 +168,14 @@ fn gone_holders_here_and_elsewhere() {
     )));
     assert!(!gone_from_here(&format!("{host}:{}:abcdef", child.id())));
     assert!(!gone_from_here("garbage"));
+    // Another user's process on this machine: under ProtectProc=invisible it is not in
+    // /proc even while it runs, so it is never judged gone.
+    let other = machine_tag_as(own_uid().unwrap() + 1).unwrap();
+    assert_ne!(other, tag);
+    assert!(!gone_from_here(&format!(
+        "{host}:{}:abcdef/{other}",
+        child.id()
+    )));
 }
 
 #[test]

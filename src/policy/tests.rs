@@ -1494,7 +1494,11 @@ fn no_reply_addresses_get_no_mail_and_no_new_account() {
     assert_eq!(d.reason, Reason::NoReplyAddress);
     assert!(d.emails.is_empty(), "{}", d.to_text());
     assert_eq!(d.requester.account, AccountOutcome::None, "{}", d.to_text());
-    assert!(d.explanation.contains("cannot confirm"), "{}", d.explanation);
+    assert!(
+        d.explanation.contains("cannot confirm"),
+        "{}",
+        d.explanation
+    );
     // An ordinary sender under verify is still held for verification.
     let f = facts(stranger("olga@outside.example"), vec![]);
     assert_eq!(decide(&f, &p).action, Action::HoldForVerification);
