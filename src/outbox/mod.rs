@@ -378,7 +378,6 @@ impl Worker {
             }
             // Small claims, each with the clock read afresh: a slow relay must not let a
             // lease run out while its rows are still waiting in this worker.
-            let claimed = std::time::Instant::now();
             let rows = self
                 .store
                 .claim_outbox(CLAIM, clock(), self.claim_lease_secs)
@@ -395,12 +394,12 @@ impl Worker {
                     }
                     return Ok(report);
                 }
-                // A worker frozen past its lease (a paused VM, a stalled database) must
-                // not send what another worker has claimed since. Within the first half
-                // of the lease nobody can have (clocks would have to be that far apart),
-                // and the check, a query per mail, is skipped.
-                let fresh = claimed.elapsed().as_secs_f64() < self.claim_lease_secs as f64 / 2.0;
-                if !fresh && !self.store.outbox_claim_holds(row.claim(), clock()).await? {
+                // A worker frozen past its lease (a paused VM, a suspended machine, a
+                // stalled database) must not send what another worker has claimed
+                // since. Checked for every mail: the monotonic clock stands still while
+                // a machine sleeps (and on some hypervisors while a VM is paused), so
+                // the time since the claim cannot tell that the lease ran out.
+                if !self.store.outbox_claim_holds(row.claim(), clock()).await? {
                     tracing::warn!(
                         outbox_id = row.id,
                         "the claim on this mail ran out before it was sent; it is left to the next claim"
