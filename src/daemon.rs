@@ -106,6 +106,7 @@ pub fn outbox_worker(pipeline: &Pipeline) -> Result<Worker, crate::outbox::SendE
         poll_interval: config.outbox.poll_interval,
         retry_first_secs: config.outbox.retry_first.as_secs().max(1) as i64,
         claim_lease_secs: crate::outbox::claim_lease_secs(config.smtp.as_ref().map(|s| s.timeout)),
+        pass: Default::default(),
     })
 }
 
@@ -386,11 +387,12 @@ pub async fn run(
     }
     supervisor.abort();
     // One last outbox pass so mail queued by the final batch is not left waiting. It
-    // starts mail for FINAL_PASS and never cuts one short: a mail the relay took but
-    // that was cut before it was marked sent went out again after the restart.
-    // systemd is told how long that may take, so a slow relay's mail in flight is not
-    // cut by the unit's stop timeout either.
-    let longest = FINAL_PASS + worker.transport.longest_send();
+    // waits for the running worker's mail in flight, starts mail for FINAL_PASS, and
+    // never cuts one short: a mail the relay took but that was cut before it was marked
+    // sent went out again after the restart. Normally that takes milliseconds; a
+    // stalled relay can stretch it to two mails' longest time, and systemd is told so
+    // that its stop timeout does not cut the mail either.
+    let longest = FINAL_PASS + 2 * worker.longest_mail();
     notifier.notify(&format!(
         "EXTEND_TIMEOUT_USEC={}",
         (longest + STORE_CLOSE_WAIT).as_micros()

@@ -311,6 +311,9 @@ pub struct Worker {
     /// How long a claimed mail is this worker's before another may send it: longer
     /// than one send can take. If the worker dies, its claimed mail waits this long.
     pub claim_lease_secs: i64,
+    /// Held for a whole pass: the last pass at shutdown waits for the running worker's
+    /// pass (its mail in flight, and recording it) before it starts.
+    pub pass: tokio::sync::Mutex<()>,
 }
 
 /// Logs an outcome that was not recorded because the claim had passed to another worker
@@ -345,10 +348,11 @@ impl Worker {
         self.drain_while(now, || true).await
     }
 
-    /// A pass that starts no new mail after `deadline`: the last pass at shutdown. A mail
-    /// whose sending has begun is never cut short (the relay may have taken it, and cut
-    /// before it is marked sent it would go out again); its time is bounded by the
-    /// relay's timeouts. Claimed mail not begun is given back, due at once.
+    /// A pass that starts no new mail after `deadline`: the last pass at shutdown. It
+    /// waits for a pass in progress. A mail whose sending has begun is never cut short
+    /// (the relay may have taken it, and cut before it is marked sent it would go out
+    /// again); its time is bounded by the relay's timeouts ([`Worker::longest_mail`]).
+    /// Claimed mail not begun is given back, due at once.
     pub async fn drain_before(
         &self,
         now: i64,
@@ -364,6 +368,7 @@ impl Worker {
         now: i64,
         go_on: impl Fn() -> bool,
     ) -> Result<DrainReport, StoreError> {
+        let _pass = self.pass.lock().await;
         let result = self.drain(now, go_on).await;
         self.transport.finish().await;
         result
@@ -455,6 +460,13 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// How long to allow one mail at shutdown, from its claim check to its outcome
+    /// recorded: the transport's longest send, and 10 s to record it (a database away
+    /// for longer at shutdown cannot be waited for; that mail goes out again).
+    pub fn longest_mail(&self) -> Duration {
+        self.transport.longest_send() + Duration::from_secs(10)
     }
 
     /// Marks a mail the transport accepted as sent. While the database is away for a

@@ -122,6 +122,7 @@ fn worker(store: &Store, transport: Transport) -> Worker {
         poll_interval: Duration::from_secs(1),
         retry_first_secs: 30,
         claim_lease_secs: 30,
+        pass: Default::default(),
     }
 }
 
@@ -434,6 +435,52 @@ async fn the_last_pass_lets_the_mail_in_flight_finish_and_gives_the_rest_back() 
     // Given back due at once: the next start sends them without waiting for a lease.
     let due = store.claim_outbox(10, crate::now(), 30).await.unwrap();
     assert_eq!(due.len(), 2);
+}
+
+/// The last pass waits for the running worker's pass, which starts no mail once
+/// shutdown begins but finishes (and records) the one in flight: the two never send side
+/// by side, and nothing is left claimed.
+#[tokio::test]
+async fn the_last_pass_waits_for_the_running_workers_mail_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let now = crate::now();
+    for to in ["ann@example.com", "bob@example.com", "cy@example.com"] {
+        queue(&store, to, now - 10).await;
+    }
+    let slow = Duration::from_millis(1500);
+    let port = slow_relay(OK, OK, OK, slow).await;
+    let worker = std::sync::Arc::new(worker(&store, Transport::Smtp(smtp_transport(port))));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = {
+        let worker = worker.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            worker
+                .drain_while(now, || !shutdown.is_cancelled())
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.cancel();
+    let started = std::time::Instant::now();
+    let last = worker
+        .drain_before(now, started + Duration::from_millis(200))
+        .await
+        .unwrap();
+    let first = running.await.unwrap();
+    assert_eq!(first.sent, 1, "{first:?}");
+    // It waited for the mail in flight, by then its own time was up: it sent nothing.
+    assert!(started.elapsed() >= Duration::from_millis(1000));
+    assert_eq!(last.sent, 0, "{last:?}");
+    let rows = store.list_outbox(None, 10).await.unwrap();
+    let mut status: Vec<(&str, i64)> = rows
+        .iter()
+        .map(|r| (r.status.as_str(), r.attempts))
+        .collect();
+    status.sort();
+    assert_eq!(status, [("pending", 0), ("pending", 0), ("sent", 1)]);
 }
 
 /// A worker frozen past its claim's lease finds, when it wakes, that another worker has
