@@ -607,7 +607,7 @@ impl ImapSource {
                 StartAt::New => {
                     let dates = self.list_dates(session, mailbox.exists).await?;
                     let start = i64::from(mailbox.uid_next.unwrap_or(1)).saturating_sub(1);
-                    (start, dates.iter().map(|(_, d)| *d).max())
+                    (start, newest_date(&dates, crate::now()))
                 }
             },
             Some((old, _)) => {
@@ -1418,6 +1418,13 @@ pub async fn finish_released(source: &ImapSource, reference: &str) -> Result<(),
     }
     let _ = session.logout().await;
     Ok(())
+}
+
+/// The newest INTERNALDATE of `dates`, but never later than `now`: one message dated in
+/// the future (an APPEND with a wrong date, a clock error) must not make a later rescan
+/// skip mail that arrived after the first start.
+fn newest_date(dates: &[(u32, i64)], now: i64) -> Option<i64> {
+    dates.iter().map(|(_, d)| (*d).min(now)).max()
 }
 
 /// Where a rescan starts so that it skips the messages up to the first one that arrived

@@ -30,6 +30,14 @@ fn a_rescan_skips_the_leading_run_of_old_mail() {
 }
 
 #[test]
+fn a_message_dated_in_the_future_does_not_move_new_after_past_now() {
+    assert_eq!(newest_date(&[(1, 50), (2, 90)], 100), Some(90));
+    // Without the cap, new_after 10,000 would make a rescan skip mail from 100 to 9,999.
+    assert_eq!(newest_date(&[(1, 50), (2, 10_000)], 100), Some(100));
+    assert_eq!(newest_date(&[], 100), None);
+}
+
+#[test]
 fn quarantine_refs_round_trip() {
     assert_eq!(
         parse_quarantine_ref("imap:support:Quarantine:1795456189:17"),
