@@ -315,8 +315,12 @@ impl MailRenderer for Templates {
 /// An inbound subject as our mail quotes it: one line, at most [`QUOTED_SUBJECT_CHARS`],
 /// with `…` where it was cut.
 fn quoted_subject(subject: &str) -> String {
-    let line = crate::message::one_line(subject, QUOTED_SUBJECT_CHARS + 1);
-    if line.chars().count() > QUOTED_SUBJECT_CHARS {
+    // Whitespace runs collapse, so more than the quote's length is read; a subject
+    // longer than that window is cut whatever it collapses to.
+    let window = 4 * QUOTED_SUBJECT_CHARS;
+    let line = crate::message::one_line(subject, window);
+    let beyond = subject.chars().nth(window).is_some();
+    if beyond || line.chars().count() > QUOTED_SUBJECT_CHARS {
         let cut: String = line.chars().take(QUOTED_SUBJECT_CHARS - 1).collect();
         format!("{}…", cut.trim_end())
     } else {

@@ -61,4 +61,20 @@ fn what_verification_mail_quotes_from_the_sender_is_short_and_inert() {
         mail.body_text
     );
     assert_eq!(quoted_subject("Printer on fire"), "Printer on fire");
+    // Whitespace that collapses does not hide that the subject was cut.
+    let spaced = format!(
+        "Printer{}on fire and the rest of a long story",
+        " ".repeat(150)
+    );
+    assert_eq!(
+        quoted_subject(&spaced),
+        "Printer on fire and the rest of a long story"
+    );
+    let cut = quoted_subject(&format!("{}{}", "a b ".repeat(30), "end ".repeat(200)));
+    assert!(
+        cut.ends_with('…') && cut.chars().count() <= QUOTED_SUBJECT_CHARS,
+        "{cut}"
+    );
+    let hidden = quoted_subject(&format!("short{}tail", " ".repeat(1000)));
+    assert_eq!(hidden, "short…");
 }
