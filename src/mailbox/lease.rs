@@ -175,8 +175,11 @@ impl Peer {
 /// (this instance, configured for `mine`, is `me`). An instance counts toward the share
 /// of a mailbox only when configured for it; one that did not say which (an older
 /// version) counts for every mailbox, as it counts itself, and is never given one (its
-/// room is unknown).
-fn plan(me: &str, mine: &[String], live: &[LiveInstance]) -> (usize, Vec<Peer>) {
+/// room is unknown). A mailbox nobody holds (`unheld`: given back and not yet taken, or
+/// its holder gone) takes room from every peer that could take it: counted from the
+/// leases held alone, the room a mailbox given back has not filled yet would look free,
+/// and a second one went where only one was taken — unworked until rescued.
+fn plan(me: &str, mine: &[String], live: &[LiveInstance], unheld: &[String]) -> (usize, Vec<Peer>) {
     let mut peers: Vec<(Peer, usize)> = live
         .iter()
         .filter(|i| i.holder != me)
@@ -199,7 +202,10 @@ fn plan(me: &str, mine: &[String], live: &[LiveInstance]) -> (usize, Vec<Peer>) 
     let rooms: Vec<usize> = peers
         .iter()
         .map(|(p, held)| match &p.serves {
-            Some(serves) => share_of(&mut serves.iter()).saturating_sub(*held),
+            Some(serves) => {
+                let coming = unheld.iter().filter(|m| serves.contains(*m)).count();
+                share_of(&mut serves.iter()).saturating_sub(*held + coming)
+            }
             None => 0,
         })
         .collect();
@@ -237,8 +243,8 @@ impl Board {
 
     /// Puts a heartbeat's list of live instances in force. Returns the share and the
     /// number of instances when either changed.
-    fn update(&self, live: &[LiveInstance]) -> Option<(usize, usize)> {
-        let (share, peers) = plan(&self.holder, &self.mailboxes, live);
+    fn update(&self, live: &[LiveInstance], unheld: &[String]) -> Option<(usize, usize)> {
+        let (share, peers) = plan(&self.holder, &self.mailboxes, live, unheld);
         let mut shares = self.shares();
         let changed = shares.share != share || shares.live != peers.len() + 1;
         shares.share = share;
@@ -325,8 +331,8 @@ pub async fn beat(store: &Store, board: &Board) {
         .instance_beat(&board.holder, board.ttl_secs(), &board.mailboxes)
         .await
     {
-        Ok(live) => {
-            if let Some((share, live)) = board.update(&live) {
+        Ok(beat) => {
+            if let Some((share, live)) = board.update(&beat.live, &beat.unheld) {
                 tracing::info!(
                     instances = live,
                     fair_share = share,

@@ -18,20 +18,23 @@ fn live(holder: &str, mailboxes: Option<&[&str]>, held: usize) -> LiveInstance {
 fn fair_share_and_surplus() {
     let board = Board::new("a".into(), Duration::from_secs(30), names(&["x", "y", "z"]));
     let all: &[&str] = &["x", "y", "z"];
-    assert!(board.update(&[live("a", Some(all), 0)]).is_none());
+    assert!(board.update(&[live("a", Some(all), 0)], &[]).is_none());
     assert_eq!(board.shares().share, 3);
     board.shares().held = 3;
     assert!(!board.claim_surplus("x"), "alone it keeps all three");
-    board.update(&[live("a", Some(all), 3), live("b", Some(all), 0)]);
+    board.update(&[live("a", Some(all), 3), live("b", Some(all), 0)], &[]);
     assert_eq!(board.shares().share, 2);
     assert!(board.claim_surplus("x"), "with two instances one goes back");
     assert_eq!(board.shares().held, 2);
     assert!(!board.claim_surplus("y"));
-    board.update(&[
-        live("a", Some(all), 2),
-        live("b", Some(all), 1),
-        live("c", Some(all), 0),
-    ]);
+    board.update(
+        &[
+            live("a", Some(all), 2),
+            live("b", Some(all), 1),
+            live("c", Some(all), 0),
+        ],
+        &[],
+    );
     assert!(board.claim_surplus("y"));
     assert!(!board.claim_surplus("z"));
     assert_eq!(board.shares().held, 1);
@@ -39,7 +42,7 @@ fn fair_share_and_surplus() {
         .map(|i| live(&format!("i{i}"), Some(all), 0))
         .chain([live("a", Some(all), 1)])
         .collect();
-    board.update(&many);
+    board.update(&many, &[]);
     assert_eq!(board.shares().share, 1, "never less than one");
 }
 
@@ -47,7 +50,7 @@ fn fair_share_and_surplus() {
 #[test]
 fn shares_count_only_instances_that_can_take_the_mailbox() {
     let two: &[&str] = &["m1", "m2"];
-    let share = |mine: &[&str], live: &[LiveInstance]| plan("a", &names(mine), live).0;
+    let share = |mine: &[&str], live: &[LiveInstance]| plan("a", &names(mine), live, &[]).0;
     // An HTTP-only instance (no mailboxes) takes nothing: "a" keeps both.
     assert_eq!(
         share(two, &[live("a", Some(two), 0), live("w", Some(&[]), 0)]),
@@ -75,6 +78,7 @@ fn shares_count_only_instances_that_can_take_the_mailbox() {
             live("a", Some(&["m1", "m2", "m3"]), 0),
             live("b", Some(two), 0),
         ],
+        &[],
     );
     assert_eq!(a_share, 2);
     assert_eq!(peers.len(), 1);
@@ -87,12 +91,13 @@ fn shares_count_only_instances_that_can_take_the_mailbox() {
             live("a", Some(&["m1", "m2", "m3"]), 0),
             live("b", Some(two), 0),
         ],
+        &[],
     );
     assert_eq!(b_share, 1);
     assert_eq!(peers[0].room, 2);
     // An older version that did not say counts for every mailbox, as it counts itself,
     // but is never handed one: its room is unknown.
-    let (a_share, peers) = plan("a", &names(two), &[live("b", None, 0)]);
+    let (a_share, peers) = plan("a", &names(two), &[live("b", None, 0)], &[]);
     assert_eq!(a_share, 1);
     assert_eq!(peers[0].room, 0);
 }
@@ -105,20 +110,26 @@ fn surplus_goes_only_where_it_is_taken() {
         Duration::from_secs(30),
         names(&["m1", "m2", "m3"]),
     );
-    board.update(&[
-        live("a", Some(&["m1", "m2", "m3"]), 3),
-        live("b", Some(&["m1"]), 0),
-        live("w", Some(&[]), 0),
-    ]);
+    board.update(
+        &[
+            live("a", Some(&["m1", "m2", "m3"]), 3),
+            live("b", Some(&["m1"]), 0),
+            live("w", Some(&[]), 0),
+        ],
+        &[],
+    );
     // "a": 1/2 + 1 + 1 → 3; no surplus.
     assert_eq!(board.shares().share, 3);
     board.shares().held = 3;
     assert!(!board.claim_surplus("m1"));
-    board.update(&[
-        live("a", Some(&["m1", "m2", "m3"]), 3),
-        live("b", Some(&["m1", "m2"]), 0),
-        live("c", Some(&["m1", "m2"]), 1),
-    ]);
+    board.update(
+        &[
+            live("a", Some(&["m1", "m2", "m3"]), 3),
+            live("b", Some(&["m1", "m2"]), 0),
+            live("c", Some(&["m1", "m2"]), 1),
+        ],
+        &[],
+    );
     // "a": 1/3 + 1/3 + 1 → 2, one too many; "b" has room for one (1/3 + 1/3 → 1), "c"
     // none. Only m1 or m2 can go, and only once.
     assert_eq!(board.shares().share, 2);
@@ -127,6 +138,41 @@ fn surplus_goes_only_where_it_is_taken() {
     assert!(!board.claim_surplus("m1"), "at its share now");
     board.shares().held = 4;
     assert!(!board.claim_surplus("m1"), "b's room was used by m2");
+}
+
+/// The heartbeat after a give-back still counts the peer's leases without the mailbox it
+/// was given (it has not taken it yet): that mailbox, unheld, fills the peer's room, so
+/// a second one does not go where only one will be taken.
+#[test]
+fn a_mailbox_given_back_and_not_yet_taken_fills_the_peers_room() {
+    let all: &[&str] = &["m1", "m2", "m3", "m4"];
+    let board = Board::new("a".into(), Duration::from_secs(30), names(all));
+    let beat = [live("a", Some(all), 4), live("b", Some(all), 1)];
+    // Two instances: a share of two each. "a" holds four, "b" one: room for one.
+    board.update(&beat, &[]);
+    board.shares().held = 4;
+    assert!(board.claim_surplus("m1"));
+    assert!(!board.claim_surplus("m2"), "b's room is used");
+    // The next heartbeat: "a" holds three, "b" still one, m1 is unheld.
+    board.update(
+        &[live("a", Some(all), 3), live("b", Some(all), 1)],
+        &names(&["m1"]),
+    );
+    assert!(!board.claim_surplus("m2"), "m1 is on its way to b");
+    // Once "b" took it, "a" (three, share two) gives nothing more: b is at its share.
+    board.update(&[live("a", Some(all), 3), live("b", Some(all), 2)], &[]);
+    assert!(!board.claim_surplus("m2"));
+    // An unheld mailbox "b" is not configured for takes none of its room.
+    let board = Board::new("a".into(), Duration::from_secs(30), names(all));
+    board.update(
+        &[
+            live("a", Some(all), 4),
+            live("b", Some(&["m1", "m2", "m3", "m4"]), 1),
+        ],
+        &names(&["elsewhere"]),
+    );
+    board.shares().held = 4;
+    assert!(board.claim_surplus("m1"));
 }
 
 #[test]

@@ -171,16 +171,24 @@ pub struct LiveInstance {
     pub held: usize,
 }
 
+/// What a heartbeat sees: the live instances, this one included, and the mailboxes
+/// nobody holds (given back and not yet taken, or their holder gone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Beat {
+    pub live: Vec<LiveInstance>,
+    pub unheld: Vec<String>,
+}
+
 impl Store {
     /// Records that `holder`, configured with `mailboxes`, is alive for `ttl_secs` more,
     /// and forgets instances gone for a long time. Returns the live instances, this one
-    /// included.
+    /// included, and the mailboxes nobody holds.
     pub async fn instance_beat(
         &self,
         holder: &str,
         ttl_secs: i64,
         mailboxes: &[String],
-    ) -> Result<Vec<LiveInstance>, StoreError> {
+    ) -> Result<Beat, StoreError> {
         let mut wtx = self.begin_write().await?;
         let now = db_now(wtx.conn());
         sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -210,8 +218,17 @@ impl Store {
         .fetch_all(wtx.conn())
         .await
         .ctx("list live instances")?;
+        let unheld: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT mailbox FROM mailbox_state \
+             WHERE lease_owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < {now} \
+             ORDER BY mailbox"
+        )))
+        .fetch_all(wtx.conn())
+        .await
+        .ctx("list unheld mailboxes")?;
         wtx.commit().await?;
-        rows.iter()
+        let live = rows
+            .iter()
             .map(|r| {
                 let mailboxes: Option<String> = r.try_get(1).ctx("list live instances")?;
                 let held: i64 = r.try_get(2).ctx("list live instances")?;
@@ -222,7 +239,8 @@ impl Store {
                     held: usize::try_from(held).unwrap_or(0),
                 })
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Beat { live, unheld })
     }
 
     /// The instances that announced themselves, alive or not yet forgotten.

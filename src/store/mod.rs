@@ -38,7 +38,7 @@ pub use apply::{
 pub use directory::{DirectoryIndex, DirectorySync, directory_fingerprint};
 pub use facts::{Gathered, Known, Lookups, assemble_facts, gather_facts, may_thread};
 pub use import::{ImportProgress, RecordedDecision, decode_facts, encode_facts};
-pub use lease::{LeaseHolder, LiveInstance, fence};
+pub use lease::{Beat, LeaseHolder, LiveInstance, fence};
 pub use queries::*;
 pub use verify::{
     Expired, HeldRequest, TokenInfo, activate_account, held_requests_of, token_info, use_token,
