@@ -1,21 +1,7 @@
 //! Unit tests for `src/daemon.rs`.
 
-use std::collections::HashMap;
-
 use super::*;
-
-async fn store(dir: &std::path::Path) -> Store {
-    let toml = format!(
-        "[database]\nurl = \"sqlite://{d}/intake.db\"\n\
-         [[desks]]\nkey = \"IT\"\naddresses = [\"it@desk.example\"]\n\
-         [trust]\nrequire_authentication = false\n[outbox]\ndir = \"{d}/outbox\"\n",
-        d = dir.display()
-    );
-    let path = dir.join("intake.toml");
-    std::fs::write(&path, toml).unwrap();
-    let config = Config::load_with_env(&ConfigSource::File(path), Some(HashMap::new())).unwrap();
-    Store::open(&config.database).await.unwrap()
-}
+use crate::testing::store;
 
 /// A connection still in use (a batch blocked on a row lock after the shutdown
 /// deadline) must not keep the process from exiting.

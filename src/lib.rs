@@ -19,6 +19,8 @@ pub mod pipeline;
 pub mod policy;
 pub mod store;
 pub mod systemd;
+#[cfg(test)]
+mod testing;
 pub mod verify;
 
 /// The current time as unix seconds: the one clock the daemon reads. The policy never

@@ -1,24 +1,6 @@
-use std::collections::HashMap;
-
 use super::*;
-use crate::config::ConfigSource;
 use crate::policy::{Action, Reason};
-
-async fn pipeline(dir: &std::path::Path) -> Pipeline {
-    let toml = format!(
-        "[database]\nurl = \"sqlite://{d}/intake.db\"\n\
-         [[desks]]\nkey = \"IT\"\naddresses = [\"it@desk.example\"]\n\
-         [trust]\nrequire_authentication = false\n[outbox]\ndir = \"{d}/outbox\"\n",
-        d = dir.display()
-    );
-    let path = dir.join("intake.toml");
-    std::fs::write(&path, toml).unwrap();
-    let config =
-        Arc::new(Config::load_with_env(&ConfigSource::File(path), Some(HashMap::new())).unwrap());
-    let store = Store::open(&config.database).await.unwrap();
-    let templates = crate::outbox::Templates::from_config(&config).unwrap();
-    Pipeline::new(store, config, templates)
-}
+use crate::testing::pipeline;
 
 /// A delivery report (RFC 3464) from a customer's mail server.
 fn dsn(id: &str) -> Vec<u8> {

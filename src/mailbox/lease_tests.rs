@@ -1,6 +1,7 @@
 //! Unit tests for `src/mailbox/lease.rs`.
 
 use super::*;
+use crate::testing::pipeline;
 
 fn names(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -241,25 +242,6 @@ fn a_live_process_of_the_same_program_is_not_gone() {
     child.wait().unwrap();
     assert!(alive, "a running instance is not gone");
     assert!(gone_from_here(&holder), "and is once it exited");
-}
-
-async fn pipeline(dir: &std::path::Path) -> Pipeline {
-    let toml = format!(
-        "[database]\nurl = \"sqlite://{d}/intake.db\"\n\
-         [[desks]]\nkey = \"IT\"\naddresses = [\"it@desk.example\"]\n\
-         [trust]\nrequire_authentication = false\n[outbox]\ndir = \"{d}/outbox\"\n",
-        d = dir.display()
-    );
-    let path = dir.join("intake.toml");
-    std::fs::write(&path, toml).unwrap();
-    let source = crate::config::ConfigSource::File(path);
-    let config = Arc::new(
-        crate::config::Config::load_with_env(&source, Some(std::collections::HashMap::new()))
-            .unwrap(),
-    );
-    let store = Store::open(&config.database).await.unwrap();
-    let templates = crate::outbox::Templates::from_config(&config).unwrap();
-    Pipeline::new(store, config, templates)
 }
 
 /// Which mailboxes are being worked, and how many turns each had.

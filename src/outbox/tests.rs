@@ -1,6 +1,7 @@
 //! Unit tests for `src/outbox/mod.rs`.
 
 use super::*;
+use crate::testing::store;
 
 fn row() -> OutboxRow {
     OutboxRow {
@@ -61,24 +62,6 @@ fn backoff_grows_and_is_capped() {
     assert!((30..=36).contains(&first), "{first}");
     assert!(backoff_secs(3, 30) >= 120);
     assert!(backoff_secs(50, 30) <= 3600 + 720);
-}
-
-/// A store in `dir` (SQLite) for the worker's tests.
-async fn store(dir: &Path) -> Store {
-    let toml = format!(
-        "[database]\nurl = \"sqlite://{d}/intake.db\"\n\
-         [[desks]]\nkey = \"IT\"\naddresses = [\"it@desk.example\"]\n\
-         [trust]\nrequire_authentication = false\n[outbox]\ndir = \"{d}/outbox\"\n",
-        d = dir.display()
-    );
-    let path = dir.join("intake.toml");
-    std::fs::write(&path, toml).unwrap();
-    let config = crate::config::Config::load_with_env(
-        &crate::config::ConfigSource::File(path),
-        Some(std::collections::HashMap::new()),
-    )
-    .unwrap();
-    Store::open(&config.database).await.unwrap()
 }
 
 /// Queues one invitation to `to`, due since `due`.
