@@ -137,7 +137,11 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     }
 
     // The requester.
-    let on_open_thread = thread.is_some_and(|t| t.status == super::facts::RequestStatus::Open);
+    // Only a sender who is on the request: a stranger's reply let through by
+    // stranger_replies = comment does not make a pending account skip verification.
+    let on_open_thread = thread.is_some_and(|t| {
+        t.status == super::facts::RequestStatus::Open && t.involves(&sender.address)
+    });
     let requester = match requester(
         sender,
         desk,
@@ -178,9 +182,22 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     if requester.hold {
         decision.action = Action::HoldForVerification;
         decision.reason = Reason::PendingVerification;
-        decision.request = thread.map(|t| t.key.clone());
+        // A follow-up goes on the sender's own held request. A reply to any other
+        // request waits as a held request of its own: nothing unconfirmed is added to a
+        // request others see.
+        let own_held = thread.filter(|t| {
+            t.status == super::facts::RequestStatus::Held && t.involves(&sender.address)
+        });
+        decision.request = own_held.map(|t| t.key.clone());
+        let not_on = match (thread, own_held) {
+            (Some(t), None) => format!(
+                "; the reply to {} waits as a request of its own, so nothing unconfirmed is added to {}",
+                t.key, t.key
+            ),
+            _ => String::new(),
+        };
         decision.explanation = format!(
-            "{} has not confirmed their address yet; the request is held until they do{stranger_note}",
+            "{} has not confirmed their address yet; the request is held until they do{stranger_note}{not_on}",
             sender.address
         );
         decision.participants = facts

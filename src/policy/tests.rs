@@ -1140,6 +1140,32 @@ fn pending_sender_replying_to_held_request_joins_it() {
     let d = decide(&f, &p);
     assert_eq!(d.action, Action::AddComment);
     assert!(d.emails.is_empty());
+
+    // Strangers' replies may be comments on this desk, but a pending account that is not
+    // on the request is held like anyone unconfirmed: in a request of its own, as is an
+    // unconfirmed stranger's reply under signup = verify. Nothing unconfirmed reaches
+    // IT-42.
+    let mut open_desk = policy();
+    it(&mut open_desk).stranger_replies = StrangerReplies::Comment;
+    let mut s = stranger("cy@ext.example");
+    s.account = Some(account(AccountKind::PortalOnly, AccountStatus::Pending));
+    let mut f = facts(s, vec![stranger("dan@ext.example")]);
+    f.thread = Some(thread("ann@ext.example", &[], ThreadMatch::MessageId));
+    let d = decide(&f, &open_desk);
+    assert_eq!(d.action, Action::HoldForVerification, "{}", d.to_text());
+    assert!(d.request.is_none(), "{}", d.to_text());
+    assert!(
+        d.explanation.contains("waits as a request of its own"),
+        "{}",
+        d.explanation
+    );
+    assert_eq!(d.participants[0].reason, Reason::RequestHeld);
+    open_desk.access.signup = Signup::Verify;
+    let mut f = facts(stranger("fay@ext.example"), vec![]);
+    f.thread = Some(thread("ann@ext.example", &[], ThreadMatch::MessageId));
+    let d = decide(&f, &open_desk);
+    assert_eq!(d.action, Action::HoldForVerification, "{}", d.to_text());
+    assert!(d.request.is_none(), "{}", d.to_text());
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! tokens, outbox rows, the audit row and the ledger outcome, all on the caller's
 //! transaction so they commit (or vanish) together.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -925,7 +925,6 @@ pub async fn apply(
             }
         };
         let waiting_recipients = held
-            && d.request.is_none()
             && d.participants
                 .iter()
                 .any(|p| p.reason == crate::policy::Reason::RequestHeld);
@@ -934,12 +933,18 @@ pub async fn apply(
             deferred.flush_rows(conn).await?;
         }
         store_attachments(conn, request_id, input.msg, now).await?;
-        if held && d.request.is_none() {
-            // Their participants are decided when the request is released.
+        if held {
+            // Their participants are decided when the request is released. A follow-up
+            // on the sender's held request adds the addresses it does not have yet.
+            let (mut known, first) = match d.request {
+                Some(_) => held_recipients(conn, request_id).await?,
+                None => (HashSet::new(), 0),
+            };
             let waiting: Vec<&crate::policy::ParticipantDecision> = d
                 .participants
                 .iter()
                 .filter(|p| p.reason == crate::policy::Reason::RequestHeld)
+                .filter(|p| known.insert(p.address.to_string()))
                 .collect();
             if !waiting.is_empty() {
                 let sql = format!(
@@ -950,7 +955,7 @@ pub async fn apply(
                 for (i, p) in waiting.iter().enumerate() {
                     q = q
                         .bind(request_id)
-                        .bind(i as i64)
+                        .bind(first + i as i64)
                         .bind(p.address.as_str())
                         .bind(p.display_name.as_deref());
                 }
@@ -1000,6 +1005,26 @@ pub async fn apply(
 }
 
 /// Writes one audit row at once (for events outside a message batch).
+/// The addresses a held request waits to decide on, and the next free position.
+async fn held_recipients(
+    conn: &mut AnyConnection,
+    request_id: i64,
+) -> Result<(HashSet<String>, i64), StoreError> {
+    let rows = sqlx::query("SELECT position, address FROM held_recipients WHERE request_id = $1")
+        .bind(request_id)
+        .fetch_all(&mut *conn)
+        .await
+        .ctx("read who a held request is for")?;
+    let mut known = HashSet::new();
+    let mut next = 0;
+    for row in &rows {
+        let position: i64 = row.try_get(0).ctx("read held recipients")?;
+        known.insert(row.try_get::<String, _>(1).ctx("read held recipients")?);
+        next = next.max(position + 1);
+    }
+    Ok((known, next))
+}
+
 async fn write_audit(conn: &mut AnyConnection, a: &AuditRow) -> Result<(), StoreError> {
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO audit (ledger_id, created_at, desk, action, reason, request_key, decision) \

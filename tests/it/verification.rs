@@ -79,6 +79,20 @@ fn browser_confirms_the_address_and_the_held_request_is_released() {
 
         assert_eq!(account(&env, "olga@outside.example")["status"], "pending");
         assert_eq!(env.request("IT-1")["status"], "held");
+        // Before confirming she writes again, on the same thread, Cc'ing Carl (and Bob
+        // again): it goes on her held request, and Carl waits to be decided with Bob.
+        drop_in_maildir(
+            &env,
+            "2.eml",
+            b"From: Olga Outsider <olga@outside.example>\r\nTo: it@desk.example\r\n\
+              Cc: Carl <carl@ext.example>, bob@ext.example\r\nSubject: Re: Printer on fire\r\n\
+              Message-ID: <outsider-2@mail.outside.example>\r\n\
+              In-Reply-To: <outsider-1@mail.outside.example>\r\n\r\nIt spreads.\r\n",
+        );
+        daemon.wait_for("the follow-up on IT-1", WAIT, || {
+            env.request("IT-1")["comments"] == 1
+        });
+        assert_eq!(env.request("IT-1")["status"], "held");
 
         let browser = Browser::start();
         browser.goto(&link);
@@ -103,18 +117,27 @@ fn browser_confirms_the_address_and_the_held_request_is_released() {
         assert_eq!(olga["display_name"], "Olga O.");
         let it1 = env.request("IT-1");
         assert_eq!(it1["status"], "open");
-        // The Cc is handled now, under the policy in force: bob gets an account and mail.
-        let parts: Vec<&str> = it1["participant_list"]
+        // The Cc's are handled now, under the policy in force: Bob and Carl get accounts
+        // and mail.
+        let mut parts: Vec<&str> = it1["participant_list"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|p| p["address"].as_str())
             .collect();
-        assert_eq!(parts, ["bob@ext.example"]);
-        let mails = wait_for_messages(&smtp, 2, WAIT);
-        let second = String::from_utf8_lossy(&mails[1]).to_string();
-        assert_eq!(header(&second, "To"), ["bob@ext.example"]);
-        assert!(second.contains("[IT-1]"));
+        parts.sort();
+        assert_eq!(parts, ["bob@ext.example", "carl@ext.example"]);
+        let mails = wait_for_messages(&smtp, 3, WAIT);
+        let mut invited: Vec<String> = mails[1..]
+            .iter()
+            .map(|m| {
+                let text = String::from_utf8_lossy(m).to_string();
+                assert!(text.contains("[IT-1]"), "{text}");
+                header(&text, "To").concat()
+            })
+            .collect();
+        invited.sort();
+        assert_eq!(invited, ["bob@ext.example", "carl@ext.example"]);
 
         // The link is single use.
         let path = link.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
