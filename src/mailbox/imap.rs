@@ -167,18 +167,34 @@ pub fn uid_set(uids: &[u32]) -> String {
     out
 }
 
-/// The SASL XOAUTH2 initial response (Gmail, Microsoft 365).
+/// The SASL XOAUTH2 exchange (Gmail, Microsoft 365): the token in answer to the first
+/// continuation. A refused token is answered with a second continuation carrying the
+/// server's reason (base64 JSON: status, scope), which the client must answer with an
+/// empty line; the tagged NO follows. The reason is kept in `refusal` for the error.
 struct XOAuth2 {
     user: String,
     token: String,
+    sent: bool,
+    refusal: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl async_imap::Authenticator for XOAuth2 {
     type Response = String;
-    fn process(&mut self, _challenge: &[u8]) -> String {
-        format!("user={}\x01auth=Bearer {}\x01\x01", self.user, self.token)
+    fn process(&mut self, challenge: &[u8]) -> String {
+        if !self.sent {
+            self.sent = true;
+            return format!("user={}\x01auth=Bearer {}\x01\x01", self.user, self.token);
+        }
+        let reason = crate::message::one_line(&String::from_utf8_lossy(challenge), 300);
+        if let Ok(mut r) = self.refusal.lock() {
+            *r = Some(reason);
+        }
+        String::new()
     }
 }
+
+/// How long `token_command` may run.
+const TOKEN_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn quote(folder: &str) -> String {
     format!("\"{}\"", folder.replace('\\', "\\\\").replace('"', "\\\""))
@@ -234,12 +250,21 @@ impl ImapSource {
                 {
                     return Ok(token.clone());
                 }
-                let out = tokio::process::Command::new("sh")
+                // A helper that hangs (a network call without a timeout, a prompt) must
+                // not stall the mailbox without a word.
+                let run = tokio::process::Command::new("sh")
                     .arg("-c")
                     .arg(command)
                     .stdin(std::process::Stdio::null())
-                    .output()
+                    .kill_on_drop(true)
+                    .output();
+                let out = tokio::time::timeout(TOKEN_COMMAND_TIMEOUT, run)
                     .await
+                    .map_err(|_| {
+                        err(format!(
+                            "token_command did not finish within {TOKEN_COMMAND_TIMEOUT:?}"
+                        ))
+                    })?
                     .map_err(|e| err(format!("cannot run token_command: {e}")))?;
                 if !out.status.success() {
                     return Err(err(format!(
@@ -352,16 +377,38 @@ impl ImapSource {
                 .map_err(|(e, _)| refused(e)),
             ImapAuth::XOAuth2(_) => {
                 let token = self.token().await?;
+                let refusal = std::sync::Arc::default();
                 let result = client
                     .authenticate(
                         "XOAUTH2",
                         XOAuth2 {
                             user: self.cfg.username.clone(),
                             token,
+                            sent: false,
+                            refusal: std::sync::Arc::clone(&refusal),
                         },
                     )
                     .await
-                    .map_err(|(e, _)| refused(e));
+                    .map_err(|(e, _)| match refused(e) {
+                        ImapError::LoginRefused {
+                            mailbox,
+                            address,
+                            username,
+                            message,
+                        } => {
+                            let reason = refusal.lock().ok().and_then(|mut r| r.take());
+                            ImapError::LoginRefused {
+                                mailbox,
+                                address,
+                                username,
+                                message: match reason {
+                                    Some(r) => format!("{message} ({r})"),
+                                    None => message,
+                                },
+                            }
+                        }
+                        other => other,
+                    });
                 if result.is_err() {
                     // A refused token may be stale: ask the command again next time.
                     *self.token_cache.lock().await = None;

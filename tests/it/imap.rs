@@ -592,6 +592,17 @@ fn xoauth2_with_a_token_command_refreshed_on_reconnect() {
         daemon.wait_for("a request after the token changed", WAIT, || {
             request_count(&env) == 2
         });
+        // A token the server refuses: the refusal is logged with the server's reason
+        // (its XOAUTH2 error continuation, answered with an empty line as RFC 7628 asks).
+        dovecot.accept_token("token-three");
+        std::thread::sleep(Duration::from_millis(1100));
+        dovecot.kick();
+        daemon.wait_for("the refusal with its reason", WAIT, || {
+            daemon.log().contains("\"status\"")
+        });
+        let log = daemon.log();
+        let line = log.lines().find(|l| l.contains("\"status\"")).unwrap();
+        assert!(line.contains("refused"), "{line}");
         daemon.stop();
         let log = dovecot.log();
         assert!(log.contains("method=XOAUTH2"), "{log}");
