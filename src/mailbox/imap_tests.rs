@@ -53,13 +53,21 @@ fn quarantine_refs_round_trip() {
 
 #[test]
 fn xoauth2_initial_response() {
+    let refusal = std::sync::Arc::default();
     let mut a = XOAuth2 {
         user: "desk@example.com".into(),
         token: "ya29.token".into(),
+        sent: false,
+        refusal: std::sync::Arc::clone(&refusal),
     };
     use async_imap::Authenticator;
     assert_eq!(
         a.process(b""),
         "user=desk@example.com\x01auth=Bearer ya29.token\x01\x01"
     );
+    // The error continuation gets an empty answer, and its reason is kept.
+    let reason = br#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#;
+    assert_eq!(a.process(reason), "");
+    let kept = refusal.lock().unwrap().clone().unwrap();
+    assert!(kept.contains("\"status\":\"401\""), "{kept}");
 }
