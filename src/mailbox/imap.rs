@@ -653,7 +653,13 @@ impl ImapSource {
                 StartAt::All => (0, None),
                 StartAt::New => {
                     let dates = self.list_dates(session, mailbox.exists).await?;
-                    let start = i64::from(mailbox.uid_next.unwrap_or(1)).saturating_sub(1);
+                    // UIDNEXT is optional in SELECT's answer; without it the highest UID
+                    // in the folder marks where "new" begins (not 0: all the history).
+                    let highest = dates.iter().map(|(uid, _)| *uid).max().unwrap_or(0);
+                    let start = match mailbox.uid_next {
+                        Some(next) => i64::from(next).saturating_sub(1),
+                        None => i64::from(highest),
+                    };
                     (start, newest_date(&dates, crate::now()))
                 }
             },
@@ -749,8 +755,7 @@ impl ImapSource {
             .try_collect()
             .await
             .map_err(self.protocol(action))?;
-        out.sort_unstable();
-        out.dedup_by_key(|(u, _)| *u);
+        largest_per_uid(&mut out);
         Ok(out)
     }
 
@@ -1465,6 +1470,15 @@ pub async fn finish_released(source: &ImapSource, reference: &str) -> Result<(),
     }
     let _ = session.logout().await;
     Ok(())
+}
+
+/// Sorts (UID, size) pairs by UID and keeps one per UID, the largest. An unsolicited
+/// FETCH (a flag change made elsewhere, with its UID) may come in among the answers
+/// without RFC822.SIZE: read as size 0, it must not hide the real size, or an oversized
+/// message would be downloaded whole.
+fn largest_per_uid(listed: &mut Vec<(u32, u64)>) {
+    listed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    listed.dedup_by_key(|(u, _)| *u);
 }
 
 /// The newest INTERNALDATE of `dates`, but never later than `now`: one message dated in

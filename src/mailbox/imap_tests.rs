@@ -71,3 +71,10 @@ fn xoauth2_initial_response() {
     let kept = refusal.lock().unwrap().clone().unwrap();
     assert!(kept.contains("\"status\":\"401\""), "{kept}");
 }
+
+#[test]
+fn a_sizeless_unsolicited_fetch_does_not_hide_a_messages_size() {
+    let mut listed = vec![(7, 0), (3, 100), (7, 30_000_000), (3, 100), (5, 10)];
+    largest_per_uid(&mut listed);
+    assert_eq!(listed, [(3, 100), (5, 10), (7, 30_000_000)]);
+}
