@@ -193,6 +193,9 @@ impl async_imap::Authenticator for XOAuth2 {
     }
 }
 
+/// UIDs named in one command when a set of scattered ones is listed.
+const LIST_CHUNK: usize = 500;
+
 /// How long `token_command` may run.
 const TOKEN_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -526,7 +529,6 @@ impl ImapSource {
         let (mut last_uid, fresh) = self
             .starting_uid(&mut session, pipeline, uidvalidity, &mailbox)
             .await?;
-        backoff.reset();
         pipeline.health.ok(&self.name);
         tracing::info!(
             mailbox = %self.name,
@@ -562,7 +564,13 @@ impl ImapSource {
                 if n == 0 {
                     break;
                 }
+                // Progress: the next failure starts the backoff over.
+                backoff.reset();
             }
+            // Caught up. Not at connect: a failure that repeats after every login (a
+            // message the server will not move, a folder over quota) would reconnect
+            // about once a second for good.
+            backoff.reset();
             if idle {
                 // Whatever the server announced while we were busy would not be announced
                 // again during IDLE: look first.
@@ -1340,11 +1348,17 @@ impl ImapSource {
         uids.sort_unstable();
         if !uids.is_empty() {
             tracing::info!(mailbox = %self.name, count = uids.len(), "processing again messages committed before the last disconnect");
-            let mut listed = self
-                .list_sizes(session, uid_set(&uids), "list leftovers", |uid| {
-                    i64::from(uid) <= last_uid
-                })
-                .await?;
+            // Scattered UIDs make a long set: listed a slice at a time, so no command
+            // passes a server's line limit (Dovecot's is 64 KB, others' less).
+            let mut listed = Vec::with_capacity(uids.len());
+            for part in uids.chunks(LIST_CHUNK) {
+                listed.extend(
+                    self.list_sizes(session, uid_set(part), "list leftovers", |uid| {
+                        i64::from(uid) <= last_uid
+                    })
+                    .await?,
+                );
+            }
             let mut progress = last_uid;
             while !listed.is_empty() {
                 let n = self
