@@ -153,6 +153,8 @@ pub struct Progress {
     pub mailbox: String,
     pub uidvalidity: i64,
     pub last_uid: i64,
+    /// IMAP: every message up to this UID is acknowledged (0: nothing new to record).
+    pub acked_uid: i64,
 }
 
 /// What happened to one message.
@@ -585,6 +587,10 @@ impl Pipeline {
         if let Some(p) = progress {
             store::save_mailbox_state(wtx.conn(), &p.mailbox, p.uidvalidity, p.last_uid, now)
                 .await?;
+            if p.acked_uid > 0 {
+                store::save_mailbox_acked(wtx.conn(), &p.mailbox, p.uidvalidity, p.acked_uid)
+                    .await?;
+            }
         }
         wtx.commit().await?;
         Ok(outcomes)

@@ -494,6 +494,7 @@ impl Run {
             mailbox: source.to_string(),
             uidvalidity: fingerprint,
             last_uid: i64::try_from(batch_end).unwrap_or(i64::MAX),
+            acked_uid: 0,
         });
         let outcomes = self
             .pipeline

@@ -138,6 +138,8 @@ pub struct ImapSource {
     fetch_failures: Mutex<HashMap<(i64, u32), (u32, Instant)>>,
     /// The server's silence allowed when a reply is due (`reply_timeout`); lifted in IDLE.
     reply_timeout: ReplyTimeout,
+    /// Every message up to this UID is acknowledged; recorded with the next commit.
+    acked: std::sync::atomic::AtomicI64,
 }
 
 /// UIDs as an IMAP sequence set: `1:5,7,9:12`.
@@ -212,6 +214,7 @@ impl ImapSource {
             cfg,
             token_cache: Mutex::new(None),
             fetch_failures: Mutex::new(HashMap::new()),
+            acked: Default::default(),
         }
     }
 
@@ -529,6 +532,10 @@ impl ImapSource {
         let (mut last_uid, fresh) = self
             .starting_uid(&mut session, pipeline, uidvalidity, &mailbox)
             .await?;
+        if fresh {
+            // A new start (or a new UIDVALIDITY): nothing is acknowledged yet.
+            self.acked.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         pipeline.health.ok(&self.name);
         tracing::info!(
             mailbox = %self.name,
@@ -1027,6 +1034,7 @@ impl ImapSource {
             mailbox: self.name.clone(),
             uidvalidity,
             last_uid: i64::from(highest).max(*last_uid),
+            acked_uid: self.acked.load(std::sync::atomic::Ordering::Relaxed),
         };
         let outcomes = pipeline
             .process_prepared_batch(
@@ -1063,7 +1071,14 @@ impl ImapSource {
             }
         }
         self.acknowledge(session, pipeline, uidvalidity, &done, &quarantined, ops)
-            .await
+            .await?;
+        // Batches are committed and acknowledged in UID order, each after the one
+        // before: everything up to this batch's last UID is acknowledged now.
+        if let Some(&last) = fetched.uids.last() {
+            self.acked
+                .fetch_max(i64::from(last), std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Fetches a large message [`FETCH_PIECE`] bytes at a time (`BODY.PEEK[]<offset.n>`),
@@ -1317,7 +1332,14 @@ impl ImapSource {
             .mailbox_first_uid(&self.name)
             .await
             .map_err(store_err)?;
-        let from = first_uid.unwrap_or(0) + 1;
+        // Nor below what was acknowledged: with after = "seen" a message staff marked
+        // unread again is no leftover, and must not be flagged read behind their back.
+        let acked = pipeline
+            .store()
+            .mailbox_acked_uid(&self.name)
+            .await
+            .map_err(store_err)?;
+        let from = first_uid.unwrap_or(0).max(acked.unwrap_or(0)) + 1;
         let query = match self.cfg.after {
             After::Seen => format!("UID {from}:{last_uid} UNSEEN"),
             _ => format!("UID {from}:{last_uid}"),

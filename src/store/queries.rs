@@ -579,8 +579,8 @@ impl Store {
         let mut wtx = self.begin_write().await?;
         save_mailbox_state(wtx.conn(), mailbox, uidvalidity, last_uid, now).await?;
         sqlx::query(
-            "UPDATE mailbox_state SET first_uid = $1, new_after = COALESCE($3, new_after) \
-             WHERE mailbox = $2",
+            "UPDATE mailbox_state SET first_uid = $1, new_after = COALESCE($3, new_after), \
+               acked_uid = NULL WHERE mailbox = $2",
         )
         .bind(last_uid)
         .bind(mailbox)
@@ -595,6 +595,11 @@ impl Store {
     /// UID was committed by us. `None` when it was started before this was recorded.
     pub async fn mailbox_first_uid(&self, mailbox: &str) -> Result<Option<i64>, StoreError> {
         self.mailbox_state_value(mailbox, "first_uid").await
+    }
+
+    /// The UID up to which every message of a mailbox is acknowledged, if recorded.
+    pub async fn mailbox_acked_uid(&self, mailbox: &str) -> Result<Option<i64>, StoreError> {
+        self.mailbox_state_value(mailbox, "acked_uid").await
     }
 
     /// With `start = "new"`: the newest INTERNALDATE that was in the folder at first
@@ -951,6 +956,27 @@ async fn outbox_dead(
 }
 
 /// Records a mailbox's progress on the caller's transaction.
+/// Records that every message of `mailbox` up to `acked_uid` is acknowledged (never
+/// lowered, and only under the same UIDVALIDITY).
+pub async fn save_mailbox_acked(
+    conn: &mut AnyConnection,
+    mailbox: &str,
+    uidvalidity: i64,
+    acked_uid: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE mailbox_state SET acked_uid = $3 WHERE mailbox = $1 AND uidvalidity = $2 \
+         AND (acked_uid IS NULL OR acked_uid < $3)",
+    )
+    .bind(mailbox)
+    .bind(uidvalidity)
+    .bind(acked_uid)
+    .execute(&mut *conn)
+    .await
+    .ctx("record how far a mailbox is acknowledged")?;
+    Ok(())
+}
+
 pub async fn save_mailbox_state(
     conn: &mut AnyConnection,
     mailbox: &str,

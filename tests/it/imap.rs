@@ -207,6 +207,39 @@ fn a_duplicate_committed_but_not_acknowledged_is_acknowledged_after_a_reconnect(
     }
 }
 
+/// With after = "seen", staff who mark processed mail unread again (a to-do habit)
+/// keep it unread: after a reconnect only what was committed and never acknowledged is
+/// looked at again, not everything unread.
+#[test]
+fn mail_marked_unread_by_staff_stays_unread_after_a_reconnect() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        let mut imap = dovecot.client();
+        let env = env_with(&dovecot, backend, "", "");
+        let daemon = start_daemon(&env);
+        // One at a time: each commit records how far the one before was acknowledged.
+        for i in 1..=3 {
+            imap.append("INBOX", &message(i, ""));
+            daemon.wait_for("the message flagged seen", WAIT, || {
+                imap.status("INBOX") == (i as u32, 0)
+            });
+        }
+        daemon.stop();
+        imap.command("SELECT INBOX");
+        imap.command("UID STORE 1:2 -FLAGS.SILENT (\\Seen)");
+        imap.command("CLOSE");
+        assert_eq!(imap.status("INBOX"), (3, 2));
+        let daemon = start_daemon(&env);
+        // A new message after the reconnect: by then the leftover pass has run.
+        imap.append("INBOX", &message(4, ""));
+        daemon.wait_for("the new message", WAIT, || request_count(&env) == 4);
+        daemon.wait_for("it flagged seen", WAIT, || imap.status("INBOX") == (4, 2));
+        let log = daemon.stop();
+        assert!(!log.contains("processing again"), "{log}");
+        assert_eq!(imap.status("INBOX"), (4, 2), "still unread");
+    }
+}
+
 #[test]
 fn oversized_is_quarantined_without_download_and_can_be_released() {
     for backend in BACKENDS {
