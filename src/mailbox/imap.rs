@@ -545,6 +545,8 @@ impl ImapSource {
             "connected"
         );
         let ops = Ops { can_move, uidplus };
+        // The message count last announced (EXISTS): only a change is news.
+        let mut known_exists = Some(mailbox.exists);
         // Only a mailbox we already worked on can have leftovers; on first contact (and
         // with `start = "new"`) nothing below the starting point was ours.
         if !fresh {
@@ -581,14 +583,9 @@ impl ImapSource {
             if idle {
                 // Whatever the server announced while we were busy would not be announced
                 // again during IDLE: look first.
-                let mut announced = false;
-                while let Ok(r) = session.unsolicited_responses.try_recv() {
-                    announced |= matches!(
-                        r,
-                        UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
-                    );
-                }
-                if announced {
+                let responses =
+                    std::iter::from_fn(|| session.unsolicited_responses.try_recv().ok());
+                if announces_change(responses, &mut known_exists) {
                     continue;
                 }
                 let mut handle = session.idle();
@@ -623,6 +620,8 @@ impl ImapSource {
                     }
                 };
                 session = handle.done().await.map_err(self.protocol("end IDLE"))?;
+                // What IDLE announced was not counted: the next EXISTS is news.
+                known_exists = None;
                 if stopped {
                     let _ = session.logout().await;
                     return Ok(());
@@ -1506,6 +1505,28 @@ pub async fn finish_released(source: &ImapSource, reference: &str) -> Result<(),
     }
     let _ = session.logout().await;
     Ok(())
+}
+
+/// Whether untagged responses that came while the session was busy announce a change in
+/// the folder: an EXISTS with another count than the one known (`None`: unknown, so any
+/// EXISTS is news), or an EXPUNGE. A server may repeat an unchanged `* N EXISTS` with its
+/// replies; counted as news, it kept the session draining and never let it reach IDLE.
+fn announces_change(
+    responses: impl Iterator<Item = UnsolicitedResponse>,
+    known_exists: &mut Option<u32>,
+) -> bool {
+    let mut changed = false;
+    for r in responses {
+        match r {
+            UnsolicitedResponse::Exists(n) => {
+                changed |= *known_exists != Some(n);
+                *known_exists = Some(n);
+            }
+            UnsolicitedResponse::Expunge(_) => changed = true,
+            _ => {}
+        }
+    }
+    changed
 }
 
 /// Sorts (UID, size) pairs by UID and keeps one per UID, the largest. An unsolicited

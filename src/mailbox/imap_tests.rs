@@ -78,3 +78,27 @@ fn a_sizeless_unsolicited_fetch_does_not_hide_a_messages_size() {
     largest_per_uid(&mut listed);
     assert_eq!(listed, [(3, 100), (5, 10), (7, 30_000_000)]);
 }
+
+#[test]
+fn only_a_changed_count_or_an_expunge_is_news_before_idle() {
+    use async_imap::types::UnsolicitedResponse as R;
+    let mut known = Some(5);
+    // A server repeating the count it announced: nothing new, on to IDLE.
+    assert!(!announces_change(
+        [R::Exists(5), R::Exists(5)].into_iter(),
+        &mut known
+    ));
+    assert!(!announces_change(std::iter::empty(), &mut known));
+    // A new message.
+    assert!(announces_change([R::Exists(6)].into_iter(), &mut known));
+    assert_eq!(known, Some(6));
+    // One gone and one new at once: the EXPUNGE tells.
+    assert!(announces_change(
+        [R::Expunge(2), R::Exists(6)].into_iter(),
+        &mut known
+    ));
+    // After IDLE the count is unknown: any EXISTS is news once.
+    let mut known = None;
+    assert!(announces_change([R::Exists(6)].into_iter(), &mut known));
+    assert!(!announces_change([R::Exists(6)].into_iter(), &mut known));
+}
