@@ -62,6 +62,8 @@ const FETCH_PIECE: u64 = 1024 * 1024;
 /// tries, and not before it has been failing for [`FETCH_FAILING_FOR`].
 const FETCH_ATTEMPTS: u32 = 3;
 const FETCH_FAILING_FOR: Duration = Duration::from_secs(600);
+/// How soon a message whose body did not come is tried again.
+const FETCH_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImapError {
@@ -588,6 +590,7 @@ impl ImapSource {
                 if announces_change(responses, &mut known_exists) {
                     continue;
                 }
+                let idle_for = self.wait_for(self.cfg.idle_timeout).await;
                 let mut handle = session.idle();
                 handle.init().await.map_err(self.protocol("start IDLE"))?;
                 // Silence is what IDLE is; keep-alive probes watch the connection meanwhile.
@@ -595,7 +598,7 @@ impl ImapSource {
                 let stopped = {
                     // async-imap restarts its timeout on every keep-alive the server
                     // sends; our own deadline makes sure IDLE is re-issued in time.
-                    let (wait, stop) = handle.wait_with_timeout(self.cfg.idle_timeout);
+                    let (wait, stop) = handle.wait_with_timeout(idle_for);
                     tokio::pin!(wait);
                     tokio::select! {
                         r = &mut wait => {
@@ -605,7 +608,7 @@ impl ImapSource {
                                 | IdleResponse::ManualInterrupt => false,
                             }
                         }
-                        _ = tokio::time::sleep(self.cfg.idle_timeout) => {
+                        _ = tokio::time::sleep(idle_for) => {
                             self.reply_timeout.restore();
                             drop(stop);
                             let _ = wait.await;
@@ -632,9 +635,21 @@ impl ImapSource {
                         let _ = session.logout().await;
                         return Ok(());
                     }
-                    _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                    _ = tokio::time::sleep(self.wait_for(self.cfg.poll_interval).await) => {}
                 }
             }
+        }
+    }
+
+    /// How long to wait for news: `usual`, or at most [`FETCH_RETRY`] while a message's
+    /// body is failing to come, so it is tried again (and, failing on, quarantined after
+    /// [`FETCH_FAILING_FOR`]) rather than holding up the mail behind it until the next
+    /// IDLE wake-up, which may be half an hour away.
+    async fn wait_for(&self, usual: Duration) -> Duration {
+        if self.fetch_failures.lock().await.is_empty() {
+            usual
+        } else {
+            usual.min(FETCH_RETRY)
         }
     }
 
@@ -791,6 +806,15 @@ impl ImapSource {
         // Listed once, then worked through batch by batch: listing again after every
         // batch made a backlog of n messages cost n²/batch listed UIDs.
         let new = self.list_new(session, *last_uid).await?;
+        {
+            // A failing message no longer listed was handled or is gone (expunged
+            // elsewhere): its count goes.
+            let listed: HashSet<u32> = new.iter().map(|(uid, _)| *uid).collect();
+            self.fetch_failures
+                .lock()
+                .await
+                .retain(|(v, uid), _| *v == uidvalidity && listed.contains(uid));
+        }
         let mut rest = &new[..];
         let mut done = 0;
         let mut next: Option<Fetched> = None;
