@@ -369,7 +369,10 @@ async fn find_thread(
     ids.truncate(50);
     if !ids.is_empty() {
         let sql = format!(
-            "SELECT t.request_id FROM thread_refs t WHERE t.desk = $1 AND t.message_id IN ({}) \
+            // Only requests that can be threaded into: a reply to an expired held
+            // request falls through to the key in its subject.
+            "SELECT t.request_id FROM thread_refs t JOIN requests r ON r.id = t.request_id \
+             WHERE t.desk = $1 AND r.status IN ('open', 'held') AND t.message_id IN ({}) \
              ORDER BY t.request_id DESC LIMIT 1",
             placeholders(2, ids.len())
         );

@@ -788,3 +788,44 @@ fn a_pending_account_outlives_its_first_request_while_another_is_held() {
         );
     }
 }
+
+/// A reply whose In-Reply-To names a message of an expired held request still finds the
+/// open request whose key is in its subject.
+#[test]
+fn a_reply_naming_an_expired_request_falls_back_to_the_key_in_its_subject() {
+    for backend in BACKENDS {
+        let env = Env::new(backend, &verify_site(), &DeskSettings::default());
+        let first = env.process(&["outsider-new.eml"]);
+        assert_eq!(first["outcomes"][0]["action"], "hold_for_verification");
+        env.sql("UPDATE requests SET held_until = 1 WHERE request_key = 'IT-1'");
+        let expired = env.json(&["expire", "--json"]);
+        assert_eq!(expired["requests"][0], "IT-1", "{expired}");
+        // Olga's account is active now (as if confirmed later), and she opens IT-2.
+        env.sql("UPDATE accounts SET status = 'active' WHERE address = 'olga@outside.example'");
+        let write = |name: &str, text: &str| {
+            let path = env.path(name);
+            std::fs::write(&path, text).unwrap();
+            env.json(&["process", "--json", path.to_str().unwrap()])
+        };
+        let second = write(
+            "new.eml",
+            "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\n\
+             Subject: Scanner jammed\r\nMessage-ID: <outsider-5@mail.outside.example>\r\n\r\nhi\r\n",
+        );
+        assert_eq!(
+            second["outcomes"][0]["action"], "create_request",
+            "{second}"
+        );
+        assert_eq!(env.request("IT-2")["status"], "open");
+        // Her reply quotes the old thread too.
+        let reply = write(
+            "reply.eml",
+            "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\n\
+             Subject: Re: [IT-2] Scanner jammed\r\nMessage-ID: <outsider-6@mail.outside.example>\r\n\
+             In-Reply-To: <outsider-1@mail.outside.example>\r\n\r\nstill\r\n",
+        );
+        assert_eq!(reply["outcomes"][0]["action"], "add_comment", "{reply}");
+        assert_eq!(env.request("IT-2")["comments"], 1);
+        assert_eq!(env.requests().len(), 2);
+    }
+}
