@@ -746,6 +746,18 @@ fn participant(
             format!("desk {} does not share requests with To/Cc", desk.key),
         );
     }
+    // Before "already a participant": a deactivated account is never added, nor its
+    // name taken from the message, even on a request it was on.
+    if p.account
+        .as_ref()
+        .is_some_and(|a| a.status == AccountStatus::Deactivated)
+    {
+        return drop(
+            p,
+            Reason::AccountDeactivated,
+            format!("the account {addr} is deactivated"),
+        );
+    }
     if let Some(t) = ctx.thread
         && t.participants.contains(addr)
     {
@@ -760,13 +772,6 @@ fn participant(
     let restricted = desk.channel_access == ChannelAccess::Restricted;
     let org_sharing = desk.sharing == Sharing::Organization && !ctx.sender_is_agent;
     if let Some(acc) = &p.account {
-        if acc.status == AccountStatus::Deactivated {
-            return drop(
-                p,
-                Reason::AccountDeactivated,
-                format!("the account {addr} is deactivated"),
-            );
-        }
         if restricted && !acc.desk_customer {
             return drop(
                 p,

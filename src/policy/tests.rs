@@ -1052,6 +1052,16 @@ fn replies_thread_only_for_people_on_the_request() {
     );
     assert_eq!(d.participants[0].reason, Reason::AlreadyParticipant);
     assert_eq!(d.participants[1].reason, Reason::SharingAny);
+    // A participant whose account was deactivated since is not added again.
+    let mut gone = member("bea@acme.example", AccountKind::PortalOnly, &["Acme"]);
+    if let Some(a) = gone.account.as_mut() {
+        a.status = AccountStatus::Deactivated;
+    }
+    let mut f2 = f.clone();
+    f2.recipients = vec![gone];
+    let d = decide(&f2, &p);
+    assert_eq!(d.participants[0].outcome, ParticipantOutcome::Drop);
+    assert_eq!(d.participants[0].reason, Reason::AccountDeactivated);
 
     // A participant replies and Cc's the reporter: the reporter is not added again.
     let mut f = facts(
