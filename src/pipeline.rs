@@ -564,6 +564,9 @@ impl Pipeline {
                     Err(e) => {
                         let _ = sp.rollback().await;
                         deferred = Deferred::default();
+                        // What the message counted or cached went with it (a request
+                        // counted toward its sender's hourly limit, say).
+                        lookups = Lookups::default();
                         let detail = crate::outbox::error_chain(&e);
                         tracing::error!(error = %detail, "processing failed; quarantining");
                         self.quarantine(
