@@ -896,11 +896,13 @@ pub async fn apply(
 
     if active && let (Some(desk), Some(address)) = (&d.desk, &d.requester.address) {
         let requester_id = ids.get(address.as_str()).copied();
+        // The comment the message became, if it is one: its attachments belong to it.
+        let mut comment_id = None;
         let (request_id, key) = match (&d.request, input.known.thread_request) {
             (Some(key), Some(id)) => {
                 // Finding the thread wrote what was waiting; a request of this batch is
                 // in the table by now.
-                add_comment(conn, id, address, input.msg, now).await?;
+                comment_id = Some(add_comment(conn, id, address, input.msg, now).await?);
                 (id, key.clone())
             }
             (Some(key), None) => {
@@ -932,7 +934,7 @@ pub async fn apply(
             // Their rows refer to the request.
             deferred.flush_rows(conn).await?;
         }
-        store_attachments(conn, request_id, input.msg, now).await?;
+        store_attachments(conn, request_id, comment_id, input.msg, now).await?;
         if held {
             // Their participants are decided when the request is released. A follow-up
             // on the sender's held request adds the addresses it does not have yet.
@@ -1455,17 +1457,17 @@ async fn add_comment(
     author: &EmailAddress,
     msg: &InboundMessage,
     now: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
+) -> Result<i64, StoreError> {
+    let id: i64 = sqlx::query_scalar(
         "INSERT INTO comments (request_id, author_address, body, message_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
     .bind(request_id)
     .bind(author.as_str())
     .bind(&msg.text_body)
     .bind(msg.message_id.as_deref())
     .bind(now)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await
     .ctx("add the comment")?;
     sqlx::query("UPDATE requests SET updated_at = $1 WHERE id = $2")
@@ -1474,7 +1476,7 @@ async fn add_comment(
         .execute(&mut *conn)
         .await
         .ctx("touch the request")?;
-    Ok(())
+    Ok(id)
 }
 
 /// The size of the pieces attachment content is stored in (`attachment_chunks`).
@@ -1488,6 +1490,7 @@ pub const ATTACHMENT_CHUNK: usize = 1 << 20;
 async fn store_attachments(
     conn: &mut AnyConnection,
     request_id: i64,
+    comment_id: Option<i64>,
     msg: &InboundMessage,
     now: i64,
 ) -> Result<(), StoreError> {
@@ -1517,10 +1520,11 @@ async fn store_attachments(
             }
         }
         sqlx::query(
-            "INSERT INTO attachments (request_id, filename, content_type, size, sha256, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO attachments (request_id, comment_id, filename, content_type, size, sha256, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(request_id)
+        .bind(comment_id)
         .bind(&a.filename)
         .bind(&a.content_type)
         .bind(a.content.len() as i64)

@@ -39,6 +39,9 @@ pub struct AttachmentRow {
     pub content_type: String,
     pub size: i64,
     pub sha256: String,
+    /// The comment it came with: its place in the request's comment list, from 1.
+    /// `None`: it came with the message that opened the request.
+    pub comment: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -291,8 +294,11 @@ impl Store {
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
+        // A comment's place in the list: comments are listed by id too.
         let attachments = sqlx::query(
-            "SELECT filename, content_type, size, sha256 FROM attachments WHERE request_id = $1 ORDER BY id",
+            "SELECT a.filename, a.content_type, a.size, a.sha256, \
+               (SELECT COUNT(*) FROM comments c WHERE c.request_id = a.request_id AND c.id <= a.comment_id) \
+             FROM attachments a WHERE a.request_id = $1 ORDER BY a.id",
         )
         .bind(id)
         .fetch_all(&mut *conn)
@@ -300,11 +306,13 @@ impl Store {
         .ctx("load attachments")?
         .iter()
         .map(|r| {
+            let place: Option<i64> = r.try_get(4).ctx("read attachment")?;
             Ok(AttachmentRow {
                 filename: r.try_get(0).ctx("read attachment")?,
                 content_type: r.try_get(1).ctx("read attachment")?,
                 size: r.try_get(2).ctx("read attachment")?,
                 sha256: r.try_get(3).ctx("read attachment")?,
+                comment: place.filter(|n| *n > 0).map(|n| n as usize),
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;

@@ -329,5 +329,24 @@ fn attachments_are_stored_in_pieces_and_come_back_whole() {
             String::from_utf8_lossy(&out.stderr).contains("IT-1 has 1 attachment(s)"),
             "{out:?}"
         );
+        // A reply's attachment belongs to the comment it came with.
+        let reply = env.path("reply.eml");
+        std::fs::write(
+            &reply,
+            "From: <x1@out.example>\r\nTo: it@desk.example\r\nSubject: Re: Logs 1\r\n\
+             Message-ID: <att-3@out.example>\r\nIn-Reply-To: <att-1@out.example>\r\n\
+             MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+             --b\r\nContent-Type: text/plain\r\n\r\nMore.\r\n\
+             --b\r\nContent-Type: text/plain; name=\"more.txt\"\r\n\
+             Content-Disposition: attachment; filename=\"more.txt\"\r\n\r\nmore logs\r\n--b--\r\n",
+        )
+        .unwrap();
+        let out = env.intake(&["process", "--no-send", reply.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        let shown = env.request("IT-1");
+        assert_eq!(shown["comments"], 1, "{shown:#}");
+        assert!(shown["attachments"][0]["comment"].is_null(), "{shown:#}");
+        assert_eq!(shown["attachments"][1]["filename"], "more.txt", "{shown:#}");
+        assert_eq!(shown["attachments"][1]["comment"], 1, "{shown:#}");
     }
 }
