@@ -135,7 +135,12 @@ pub async fn claim_ledger_batch(
         .map(|i| dedupe_key(i.desk, i.msg, i.content_hash))
         .collect();
     let mut claimed: HashMap<String, i64> = HashMap::with_capacity(items.len());
-    for (part, part_keys) in items.chunks(CHUNK).zip(keys.chunks(CHUNK)) {
+    // Inserted in key order, so the rows' locks are taken in one order by every
+    // instance: two batches claiming overlapping messages (one message in two mailboxes)
+    // wait for each other instead of deadlocking. Results are matched by key.
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
+    for part in order.chunks(CHUNK) {
         let sql = format!(
             "INSERT INTO ledger (source, source_ref, desk, message_id, content_hash, dedupe_key, \
                action, reason, sender, subject, size, processed_at) \
@@ -143,7 +148,8 @@ pub async fn claim_ledger_batch(
             values_list(conn, part.len(), 12)
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (i, key) in part.iter().zip(part_keys) {
+        for &ix in part {
+            let (i, key) = (&items[ix], &keys[ix]);
             q = q
                 .bind(&i.source.source)
                 .bind(&i.source.reference)
