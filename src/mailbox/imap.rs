@@ -397,25 +397,15 @@ impl ImapSource {
                         },
                     )
                     .await
-                    .map_err(|(e, _)| match refused(e) {
-                        ImapError::LoginRefused {
-                            mailbox,
-                            address,
-                            username,
-                            message,
-                        } => {
-                            let reason = refusal.lock().ok().and_then(|mut r| r.take());
-                            ImapError::LoginRefused {
-                                mailbox,
-                                address,
-                                username,
-                                message: match reason {
-                                    Some(r) => format!("{message} ({r})"),
-                                    None => message,
-                                },
-                            }
+                    .map_err(|(e, _)| {
+                        let mut error = refused(e);
+                        let reason = refusal.lock().ok().and_then(|mut r| r.take());
+                        if let (ImapError::LoginRefused { message, .. }, Some(r)) =
+                            (&mut error, reason)
+                        {
+                            message.push_str(&format!(" ({r})"));
                         }
-                        other => other,
+                        error
                     });
                 if result.is_err() {
                     // A refused token may be stale: ask the command again next time.
@@ -809,11 +799,11 @@ impl ImapSource {
         {
             // A failing message no longer listed was handled or is gone (expunged
             // elsewhere): its count goes.
-            let listed: HashSet<u32> = new.iter().map(|(uid, _)| *uid).collect();
-            self.fetch_failures
-                .lock()
-                .await
-                .retain(|(v, uid), _| *v == uidvalidity && listed.contains(uid));
+            let mut failures = self.fetch_failures.lock().await;
+            if !failures.is_empty() {
+                let listed: HashSet<u32> = new.iter().map(|(uid, _)| *uid).collect();
+                failures.retain(|(v, uid), _| *v == uidvalidity && listed.contains(uid));
+            }
         }
         let mut rest = &new[..];
         let mut done = 0;

@@ -381,11 +381,11 @@ impl Worker {
             if !go_on() {
                 return Ok(report);
             }
+            // When the claim was made, by the wall clock, not the monotonic one: it runs
+            // on while the machine sleeps (and a paused VM's is set right on resume).
+            let claimed = std::time::SystemTime::now();
             // Small claims, each with the clock read afresh: a slow relay must not let a
             // lease run out while its rows are still waiting in this worker.
-            // The wall clock, not the monotonic one: it runs on while the machine
-            // sleeps (and a paused VM's is set right when it resumes).
-            let claimed = std::time::SystemTime::now();
             let rows = self
                 .store
                 .claim_outbox(CLAIM, clock(), self.claim_lease_secs)
