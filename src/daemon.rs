@@ -136,7 +136,7 @@ fn supervised<F>(
     tracker.spawn(async move {
         match inner.await {
             Err(e) if e.is_panic() => {
-                let why = panic_message(e.into_panic());
+                let why = crate::pipeline::panic_message(e.into_panic());
                 tracing::error!(task = %name, panic = %why, "a task panicked; stopping so the service manager can restart intake");
                 if let Some((health, mailbox)) = &mailbox {
                     health.failed(mailbox, &format!("the mailbox task panicked: {why}"));
@@ -154,16 +154,6 @@ fn supervised<F>(
             d.push(name);
         }
     });
-}
-
-/// The message a panic was raised with (`panic!("...")` gives a `&str` or a `String`).
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(s) => *s,
-        Err(payload) => payload
-            .downcast_ref::<&str>()
-            .map_or_else(|| "no message".to_string(), |s| s.to_string()),
-    }
 }
 
 /// Runs until `shutdown` is cancelled. With `source`, SIGHUP reloads the configuration

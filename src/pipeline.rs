@@ -197,6 +197,11 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("mailbox {0}: another instance took over the mailbox's lease; nothing was committed")]
     LeaseLost(String),
+    /// A bug of ours met by one message: the careful pass quarantines the message
+    /// (`processing_failed`, with this text) instead of the panic ending the mailbox's
+    /// task, and the restarted daemon meeting the same message again.
+    #[error("processing panicked: {0}")]
+    Panicked(String),
 }
 
 impl PipelineError {
@@ -204,7 +209,30 @@ impl PipelineError {
         match self {
             PipelineError::Store(e) => e.is_transient(),
             PipelineError::LeaseLost(_) => true,
+            PipelineError::Panicked(_) => false,
         }
+    }
+}
+
+/// Runs `work`, turning a panic in it into [`PipelineError::Panicked`]. What it held
+/// is dropped while unwinding; the caller rolls its transaction or savepoint back.
+async fn unwinding<T>(
+    work: impl std::future::Future<Output = Result<T, PipelineError>>,
+) -> Result<T, PipelineError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => Err(PipelineError::Panicked(panic_message(payload))),
+    }
+}
+
+/// The message a panic was raised with (`panic!("...")` gives a `&str` or a `String`).
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "no message".to_string(), |s| s.to_string()),
     }
 }
 
@@ -508,18 +536,17 @@ impl Pipeline {
             );
             let outcome = async {
                 if !careful {
-                    return self
-                        .process_one(
-                            wtx.conn(),
-                            &config,
-                            env,
-                            prepared,
-                            &index,
-                            now,
-                            &mut deferred,
-                            &mut lookups,
-                        )
-                        .await;
+                    return unwinding(self.process_one(
+                        wtx.conn(),
+                        &config,
+                        env,
+                        prepared,
+                        &index,
+                        now,
+                        &mut deferred,
+                        &mut lookups,
+                    ))
+                    .await;
                 }
                 let hash = prepared.content_hash.clone();
                 let mut sp = wtx
@@ -532,26 +559,23 @@ impl Pipeline {
                     })?;
                 // In careful mode the deferred rows are written inside the savepoint, so a
                 // message that fails leaves nothing behind.
-                let result = match self
-                    .process_one(
-                        &mut sp,
-                        &config,
-                        env,
-                        prepared,
-                        &index,
-                        now,
-                        &mut deferred,
-                        &mut lookups,
-                    )
-                    .await
-                {
-                    Ok(o) => deferred
-                        .flush(&mut sp)
-                        .await
-                        .map(|()| o)
-                        .map_err(Into::into),
-                    Err(e) => Err(e),
-                };
+                let result = unwinding(async {
+                    let o = self
+                        .process_one(
+                            &mut sp,
+                            &config,
+                            env,
+                            prepared,
+                            &index,
+                            now,
+                            &mut deferred,
+                            &mut lookups,
+                        )
+                        .await?;
+                    deferred.flush(&mut sp).await?;
+                    Ok(o)
+                })
+                .await;
                 match result {
                     Ok(o) => {
                         sp.commit().await.map_err(|source| StoreError::Query {
@@ -586,7 +610,7 @@ impl Pipeline {
             .await?;
             outcomes.push(outcome);
         }
-        deferred.flush(wtx.conn()).await?;
+        unwinding(async { Ok(deferred.flush(wtx.conn()).await?) }).await?;
         if let Some(p) = progress {
             store::save_mailbox_state(wtx.conn(), &p.mailbox, p.uidvalidity, p.last_uid, now)
                 .await?;
@@ -819,6 +843,8 @@ impl Pipeline {
             deferred,
         )
         .await?;
+        #[cfg(test)]
+        crate::testing::panic_if_asked(&msg);
         forget_touched(lookups, &msg, &decision, &applied);
         Ok(Outcome::Decided {
             decision: Box::new(decision),

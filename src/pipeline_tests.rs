@@ -172,3 +172,69 @@ async fn a_batch_returns_the_keys_of_the_requests_it_made() {
         ]
     );
 }
+
+/// A panic of ours while processing one message (a bug that message meets) quarantines
+/// that message, with what the panic said, and leaves nothing of it behind; the other
+/// messages of the batch commit. Before, the panic ended the mailbox's task and the
+/// daemon, which met the same message again after its restart.
+#[tokio::test]
+async fn a_message_that_panics_is_quarantined_and_the_batch_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(dir.path()).await;
+    let mail = |n: u32, from: &str, subject: &str| {
+        envelope(
+            &n.to_string(),
+            format!(
+                "From: {from}\r\nTo: it@desk.example\r\nSubject: {subject}\r\n\
+                 Message-ID: <panic-{n}@outside.example>\r\n\r\nHello.\r\n"
+            ),
+        )
+    };
+    let batch = [
+        mail(1, "olga@outside.example", "Printer"),
+        mail(2, "mallory@outside.example", "Screen [intake-test-panic]"),
+        mail(3, "piet@outside.example", "Mouse"),
+    ];
+    let outcomes = pipeline.process_batch(&batch, crate::now()).await.unwrap();
+    let requests: Vec<Option<String>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Decided { applied, .. } => applied.request.as_ref().map(|k| k.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        requests,
+        vec![Some("IT-1".into()), None, Some("IT-2".into())]
+    );
+    let Outcome::Quarantined { reason, detail, .. } = &outcomes[1] else {
+        panic!("{:?}", outcomes[1]);
+    };
+    assert_eq!(*reason, Reason::ProcessingFailed);
+    assert!(
+        detail.contains("panicked: asked to by the test message"),
+        "{detail}"
+    );
+    // Mallory's account went with the rolled-back message: a later one creates it.
+    let later = pipeline
+        .process_batch(
+            &[mail(4, "mallory@outside.example", "Screen")],
+            crate::now(),
+        )
+        .await
+        .unwrap();
+    let Outcome::Decided { applied, .. } = &later[0] else {
+        panic!("{:?}", later[0]);
+    };
+    assert_eq!(
+        applied.request.as_ref().map(|k| k.to_string()),
+        Some("IT-3".into())
+    );
+    assert!(
+        applied
+            .accounts_created
+            .iter()
+            .any(|(a, _)| a.as_str() == "mallory@outside.example"),
+        "{applied:?}"
+    );
+}

@@ -35,3 +35,15 @@ pub async fn pipeline(dir: &Path) -> Pipeline {
     let templates = crate::outbox::Templates::from_config(&config).unwrap();
     Pipeline::new(store, config, templates)
 }
+
+/// Panics after a message whose subject asks for it was applied: a stand-in for a bug
+/// of ours that one message meets (see `PipelineError::Panicked`).
+pub fn panic_if_asked(msg: &crate::message::InboundMessage) {
+    if msg
+        .subject
+        .as_deref()
+        .is_some_and(|s| s.contains("[intake-test-panic]"))
+    {
+        panic!("asked to by the test message");
+    }
+}
