@@ -142,6 +142,10 @@ pub struct ImapSource {
     reply_timeout: ReplyTimeout,
     /// Every message up to this UID is acknowledged; recorded with the next commit.
     acked: std::sync::atomic::AtomicI64,
+    /// The lowest UID of a batch the server refused to acknowledge this session
+    /// (`i64::MAX`: none): `acked` stays below it, so the leftover pass of the next
+    /// connection tries those messages again.
+    ack_refused_from: std::sync::atomic::AtomicI64,
 }
 
 /// UIDs as an IMAP sequence set: `1:5,7,9:12`.
@@ -217,6 +221,7 @@ impl ImapSource {
             token_cache: Mutex::new(None),
             fetch_failures: Mutex::new(HashMap::new()),
             acked: Default::default(),
+            ack_refused_from: std::sync::atomic::AtomicI64::new(i64::MAX),
         }
     }
 
@@ -528,6 +533,9 @@ impl ImapSource {
             // A new start (or a new UIDVALIDITY): nothing is acknowledged yet.
             self.acked.store(0, std::sync::atomic::Ordering::Relaxed);
         }
+        // What was refused last session is tried again by the leftover pass below.
+        self.ack_refused_from
+            .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
         pipeline.health.ok(&self.name);
         tracing::info!(
             mailbox = %self.name,
@@ -1083,13 +1091,20 @@ impl ImapSource {
                 _ => done.push(*uid),
             }
         }
-        self.acknowledge(session, pipeline, uidvalidity, &done, &quarantined, ops)
+        use std::sync::atomic::Ordering::Relaxed;
+        let acknowledged = self
+            .acknowledge(session, pipeline, uidvalidity, &done, &quarantined, ops)
             .await?;
+        if !acknowledged && let Some(&first) = fetched.uids.first() {
+            self.ack_refused_from.fetch_min(i64::from(first), Relaxed);
+        }
         // Batches are committed and acknowledged in UID order, each after the one
-        // before: everything up to this batch's last UID is acknowledged now.
+        // before: everything up to this batch's last UID is acknowledged now, unless
+        // the server refused a batch this session.
         if let Some(&last) = fetched.uids.last() {
+            let below_refused = self.ack_refused_from.load(Relaxed).saturating_sub(1);
             self.acked
-                .fetch_max(i64::from(last), std::sync::atomic::Ordering::Relaxed);
+                .fetch_max(i64::from(last).min(below_refused), Relaxed);
         }
         Ok(())
     }
@@ -1141,7 +1156,12 @@ impl ImapSource {
         }
     }
 
-    /// Applies `after` to processed messages and moves quarantined ones away.
+    /// Applies `after` to processed messages and moves quarantined ones away. `false`:
+    /// the server refused to apply `after` (a tagged NO: no permission, over quota...).
+    /// The messages are committed, so they stay where they are, processed, and the
+    /// session goes on; the leftover pass of the next connection tries them again.
+    /// Quarantined messages the server would not move keep their placeholder reference,
+    /// which the leftover pass also tries again.
     async fn acknowledge(
         &self,
         session: &mut ImapSession,
@@ -1150,13 +1170,30 @@ impl ImapSource {
         done: &[u32],
         quarantined: &[(u32, i64)],
         ops: Ops,
-    ) -> Result<(), ImapError> {
+    ) -> Result<bool, ImapError> {
         if !quarantined.is_empty() {
             let uids: Vec<u32> = quarantined.iter().map(|(u, _)| *u).collect();
-            let mapping = self
+            let mapping = match self
                 .move_messages(session, &uids, &self.cfg.quarantine_folder, ops)
-                .await?;
+                .await
+            {
+                Ok(mapping) => Some(mapping),
+                Err(e) => {
+                    let Some(why) = refusal(&e) else {
+                        return Err(e);
+                    };
+                    tracing::warn!(
+                        mailbox = %self.name,
+                        folder = %self.cfg.quarantine_folder,
+                        uids = %uid_set(&uids),
+                        reason = %why,
+                        "the server refused to move quarantined messages to the quarantine folder; they stay where they are and are tried again at the next connection"
+                    );
+                    None
+                }
+            };
             for (uid, ledger_id) in quarantined {
+                let Some(mapping) = &mapping else { break };
                 let reference = match mapping
                     .as_ref()
                     .and_then(|(v, m)| m.get(uid).map(|n| (v, n)))
@@ -1181,26 +1218,45 @@ impl ImapSource {
             }
         }
         if done.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
-        match &self.cfg.after {
-            After::Seen => {
-                self.store_flags(session, done, "+FLAGS.SILENT (\\Seen)")
-                    .await?;
+        let applied: Result<(), ImapError> = async {
+            match &self.cfg.after {
+                After::Seen => {
+                    self.store_flags(session, done, "+FLAGS.SILENT (\\Seen)")
+                        .await?;
+                }
+                After::Move(folder) => {
+                    // Flagged Seen first, as processed mail is everywhere else.
+                    self.store_flags(session, done, "+FLAGS.SILENT (\\Seen)")
+                        .await?;
+                    self.move_messages(session, done, folder, ops).await?;
+                }
+                After::Delete => {
+                    self.store_flags(session, done, "+FLAGS.SILENT (\\Deleted)")
+                        .await?;
+                    self.expunge(session, done, ops).await?;
+                }
             }
-            After::Move(folder) => {
-                // Flagged Seen first, as processed mail is everywhere else.
-                self.store_flags(session, done, "+FLAGS.SILENT (\\Seen)")
-                    .await?;
-                self.move_messages(session, done, folder, ops).await?;
-            }
-            After::Delete => {
-                self.store_flags(session, done, "+FLAGS.SILENT (\\Deleted)")
-                    .await?;
-                self.expunge(session, done, ops).await?;
+            Ok(())
+        }
+        .await;
+        match applied {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let Some(why) = refusal(&e) else {
+                    return Err(e);
+                };
+                tracing::warn!(
+                    mailbox = %self.name,
+                    after = ?self.cfg.after,
+                    uids = %uid_set(done),
+                    reason = %why,
+                    "the server refused to acknowledge processed messages; they stay in the folder, processed, and are tried again at the next connection"
+                );
+                Ok(false)
             }
         }
-        Ok(())
     }
 
     async fn store_flags(
@@ -1251,7 +1307,15 @@ impl ImapSource {
         } else {
             format!("UID COPY {set} {}", quote(folder))
         };
-        let copyuid = self.run_tagged(session, &command, "move messages").await?;
+        let copyuid = match self.run_tagged(session, &command, "move messages").await {
+            // The folder is gone (deleted in a mail client, say): create it, try again.
+            Err(e) if refusal(&e).is_some_and(|why| why.starts_with(TRYCREATE)) => {
+                tracing::warn!(mailbox = %self.name, folder = %folder, "the folder was gone");
+                self.ensure_folders(session).await?;
+                self.run_tagged(session, &command, "move messages").await?
+            }
+            other => other?,
+        };
         if !ops.can_move {
             self.store_flags(session, uids, "+FLAGS.SILENT (\\Deleted)")
                 .await?;
@@ -1303,14 +1367,24 @@ impl ImapSource {
                 }
             }
             if tagged {
+                let why = || {
+                    let text = outcome
+                        .and_then(|o| o.information.as_ref())
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    match outcome.and_then(|o| o.code.as_ref()) {
+                        Some(ResponseCode::TryCreate) => format!("{TRYCREATE} {text}"),
+                        _ => text,
+                    }
+                };
                 return match status {
                     Some(Status::Ok) => Ok(copyuid),
-                    _ => Err((self.protocol(action))(async_imap::error::Error::No(
-                        outcome
-                            .and_then(|o| o.information.as_ref())
-                            .map(|s| s.to_string())
-                            .unwrap_or_default(),
-                    ))),
+                    Some(Status::No) => {
+                        Err((self.protocol(action))(async_imap::error::Error::No(why())))
+                    }
+                    _ => Err((self.protocol(action))(
+                        async_imap::error::Error::Bad(why()),
+                    )),
                 };
             }
         }
@@ -1432,6 +1506,22 @@ impl ImapSource {
     /// Where a quarantined message is recorded to be until its move is confirmed.
     fn placeholder_ref(&self) -> String {
         format!("imap:{}:{}", self.name, self.cfg.quarantine_folder)
+    }
+}
+
+/// How [`ImapSource::run_tagged`] marks a NO with the TRYCREATE code (RFC 3501: the
+/// target folder does not exist).
+const TRYCREATE: &str = "[TRYCREATE]";
+
+/// The server's words when it refused a command (a tagged NO: no permission, over
+/// quota, no such folder) on a connection that is fine otherwise.
+fn refusal(e: &ImapError) -> Option<String> {
+    match e {
+        ImapError::Protocol {
+            source: async_imap::error::Error::No(why),
+            ..
+        } => Some(why.clone()),
+        _ => None,
     }
 }
 

@@ -106,13 +106,24 @@ pub struct Dovecot {
 
 impl Dovecot {
     pub fn start() -> Dovecot {
-        Self::start_with(false)
+        Self::start_with(false, false)
+    }
+
+    /// With the ACL plugin and a global ACL file, empty at first (every right);
+    /// [`Dovecot::set_acl`] changes it, taking effect at once.
+    pub fn start_with_acl() -> Dovecot {
+        Self::start_with(false, true)
+    }
+
+    /// Replaces the global ACL rules (`<mailbox> <identifier> <rights>` lines).
+    pub fn set_acl(&self, rules: &str) {
+        std::fs::write(self.dir.path().join("acl"), rules).expect("acl file");
     }
 
     /// Also accepts XOAUTH2: tokens are checked against the file `accepted-token` (see
     /// [`Dovecot::accept_token`]) by an introspection endpoint on loopback.
     pub fn start_with_oauth() -> Dovecot {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
     /// Changes which OAuth2 access token the server accepts.
@@ -125,7 +136,7 @@ impl Dovecot {
         self.doveadm(&["kick", USER]);
     }
 
-    fn start_with(oauth: bool) -> Dovecot {
+    fn start_with(oauth: bool, acl: bool) -> Dovecot {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         // Login and mail processes run unprivileged: they must reach the files.
@@ -186,6 +197,14 @@ impl Dovecot {
         } else {
             String::new()
         };
+        let acl_conf = if acl {
+            std::fs::write(root.join("acl"), "").expect("acl file");
+            format!(
+                "mail_plugins = $mail_plugins acl\nplugin {{\n  acl = vfile:{r}/acl:cache_secs=0\n  acl_globals_only = yes\n}}\n"
+            )
+        } else {
+            String::new()
+        };
         let mechanisms = if oauth {
             "plain login xoauth2 oauthbearer"
         } else {
@@ -228,7 +247,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {r}/passwd
 }}
-{oauth_conf}
+{oauth_conf}{acl_conf}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={r}/mail/%u
@@ -521,16 +540,22 @@ impl ImapClient {
 
     /// Runs a command; panics unless it ends OK. Returns the response lines.
     pub fn command(&mut self, cmd: &str) -> Vec<String> {
-        self.tag += 1;
-        let tag = format!("t{}", self.tag);
-        write!(self.writer, "{tag} {cmd}\r\n").expect("write");
-        let lines = self.read_until_tagged(&tag);
+        let lines = self.try_command(cmd);
         let last = lines.last().cloned().unwrap_or_default();
         assert!(
-            last.starts_with(&format!("{tag} OK")),
+            last.starts_with(&format!("t{} OK", self.tag)),
             "{cmd} failed: {lines:?}"
         );
         lines
+    }
+
+    /// Runs a command, whatever its outcome. Returns the response lines, the tagged
+    /// one last.
+    pub fn try_command(&mut self, cmd: &str) -> Vec<String> {
+        self.tag += 1;
+        let tag = format!("t{}", self.tag);
+        write!(self.writer, "{tag} {cmd}\r\n").expect("write");
+        self.read_until_tagged(&tag)
     }
 
     pub fn append(&mut self, folder: &str, message: &[u8]) {

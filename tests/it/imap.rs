@@ -807,3 +807,60 @@ fn large_messages_are_fetched_in_pieces_and_arrive_whole() {
         }
     }
 }
+
+/// A server that refuses to acknowledge (here: no right to insert into the Processed
+/// folder, as when that folder is over quota) does not stop the mailbox: its messages
+/// are processed and stay in INBOX flagged read, and new mail keeps coming in. Once the
+/// server allows it again, the next connection moves them, processing none twice. A
+/// Processed folder deleted meanwhile is created again on the spot.
+#[test]
+fn a_refused_acknowledgement_leaves_mail_in_place_and_the_mailbox_goes_on() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start_with_acl();
+        let mut imap = dovecot.client();
+        imap.command("CREATE Processed");
+        // Every right but i (insert).
+        dovecot.set_acl("Processed owner lrwstekxa\n");
+        for i in 0..3 {
+            imap.append("INBOX", &message(i, ""));
+        }
+        let env = env_with(&dovecot, backend, "after = \"move:Processed\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("three requests", WAIT, || request_count(&env) == 3);
+        imap.append("INBOX", &message(3, ""));
+        daemon.wait_for("the next message too", WAIT, || request_count(&env) == 4);
+        daemon.wait_for("all read and still in INBOX", WAIT, || {
+            imap.status("INBOX") == (4, 0)
+        });
+        assert_eq!(imap.status("Processed").0, 0);
+        let log = daemon.log();
+        assert!(
+            log.contains("the server refused to acknowledge processed messages")
+                && log.contains("Permission denied"),
+            "{log}"
+        );
+        assert!(!log.contains("mailbox connection failed"), "{log}");
+
+        dovecot.set_acl("");
+        dovecot.kick();
+        let mut imap = dovecot.client();
+        daemon.wait_for("moved at the next connection", WAIT, || {
+            imap.status("INBOX").0 == 0 && imap.status("Processed").0 == 4
+        });
+        let failures = daemon.log().matches("mailbox connection failed").count();
+
+        imap.command("DELETE Processed");
+        imap.append("INBOX", &message(4, ""));
+        daemon.wait_for("moved into a new Processed", WAIT, || {
+            imap.status("INBOX").0 == 0 && imap.status("Processed").0 == 1
+        });
+        let log = daemon.stop();
+        assert!(log.contains("the folder was gone"), "{log}");
+        assert_eq!(
+            log.matches("mailbox connection failed").count(),
+            failures,
+            "no reconnect for a missing folder:\n{log}"
+        );
+        assert_each_message_once(&env, 5);
+    }
+}
