@@ -2,6 +2,13 @@
 //! tests drop them there, atomically via `tmp/`), are processed in batches, and after the
 //! commit are acknowledged: moved to `cur/` flagged Seen, moved into a Maildir++ folder,
 //! or deleted. Quarantined messages go to the `.Quarantine` folder, unflagged.
+//!
+//! Another program serving the same Maildir (an IMAP server such as Dovecot, a mail
+//! client) moves mail from `new/` to `cur/` as soon as a session looks at the folder,
+//! before intake may have read it. So `cur/` is swept too, for messages delivered since
+//! intake first watched the mailbox (older mail there was never meant for it): with
+//! `after = "seen"` for those not flagged Seen that the ledger does not know (mail staff
+//! marked unread again stays unread), otherwise for all (processed mail leaves `cur/`).
 
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -29,6 +36,9 @@ const BATCH_BYTES: u64 = 64 * 1024 * 1024;
 /// A file that could not be read or acknowledged is left alone this long.
 const SKIP_FOR: Duration = Duration::from_secs(300);
 
+/// `cur/` is swept when it changed since the last sweep, and at least this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 #[derive(Debug)]
 pub struct MaildirSource {
     pub name: String,
@@ -37,6 +47,10 @@ pub struct MaildirSource {
     /// Files that failed to be read or moved, and when: skipped for a while so one bad
     /// file never blocks the messages behind it nor spins the loop.
     skip: std::sync::Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>,
+    /// `cur/`'s modification time at the last sweep, and when that was.
+    swept: std::sync::Mutex<Option<(std::time::SystemTime, std::time::Instant)>>,
+    /// When intake first watched this mailbox (Unix seconds), once read.
+    watched_since: std::sync::Mutex<Option<i64>>,
 }
 
 impl MaildirSource {
@@ -46,6 +60,8 @@ impl MaildirSource {
             desk,
             cfg,
             skip: Default::default(),
+            swept: Default::default(),
+            watched_since: Default::default(),
         }
     }
 
@@ -80,17 +96,90 @@ impl MaildirSource {
     /// delivery time), leaving out those being skipped. The directory is read on a
     /// blocking thread, keeping only the `limit` oldest names however many there are.
     pub async fn scan(&self, limit: usize) -> std::io::Result<Vec<PathBuf>> {
-        let skip: HashSet<PathBuf> = match self.skip.lock() {
+        let skip = self.skipped();
+        let new = self.cfg.path.join("new");
+        tokio::task::spawn_blocking(move || oldest_files(&new, limit, &skip, |_| true))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// The files being skipped now.
+    fn skipped(&self) -> HashSet<PathBuf> {
+        match self.skip.lock() {
             Ok(mut skip) => {
                 skip.retain(|_, at| at.elapsed() < SKIP_FOR);
                 skip.keys().cloned().collect()
             }
             Err(_) => HashSet::new(),
-        };
-        let new = self.cfg.path.join("new");
-        tokio::task::spawn_blocking(move || oldest_files(&new, limit, &skip))
+        }
+    }
+
+    /// Up to `limit` messages in `cur/` that were never processed (see the module's
+    /// notes), oldest name first; nothing when `cur/` did not change since the last
+    /// sweep, less than [`SWEEP_EVERY`] ago.
+    pub async fn sweep_cur(
+        &self,
+        pipeline: &Pipeline,
+        limit: usize,
+    ) -> Result<Vec<PathBuf>, SourceError> {
+        let cur = self.cfg.path.join("cur");
+        let changed = tokio::fs::metadata(&cur)
             .await
-            .map_err(std::io::Error::other)?
+            .and_then(|m| m.modified())
+            .map_err(|e| self.io_error("read", e))?;
+        if let Ok(mut swept) = self.swept.lock() {
+            if swept.is_some_and(|(at, when)| at == changed && when.elapsed() < SWEEP_EVERY) {
+                return Ok(Vec::new());
+            }
+            *swept = Some((changed, std::time::Instant::now()));
+        }
+        let store_err = |source| SourceError::Store {
+            mailbox: self.name.clone(),
+            source,
+        };
+        let cached = self.watched_since.lock().ok().and_then(|s| *s);
+        let since = match cached {
+            Some(s) => s,
+            None => {
+                let s = pipeline
+                    .store()
+                    .maildir_watched_since(&self.name, crate::now())
+                    .await
+                    .map_err(store_err)?;
+                if let Ok(mut w) = self.watched_since.lock() {
+                    *w = Some(s);
+                }
+                s
+            }
+        };
+        let skip = self.skipped();
+        let seen_mode = matches!(self.cfg.after, After::Seen);
+        let dir = cur.clone();
+        let mut found = tokio::task::spawn_blocking(move || {
+            oldest_files(&dir, limit, &skip, |name| {
+                let name = name.to_string_lossy();
+                (!seen_mode || !has_flag(&name, 'S'))
+                    && delivered_at(&dir.join(name.as_ref()), &name).is_some_and(|t| t >= since)
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| self.io_error("scan", e))?;
+        if seen_mode && !found.is_empty() {
+            // Unread in cur/: never processed, or processed and marked unread again.
+            let names: Vec<String> = found.iter().map(|p| Self::base_name(p)).collect();
+            let known = pipeline
+                .store()
+                .recorded_refs(&format!("maildir:{}", self.name), &names)
+                .await
+                .map_err(store_err)?;
+            found.retain(|p| !known.contains(&Self::base_name(p)));
+        }
+        if !found.is_empty() {
+            tracing::info!(mailbox = %self.name, count = found.len(), "messages in cur/ that were never processed (another program moved them out of new/)");
+        }
+        Ok(found)
     }
 
     fn base_name(path: &Path) -> String {
@@ -134,13 +223,15 @@ impl MaildirSource {
         if outcome.is_quarantined() {
             return tokio::fs::rename(path, self.quarantine_path(path)).await;
         }
+        // Flags someone set meanwhile (a message found in cur/) are kept.
+        let name = format!("{base}:2,{}", flags_with(path, 'S'));
         match &self.cfg.after {
             After::Seen => {
-                let dest = self.cfg.path.join("cur").join(format!("{base}:2,S"));
+                let dest = self.cfg.path.join("cur").join(name);
                 tokio::fs::rename(path, dest).await
             }
             After::Move(folder) => {
-                let dest = self.folder(folder).join("cur").join(format!("{base}:2,S"));
+                let dest = self.folder(folder).join("cur").join(name);
                 tokio::fs::rename(path, dest).await
             }
             After::Delete => tokio::fs::remove_file(path).await,
@@ -156,7 +247,7 @@ impl MaildirSource {
     ) -> Result<usize, SourceError> {
         let mut total = 0;
         let max = pipeline.config().max_message_size;
-        let mut listed: VecDeque<PathBuf> = VecDeque::new();
+        let mut listed: VecDeque<PathBuf> = self.sweep_cur(pipeline, LISTED).await?.into();
         while !shutdown.is_cancelled() {
             if listed.is_empty() {
                 listed = self
@@ -184,8 +275,8 @@ impl MaildirSource {
                     Ok(None) => {
                         // The lease keeps other intake instances away: another program
                         // serving this Maildir (an IMAP server, a mail client) moved it,
-                        // most likely to cur/, which intake does not read.
-                        tracing::warn!(mailbox = %self.name, path = %path.display(), "the message file vanished before it was read: is another program moving mail out of new/?");
+                        // most likely to cur/, where the next sweep finds it.
+                        tracing::info!(mailbox = %self.name, path = %path.display(), "the message file was moved before it was read; it is looked for in cur/");
                     }
                     Err(e) => {
                         tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot read message; skipping it for now");
@@ -276,20 +367,65 @@ pub enum SourceError {
         #[source]
         source: crate::pipeline::PipelineError,
     },
+    #[error("mailbox {mailbox}: cannot read the ledger")]
+    Store {
+        mailbox: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
 }
 
-/// The `limit` smallest names of the regular files in `dir` (hidden ones and those in
-/// `skip` left out), sorted; memory stays at `limit` names however large `dir` is.
+/// The flags of a Maildir file name (`NAME:2,FLAGS`), empty when it has none.
+fn flags(name: &str) -> &str {
+    name.split_once(":2,").map_or("", |(_, f)| f)
+}
+
+fn has_flag(name: &str, flag: char) -> bool {
+    flags(name).contains(flag)
+}
+
+/// When a Maildir file was delivered (Unix seconds): the time its name starts with
+/// (`1733100000.M1P2.host`), else its modification time (a move keeps it).
+fn delivered_at(path: &Path, name: &str) -> Option<i64> {
+    let stamp = name.split('.').next().unwrap_or("");
+    if stamp.len() >= 9 && stamp.bytes().all(|b| b.is_ascii_digit()) {
+        return stamp.parse().ok();
+    }
+    let modified = std::fs::metadata(path).ok()?.modified().ok()?;
+    let secs = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    i64::try_from(secs).ok()
+}
+
+/// The flags of `path`'s name with `flag` added, in ASCII order as Maildir wants them.
+fn flags_with(path: &Path, flag: char) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut all: Vec<char> = flags(&name).chars().chain([flag]).collect();
+    all.sort_unstable();
+    all.dedup();
+    all.into_iter().collect()
+}
+
+/// The `limit` smallest names of the regular files in `dir` that `keep` accepts (hidden
+/// ones and those in `skip` left out), sorted; memory stays at `limit` names however
+/// large `dir` is.
 pub(super) fn oldest_files(
     dir: &Path,
     limit: usize,
     skip: &HashSet<PathBuf>,
+    keep: impl Fn(&std::ffi::OsStr) -> bool,
 ) -> std::io::Result<Vec<PathBuf>> {
     let mut oldest: BinaryHeap<std::ffi::OsString> = BinaryHeap::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
         if name.as_encoded_bytes().starts_with(b".")
+            || !keep(&name)
             || !entry.file_type().is_ok_and(|t| t.is_file())
             || oldest.len() >= limit && oldest.peek().is_some_and(|top| &name >= top)
         {

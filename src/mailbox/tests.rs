@@ -51,7 +51,7 @@ fn a_scan_keeps_the_oldest_names_and_leaves_out_hidden_skipped_and_directories()
     std::fs::create_dir(dir.path().join("0001.a-directory")).unwrap();
     let skip: std::collections::HashSet<std::path::PathBuf> =
         [dir.path().join("1002.M2.host")].into_iter().collect();
-    let names: Vec<String> = maildir::oldest_files(dir.path(), 5, &skip)
+    let names: Vec<String> = maildir::oldest_files(dir.path(), 5, &skip, |_| true)
         .unwrap()
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -66,7 +66,7 @@ fn a_scan_keeps_the_oldest_names_and_leaves_out_hidden_skipped_and_directories()
             "1005.M5.host"
         ]
     );
-    let all = maildir::oldest_files(dir.path(), 1000, &skip).unwrap();
+    let all = maildir::oldest_files(dir.path(), 1000, &skip, |_| true).unwrap();
     assert_eq!(all.len(), 59);
     assert!(all.windows(2).all(|w| w[0] < w[1]));
 }

@@ -141,3 +141,72 @@ fn oversized_maildir_message_is_quarantined_unread() {
         assert!(!Path::new(kept).exists());
     }
 }
+
+/// Another program serving the Maildir (an IMAP server, a mail client) moves new mail
+/// to cur/ before intake reads it: the sweep of cur/ processes it, keeping the flags it
+/// got there. Mail that was in cur/ before intake first watched the mailbox, and
+/// processed mail staff marked unread again, are left alone.
+#[test]
+fn mail_moved_to_cur_by_another_program_is_processed() {
+    let mail = |i: u32| {
+        format!(
+            "From: Sender {i} <sender{i}@outside.example>\r\nTo: it@desk.example\r\n\
+             Subject: Sweep {i}\r\nMessage-ID: <sweep-{i}@outside.example>\r\n\r\nHello.\r\n"
+        )
+    };
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        let maildir = env.path("maildir");
+        for d in ["new", "cur", "tmp"] {
+            std::fs::create_dir_all(maildir.join(d)).unwrap();
+        }
+        let cur = maildir.join("cur");
+        // Unread mail from 2001, there before intake: not intake's.
+        let old = cur.join("1000000000.M1P1.host:2,");
+        std::fs::write(&old, mail(0)).unwrap();
+        let daemon = start_daemon(&env);
+        let requests = || env.requests().len();
+
+        std::fs::write(maildir.join("tmp/a"), mail(1)).unwrap();
+        std::fs::rename(maildir.join("tmp/a"), maildir.join("new/a")).unwrap();
+        wait_for("the message in new/", Duration::from_secs(20), || {
+            cur.join("a:2,S").exists()
+        });
+
+        // Moved to cur/ and flagged by someone else before intake read it.
+        let b = format!("{}.M2P2.host", now());
+        std::fs::write(cur.join(format!("{b}:2,F")), mail(2)).unwrap();
+        wait_for("the message in cur/", Duration::from_secs(20), || {
+            cur.join(format!("{b}:2,FS")).exists()
+        });
+        assert_eq!(requests(), 2);
+
+        // Staff mark the first one unread again; a third message comes through cur/.
+        std::fs::rename(cur.join("a:2,S"), cur.join("a:2,")).unwrap();
+        let c = format!("{}.M3P3.host", now());
+        std::fs::write(cur.join(format!("{c}:2,")), mail(3)).unwrap();
+        wait_for("the third message", Duration::from_secs(20), || {
+            cur.join(format!("{c}:2,S")).exists()
+        });
+        let log = daemon.stop();
+        assert!(
+            cur.join("a:2,").exists(),
+            "marked unread stays unread:\n{log}"
+        );
+        assert!(old.exists(), "old mail is left alone:\n{log}");
+        let subjects: Vec<String> = env
+            .requests()
+            .iter()
+            .map(|r| r["subject"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(subjects.len(), 3, "{subjects:?}");
+        assert!(!subjects.iter().any(|s| s == "Sweep 0"), "{subjects:?}");
+        assert!(log.contains("never processed"), "{log}");
+    }
+}
