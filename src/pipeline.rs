@@ -515,7 +515,10 @@ impl Pipeline {
             Pass::Plain | Pass::Careful => Deferred::default(),
         };
         let mut lookups = Lookups::default();
-        self.look_ahead(
+        // A panic here (a bug one message of the batch meets) fails the batch, not the
+        // mailbox's task; the careful pass goes on without what it read ahead, looking
+        // each message up on its own (and quarantining the one that panics again).
+        match unwinding(self.look_ahead(
             wtx.conn(),
             &config,
             batch,
@@ -525,8 +528,16 @@ impl Pipeline {
             !careful,
             &mut deferred,
             &mut lookups,
-        )
-        .await?;
+        ))
+        .await
+        {
+            Err(PipelineError::Panicked(why)) if careful => {
+                tracing::error!(panic = %why, "reading ahead for the batch panicked; going on message by message");
+                lookups = Lookups::default();
+                deferred = Deferred::default();
+            }
+            other => other?,
+        }
         for (env, prepared) in batch.iter().zip(prepared) {
             let span = tracing::info_span!(
                 "message",
@@ -670,6 +681,8 @@ impl Pipeline {
             let (Some(msg), Some(desk)) = (p.decidable(env, max), p.desk.as_ref()) else {
                 continue;
             };
+            #[cfg(test)]
+            crate::testing::panic_if_asked(msg, "ahead");
             if matches!(p.claim, Some(None)) {
                 continue;
             }
@@ -844,7 +857,7 @@ impl Pipeline {
         )
         .await?;
         #[cfg(test)]
-        crate::testing::panic_if_asked(&msg);
+        crate::testing::panic_if_asked(&msg, "apply");
         forget_touched(lookups, &msg, &decision, &applied);
         Ok(Outcome::Decided {
             decision: Box::new(decision),

@@ -192,7 +192,11 @@ async fn a_message_that_panics_is_quarantined_and_the_batch_goes_on() {
     };
     let batch = [
         mail(1, "olga@outside.example", "Printer"),
-        mail(2, "mallory@outside.example", "Screen [intake-test-panic]"),
+        mail(
+            2,
+            "mallory@outside.example",
+            "Screen [intake-test-panic:apply]",
+        ),
         mail(3, "piet@outside.example", "Mouse"),
     ];
     let outcomes = pipeline.process_batch(&batch, crate::now()).await.unwrap();
@@ -237,4 +241,35 @@ async fn a_message_that_panics_is_quarantined_and_the_batch_goes_on() {
             .any(|(a, _)| a.as_str() == "mallory@outside.example"),
         "{applied:?}"
     );
+}
+
+/// A panic while reading ahead for the batch fails only that pass: the careful pass
+/// goes on message by message, and here (the panic was in the reading ahead only)
+/// every message goes through.
+#[tokio::test]
+async fn a_panic_while_reading_ahead_leaves_the_batch_to_the_careful_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline(dir.path()).await;
+    let mail = |n: u32, subject: &str| {
+        envelope(
+            &n.to_string(),
+            format!(
+                "From: olga@outside.example\r\nTo: it@desk.example\r\nSubject: {subject}\r\n\
+                 Message-ID: <ahead-{n}@outside.example>\r\n\r\nHello.\r\n"
+            ),
+        )
+    };
+    let batch = [
+        mail(1, "Printer"),
+        mail(2, "Screen [intake-test-panic:ahead]"),
+    ];
+    let outcomes = pipeline.process_batch(&batch, crate::now()).await.unwrap();
+    let requests: Vec<Option<String>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Decided { applied, .. } => applied.request.as_ref().map(|k| k.to_string()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(requests, vec![Some("IT-1".into()), Some("IT-2".into())]);
 }

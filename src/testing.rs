@@ -36,13 +36,13 @@ pub async fn pipeline(dir: &Path) -> Pipeline {
     Pipeline::new(store, config, templates)
 }
 
-/// Panics after a message whose subject asks for it was applied: a stand-in for a bug
-/// of ours that one message meets (see `PipelineError::Panicked`).
-pub fn panic_if_asked(msg: &crate::message::InboundMessage) {
+/// Panics at `at` for a message whose subject asks for it (`[intake-test-panic:AT]`):
+/// a stand-in for a bug of ours that one message meets (see `PipelineError::Panicked`).
+pub fn panic_if_asked(msg: &crate::message::InboundMessage, at: &str) {
     if msg
         .subject
         .as_deref()
-        .is_some_and(|s| s.contains("[intake-test-panic]"))
+        .is_some_and(|s| s.contains(&format!("[intake-test-panic:{at}]")))
     {
         panic!("asked to by the test message");
     }
