@@ -5,10 +5,17 @@
 //!
 //! Another program serving the same Maildir (an IMAP server such as Dovecot, a mail
 //! client) moves mail from `new/` to `cur/` as soon as a session looks at the folder,
-//! before intake may have read it. So `cur/` is swept too, for messages delivered since
-//! intake first watched the mailbox (older mail there was never meant for it): with
-//! `after = "seen"` for those not flagged Seen that the ledger does not know (mail staff
-//! marked unread again stays unread), otherwise for all (processed mail leaves `cur/`).
+//! before intake may have read it, and a person may read it there. So `cur/` is swept
+//! too, for messages delivered since intake first watched the mailbox or waiting in
+//! `new/` then (older mail there was never meant for it): with `after = "seen"` for
+//! those the ledger does not know (mail staff marked unread again stays unread),
+//! otherwise for all (processed mail leaves `cur/`). A sweep looks at the files changed
+//! since the one before (ctime: a rename sets it), and runs when `cur/` changed by
+//! another hand than ours, or a minute passed.
+//!
+//! A second copy of a message (a duplicate) has no ledger row of its own: with
+//! `after = "seen"` the first sweep after a restart processes it again, as the
+//! duplicate it is, which changes nothing.
 
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -39,6 +46,16 @@ const SKIP_FOR: Duration = Duration::from_secs(300);
 /// `cur/` is swept when it changed since the last sweep, and at least this often.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// What a sweep of `cur/` leaves for the next one.
+#[derive(Debug, Clone, Copy)]
+struct Swept {
+    /// `cur/`'s modification time then (or after our own changes since).
+    dir_changed: std::time::SystemTime,
+    at: std::time::Instant,
+    /// The wall clock when it began: the next one looks at files changed since.
+    started: std::time::SystemTime,
+}
+
 #[derive(Debug)]
 pub struct MaildirSource {
     pub name: String,
@@ -47,8 +64,10 @@ pub struct MaildirSource {
     /// Files that failed to be read or moved, and when: skipped for a while so one bad
     /// file never blocks the messages behind it nor spins the loop.
     skip: std::sync::Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>,
-    /// `cur/`'s modification time at the last sweep, and when that was.
-    swept: std::sync::Mutex<Option<(std::time::SystemTime, std::time::Instant)>>,
+    /// The last sweep of `cur/`.
+    swept: std::sync::Mutex<Option<Swept>>,
+    /// Base names of the messages acknowledged into `cur/` since the last sweep.
+    acked_since_sweep: std::sync::Mutex<HashSet<String>>,
     /// When intake first watched this mailbox (Unix seconds), once read.
     watched_since: std::sync::Mutex<Option<i64>>,
 }
@@ -61,6 +80,7 @@ impl MaildirSource {
             cfg,
             skip: Default::default(),
             swept: Default::default(),
+            acked_since_sweep: Default::default(),
             watched_since: Default::default(),
         }
     }
@@ -115,8 +135,9 @@ impl MaildirSource {
     }
 
     /// Up to `limit` messages in `cur/` that were never processed (see the module's
-    /// notes), oldest name first; nothing when `cur/` did not change since the last
-    /// sweep, less than [`SWEEP_EVERY`] ago.
+    /// notes), oldest name first. Only files changed since the last sweep are looked at
+    /// (all of them at the first sweep of the process); nothing when `cur/` did not
+    /// change since then but by our own hand, less than [`SWEEP_EVERY`] ago.
     pub async fn sweep_cur(
         &self,
         pipeline: &Pipeline,
@@ -127,54 +148,60 @@ impl MaildirSource {
             .await
             .and_then(|m| m.modified())
             .map_err(|e| self.io_error("read", e))?;
-        if let Ok(mut swept) = self.swept.lock() {
-            if swept.is_some_and(|(at, when)| at == changed && when.elapsed() < SWEEP_EVERY) {
-                return Ok(Vec::new());
-            }
-            *swept = Some((changed, std::time::Instant::now()));
+        let last = self.swept.lock().ok().and_then(|s| *s);
+        if last.is_some_and(|l| l.dir_changed == changed && l.at.elapsed() < SWEEP_EVERY) {
+            return Ok(Vec::new());
         }
-        let store_err = |source| SourceError::Store {
-            mailbox: self.name.clone(),
-            source,
-        };
-        let cached = self.watched_since.lock().ok().and_then(|s| *s);
-        let since = match cached {
-            Some(s) => s,
-            None => {
-                let s = pipeline
-                    .store()
-                    .maildir_watched_since(&self.name, crate::now())
-                    .await
-                    .map_err(store_err)?;
-                if let Ok(mut w) = self.watched_since.lock() {
-                    *w = Some(s);
-                }
-                s
-            }
-        };
+        let started = std::time::SystemTime::now();
+        let own: HashSet<String> = self
+            .acked_since_sweep
+            .lock()
+            .map(|mut a| std::mem::take(&mut *a))
+            .unwrap_or_default();
+        let since = self.watched_since(pipeline).await?;
+        // Files changed (moved here, flagged) since shortly before the last sweep began.
+        let window = last.map(|l| l.started - Duration::from_secs(5));
         let skip = self.skipped();
-        let seen_mode = matches!(self.cfg.after, After::Seen);
         let dir = cur.clone();
         let mut found = tokio::task::spawn_blocking(move || {
-            oldest_files(&dir, limit, &skip, |name| {
+            oldest_files(&dir, usize::MAX, &skip, |name| {
                 let name = name.to_string_lossy();
-                (!seen_mode || !has_flag(&name, 'S'))
-                    && delivered_at(&dir.join(name.as_ref()), &name).is_some_and(|t| t >= since)
+                if own.contains(&base_of(&name)) {
+                    return false;
+                }
+                let path = dir.join(name.as_ref());
+                delivered_at(&path, &name).is_some_and(|t| t >= since)
+                    && window.is_none_or(|w| changed_since(&path, w))
             })
         })
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r)
         .map_err(|e| self.io_error("scan", e))?;
-        if seen_mode && !found.is_empty() {
-            // Unread in cur/: never processed, or processed and marked unread again.
+        if matches!(self.cfg.after, After::Seen) && !found.is_empty() {
+            // Processed mail stays in cur/ in this mode: what the ledger knows was ours
+            // (staff may have marked it unread again, which stays so).
             let names: Vec<String> = found.iter().map(|p| Self::base_name(p)).collect();
             let known = pipeline
                 .store()
-                .recorded_refs(&format!("maildir:{}", self.name), &names)
+                .recorded_refs(&self.source_name(), &names)
                 .await
-                .map_err(store_err)?;
+                .map_err(|source| self.store_error(source))?;
             found.retain(|p| !known.contains(&Self::base_name(p)));
+        }
+        let complete = found.len() <= limit;
+        found.truncate(limit);
+        // A sweep cut short keeps the window it had, so the next one sees the rest.
+        if let Ok(mut swept) = self.swept.lock() {
+            *swept = Some(Swept {
+                dir_changed: changed,
+                at: std::time::Instant::now(),
+                started: if complete {
+                    started
+                } else {
+                    last.map_or(std::time::UNIX_EPOCH, |l| l.started)
+                },
+            });
         }
         if !found.is_empty() {
             tracing::info!(mailbox = %self.name, count = found.len(), "messages in cur/ that were never processed (another program moved them out of new/)");
@@ -182,16 +209,69 @@ impl MaildirSource {
         Ok(found)
     }
 
-    fn base_name(path: &Path) -> String {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        // Drop any info suffix (":2,...") so flags can be set afresh.
-        match name.split_once(':') {
-            Some((base, _)) => base.to_string(),
-            None => name,
+    /// When intake first watched this Maildir (Unix seconds): recorded at the first
+    /// sweep ever, as now or, when older, the delivery of the oldest mail in `new/`.
+    /// Cached for the life of the process.
+    async fn watched_since(&self, pipeline: &Pipeline) -> Result<i64, SourceError> {
+        if let Some(s) = self.watched_since.lock().ok().and_then(|s| *s) {
+            return Ok(s);
         }
+        let new = self.cfg.path.join("new");
+        let oldest = tokio::task::spawn_blocking(move || {
+            oldest_files(&new, 1, &HashSet::new(), |_| true)
+                .ok()
+                .and_then(|f| f.first().cloned())
+                .and_then(|p| {
+                    let name = p.file_name()?.to_string_lossy().to_string();
+                    delivered_at(&p, &name)
+                })
+        })
+        .await
+        .ok()
+        .flatten();
+        let now = crate::now();
+        let s = pipeline
+            .store()
+            .maildir_watched_since(&self.name, oldest.map_or(now, |o| o.min(now)))
+            .await
+            .map_err(|source| self.store_error(source))?;
+        if let Ok(mut w) = self.watched_since.lock() {
+            *w = Some(s);
+        }
+        Ok(s)
+    }
+
+    /// After acknowledging: what we renamed into `cur/` is no news for the next sweep.
+    fn note_own(&self, names: impl IntoIterator<Item = String>) {
+        if let Ok(mut a) = self.acked_since_sweep.lock() {
+            a.extend(names);
+        }
+        let changed = std::fs::metadata(self.cfg.path.join("cur")).and_then(|m| m.modified());
+        if let (Ok(changed), Ok(mut swept)) = (changed, self.swept.lock())
+            && let Some(s) = swept.as_mut()
+        {
+            s.dir_changed = changed;
+        }
+    }
+
+    fn source_name(&self) -> String {
+        format!("maildir:{}", self.name)
+    }
+
+    fn store_error(&self, source: crate::store::StoreError) -> SourceError {
+        SourceError::Store {
+            mailbox: self.name.clone(),
+            source,
+        }
+    }
+
+    fn base_name(path: &Path) -> String {
+        base_of(
+            &path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        )
     }
 
     fn quarantine_path(&self, path: &Path) -> PathBuf {
@@ -204,7 +284,7 @@ impl MaildirSource {
     /// instance took it).
     pub async fn envelope(&self, path: &Path, max_size: u64) -> std::io::Result<Option<Envelope>> {
         let source = SourceRef {
-            source: format!("maildir:{}", self.name),
+            source: self.source_name(),
             reference: Self::base_name(path),
         };
         read_envelope(
@@ -302,6 +382,7 @@ impl MaildirSource {
                     self.skip_for_a_while(path);
                 }
             }
+            self.note_own(paths.iter().map(|p| Self::base_name(p)));
             total += outcomes.len();
         }
         Ok(total)
@@ -367,7 +448,7 @@ pub enum SourceError {
         #[source]
         source: crate::pipeline::PipelineError,
     },
-    #[error("mailbox {mailbox}: cannot read the ledger")]
+    #[error("mailbox {mailbox}: cannot read or record what was processed")]
     Store {
         mailbox: String,
         #[source]
@@ -375,13 +456,31 @@ pub enum SourceError {
     },
 }
 
+/// A Maildir file name without its info suffix (`:2,FLAGS`).
+fn base_of(name: &str) -> String {
+    match name.split_once(':') {
+        Some((base, _)) => base.to_string(),
+        None => name.to_string(),
+    }
+}
+
+/// Whether the file's inode changed (it was renamed here, or flagged) at or after `when`.
+fn changed_since(path: &Path, when: std::time::SystemTime) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let changed = std::time::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(meta.ctime()).unwrap_or(0),
+            u32::try_from(meta.ctime_nsec()).unwrap_or(0),
+        );
+    changed >= when
+}
+
 /// The flags of a Maildir file name (`NAME:2,FLAGS`), empty when it has none.
 fn flags(name: &str) -> &str {
     name.split_once(":2,").map_or("", |(_, f)| f)
-}
-
-fn has_flag(name: &str, flag: char) -> bool {
-    flags(name).contains(flag)
 }
 
 /// When a Maildir file was delivered (Unix seconds): the time its name starts with

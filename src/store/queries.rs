@@ -617,23 +617,29 @@ impl Store {
     }
 
     /// A Maildir mailbox: when intake first watched it (Unix seconds), recorded as its
-    /// `new_after` on the first call. Mail delivered before then that another program
-    /// moved to `cur/` was never meant for intake, and the sweep of `cur/` leaves it be.
-    pub async fn maildir_watched_since(&self, mailbox: &str, now: i64) -> Result<i64, StoreError> {
+    /// `new_after` on the first call (`since`: now, or the oldest delivery waiting in
+    /// `new/` then). Mail delivered before then that another program moved to `cur/`
+    /// was never meant for intake, and the sweep of `cur/` leaves it be.
+    pub async fn maildir_watched_since(
+        &self,
+        mailbox: &str,
+        since: i64,
+    ) -> Result<i64, StoreError> {
         let mut wtx = self.begin_write().await?;
-        let since: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO mailbox_state (mailbox, updated_at, new_after) VALUES ($1, $2, $2) \
+        let recorded: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO mailbox_state (mailbox, updated_at, new_after) VALUES ($1, $2, $3) \
              ON CONFLICT (mailbox) DO UPDATE SET \
                new_after = COALESCE(mailbox_state.new_after, excluded.new_after) \
              RETURNING new_after",
         )
         .bind(mailbox)
-        .bind(now)
+        .bind(crate::now())
+        .bind(since)
         .fetch_one(wtx.conn())
         .await
         .ctx("record when the mailbox was first watched")?;
         wtx.commit().await?;
-        Ok(since.unwrap_or(now))
+        Ok(recorded.unwrap_or(since))
     }
 
     /// One optional number of a mailbox's progress row (`column` is ours, not input).
