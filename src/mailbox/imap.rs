@@ -142,11 +142,26 @@ pub struct ImapSource {
     reply_timeout: ReplyTimeout,
     /// Every message up to this UID is acknowledged; recorded with the next commit.
     acked: std::sync::atomic::AtomicI64,
-    /// The lowest UID of a batch the server refused to acknowledge this session
-    /// (`i64::MAX`: none): `acked` stays below it, so the leftover pass of the next
-    /// connection tries those messages again.
-    ack_refused_from: std::sync::atomic::AtomicI64,
+    /// Processed messages the server refused to acknowledge this session.
+    refused: std::sync::Mutex<Refused>,
 }
+
+/// Processed messages the server refused to acknowledge (see
+/// [`ImapSource::acknowledge`]): tried again with every later batch, and, until they
+/// are acknowledged, `acked` stays below them, so the leftover pass of the next
+/// connection finds them if this one ends first.
+#[derive(Debug, Default)]
+struct Refused {
+    uids: Vec<u32>,
+    /// The lowest UID of a refused batch.
+    from: Option<u32>,
+    /// More were refused than [`MAX_REFUSED`]: the ones left out of `uids` are only
+    /// found by the next connection, so the hold on `acked` stays until then.
+    overflow: bool,
+}
+
+/// At most this many refused messages are tried again within a session.
+const MAX_REFUSED: usize = 5_000;
 
 /// UIDs as an IMAP sequence set: `1:5,7,9:12`.
 pub fn uid_set(uids: &[u32]) -> String {
@@ -221,7 +236,7 @@ impl ImapSource {
             token_cache: Mutex::new(None),
             fetch_failures: Mutex::new(HashMap::new()),
             acked: Default::default(),
-            ack_refused_from: std::sync::atomic::AtomicI64::new(i64::MAX),
+            refused: std::sync::Mutex::new(Refused::default()),
         }
     }
 
@@ -534,8 +549,9 @@ impl ImapSource {
             self.acked.store(0, std::sync::atomic::Ordering::Relaxed);
         }
         // What was refused last session is tried again by the leftover pass below.
-        self.ack_refused_from
-            .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut r) = self.refused.lock() {
+            *r = Refused::default();
+        }
         pipeline.health.ok(&self.name);
         tracing::info!(
             mailbox = %self.name,
@@ -1091,20 +1107,47 @@ impl ImapSource {
                 _ => done.push(*uid),
             }
         }
-        use std::sync::atomic::Ordering::Relaxed;
+        // What the server refused before is tried again with this batch.
+        let retry: Vec<u32> = self
+            .refused
+            .lock()
+            .map(|r| r.uids.clone())
+            .unwrap_or_default();
+        let all: Vec<u32> = retry.iter().chain(&done).copied().collect();
         let acknowledged = self
-            .acknowledge(session, pipeline, uidvalidity, &done, &quarantined, ops)
+            .acknowledge(session, pipeline, uidvalidity, &all, &quarantined, ops)
             .await?;
-        if !acknowledged && let Some(&first) = fetched.uids.first() {
-            self.ack_refused_from.fetch_min(i64::from(first), Relaxed);
-        }
+        let hold = match self.refused.lock() {
+            Ok(mut r) => {
+                if acknowledged {
+                    if !retry.is_empty() {
+                        tracing::info!(mailbox = %self.name, count = retry.len(), "messages the server refused before are acknowledged now");
+                    }
+                    r.uids.clear();
+                    if !r.overflow {
+                        r.from = None;
+                    }
+                } else {
+                    if let Some(&first) = fetched.uids.first() {
+                        r.from = Some(r.from.map_or(first, |f| f.min(first)));
+                    }
+                    let room = MAX_REFUSED.saturating_sub(r.uids.len());
+                    r.overflow |= done.len() > room;
+                    r.uids.extend(done.iter().take(room));
+                }
+                r.from
+            }
+            Err(_) => None,
+        };
         // Batches are committed and acknowledged in UID order, each after the one
         // before: everything up to this batch's last UID is acknowledged now, unless
-        // the server refused a batch this session.
+        // the server refused some that are not yet.
         if let Some(&last) = fetched.uids.last() {
-            let below_refused = self.ack_refused_from.load(Relaxed).saturating_sub(1);
-            self.acked
-                .fetch_max(i64::from(last).min(below_refused), Relaxed);
+            let cap = hold.map_or(i64::MAX, |f| i64::from(f) - 1);
+            self.acked.fetch_max(
+                i64::from(last).min(cap),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         Ok(())
     }
@@ -1159,7 +1202,7 @@ impl ImapSource {
     /// Applies `after` to processed messages and moves quarantined ones away. `false`:
     /// the server refused to apply `after` (a tagged NO: no permission, over quota...).
     /// The messages are committed, so they stay where they are, processed, and the
-    /// session goes on; the leftover pass of the next connection tries them again.
+    /// session goes on; they are tried again (see [`Refused`]).
     /// Quarantined messages the server would not move keep their placeholder reference,
     /// which the leftover pass also tries again.
     async fn acknowledge(
@@ -1252,7 +1295,7 @@ impl ImapSource {
                     after = ?self.cfg.after,
                     uids = %uid_set(done),
                     reason = %why,
-                    "the server refused to acknowledge processed messages; they stay in the folder, processed, and are tried again at the next connection"
+                    "the server refused to acknowledge processed messages; they stay in the folder, processed, and are tried again with the next batch"
                 );
                 Ok(false)
             }

@@ -841,6 +841,7 @@ fn a_refused_acknowledgement_leaves_mail_in_place_and_the_mailbox_goes_on() {
         );
         assert!(!log.contains("mailbox connection failed"), "{log}");
 
+        // Allowed again: the next connection moves them.
         dovecot.set_acl("");
         dovecot.kick();
         let mut imap = dovecot.client();
@@ -849,8 +850,25 @@ fn a_refused_acknowledgement_leaves_mail_in_place_and_the_mailbox_goes_on() {
         });
         let failures = daemon.log().matches("mailbox connection failed").count();
 
-        imap.command("DELETE Processed");
+        // Refused again, then allowed: the next batch takes the refused ones along.
+        dovecot.set_acl("Processed owner lrwstekxa\n");
         imap.append("INBOX", &message(4, ""));
+        daemon.wait_for("the fifth processed, in INBOX", WAIT, || {
+            request_count(&env) == 5 && imap.status("INBOX") == (1, 0)
+        });
+        dovecot.set_acl("");
+        imap.append("INBOX", &message(5, ""));
+        daemon.wait_for("both moved with the next batch", WAIT, || {
+            imap.status("INBOX").0 == 0 && imap.status("Processed").0 == 6
+        });
+        assert!(
+            daemon
+                .log()
+                .contains("messages the server refused before are acknowledged now")
+        );
+
+        imap.command("DELETE Processed");
+        imap.append("INBOX", &message(6, ""));
         daemon.wait_for("moved into a new Processed", WAIT, || {
             imap.status("INBOX").0 == 0 && imap.status("Processed").0 == 1
         });
@@ -859,8 +877,8 @@ fn a_refused_acknowledgement_leaves_mail_in_place_and_the_mailbox_goes_on() {
         assert_eq!(
             log.matches("mailbox connection failed").count(),
             failures,
-            "no reconnect for a missing folder:\n{log}"
+            "no reconnect for a refusal or a missing folder:\n{log}"
         );
-        assert_each_message_once(&env, 5);
+        assert_each_message_once(&env, 7);
     }
 }
