@@ -1360,9 +1360,27 @@ impl ImapSource {
             other => other?,
         };
         if !ops.can_move {
-            self.store_flags(session, uids, "+FLAGS.SILENT (\\Deleted)")
-                .await?;
-            self.expunge(session, uids, ops).await?;
+            // Copied: from here on the messages count as moved. Refused to delete the
+            // originals, trying again would copy them again, and again.
+            let deleted = match self
+                .store_flags(session, uids, "+FLAGS.SILENT (\\Deleted)")
+                .await
+            {
+                Ok(()) => self.expunge(session, uids, ops).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = deleted {
+                let Some(why) = refusal(&e) else {
+                    return Err(e);
+                };
+                tracing::warn!(
+                    mailbox = %self.name,
+                    folder = %folder,
+                    uids = %set,
+                    reason = %why,
+                    "copied to the folder, but the server refused to delete the originals; they stay where they were"
+                );
+            }
         }
         Ok(copyuid)
     }

@@ -106,13 +106,19 @@ pub struct Dovecot {
 
 impl Dovecot {
     pub fn start() -> Dovecot {
-        Self::start_with(false, false)
+        Self::start_with(false, false, false)
     }
 
     /// With the ACL plugin and a global ACL file, empty at first (every right);
     /// [`Dovecot::set_acl`] changes it, taking effect at once.
     pub fn start_with_acl() -> Dovecot {
-        Self::start_with(false, true)
+        Self::start_with(false, true, false)
+    }
+
+    /// [`Dovecot::start_with_acl`], and a server that does not offer MOVE (RFC 6851):
+    /// a client moves with COPY, STORE \Deleted and EXPUNGE.
+    pub fn start_with_acl_without_move() -> Dovecot {
+        Self::start_with(false, true, true)
     }
 
     /// Replaces the global ACL rules (`<mailbox> <identifier> <rights>` lines).
@@ -123,7 +129,7 @@ impl Dovecot {
     /// Also accepts XOAUTH2: tokens are checked against the file `accepted-token` (see
     /// [`Dovecot::accept_token`]) by an introspection endpoint on loopback.
     pub fn start_with_oauth() -> Dovecot {
-        Self::start_with(true, false)
+        Self::start_with(true, false, false)
     }
 
     /// Changes which OAuth2 access token the server accepts.
@@ -136,7 +142,7 @@ impl Dovecot {
         self.doveadm(&["kick", USER]);
     }
 
-    fn start_with(oauth: bool, acl: bool) -> Dovecot {
+    fn start_with(oauth: bool, acl: bool, without_move: bool) -> Dovecot {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         // Login and mail processes run unprivileged: they must reach the files.
@@ -205,6 +211,11 @@ impl Dovecot {
         } else {
             String::new()
         };
+        let capability_conf = if without_move {
+            "imap_capability = IMAP4rev1 SASL-IR LITERAL+ ID ENABLE IDLE UIDPLUS NAMESPACE CHILDREN UNSELECT\n"
+        } else {
+            ""
+        };
         let mechanisms = if oauth {
             "plain login xoauth2 oauthbearer"
         } else {
@@ -247,7 +258,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {r}/passwd
 }}
-{oauth_conf}{acl_conf}
+{oauth_conf}{acl_conf}{capability_conf}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={r}/mail/%u

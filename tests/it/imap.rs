@@ -882,3 +882,27 @@ fn a_refused_acknowledgement_leaves_mail_in_place_and_the_mailbox_goes_on() {
         assert_each_message_once(&env, 7);
     }
 }
+
+/// A server without MOVE (RFC 6851): intake moves with COPY, STORE \Deleted and UID
+/// EXPUNGE, processed mail and quarantined mail alike.
+#[test]
+fn without_move_mail_is_copied_and_expunged() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start_with_acl_without_move();
+        let mut imap = dovecot.client();
+        for i in 0..3 {
+            imap.append("INBOX", &message(i, ""));
+        }
+        imap.append("INBOX", b"\x00\x01 not a message\r\n");
+        let env = env_with(&dovecot, backend, "after = \"move:Processed\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("moved by copy and expunge", WAIT, || {
+            imap.status("INBOX").0 == 0
+                && imap.status("Processed") == (3, 0)
+                && imap.status("Quarantine").0 == 1
+        });
+        let log = daemon.stop();
+        assert!(!log.contains("mailbox connection failed"), "{log}");
+        assert_each_message_once(&env, 3);
+    }
+}
