@@ -78,6 +78,19 @@ pub fn parse_header(header_index: usize, value: &str) -> Vec<AuthResult> {
             properties,
         });
     }
+    if out.is_empty() {
+        // `id; none` (RFC 8601: no method applied), or nothing readable: still the
+        // header this authserv-id wrote, and it passes nothing. Were it left out, the
+        // next header down with the same id would be read instead — one the sender
+        // may have written.
+        out.push(AuthResult {
+            header_index,
+            authserv_id,
+            method: "none".into(),
+            result: "none".into(),
+            properties: Vec::new(),
+        });
+    }
     out
 }
 
@@ -118,12 +131,21 @@ fn strip_comments(s: &str) -> String {
     out
 }
 
+/// Splits at `sep` outside quoted strings (where `\"` does not end the string).
 fn split_outside_quotes(s: &str, sep: char) -> Vec<String> {
     let mut parts = Vec::new();
     let mut cur = String::new();
     let mut in_quotes = false;
+    let mut escaped = false;
     for c in s.chars() {
-        if c == '"' {
+        if escaped {
+            escaped = false;
+            cur.push(c);
+            continue;
+        }
+        if c == '\\' && in_quotes {
+            escaped = true;
+        } else if c == '"' {
             in_quotes = !in_quotes;
         }
         if c == sep && !in_quotes {
@@ -142,8 +164,16 @@ fn split_tokens(s: &str) -> Vec<String> {
     let mut tokens = Vec::new();
     let mut cur = String::new();
     let mut in_quotes = false;
+    let mut escaped = false;
     for c in normalized.chars() {
-        if c == '"' {
+        if escaped {
+            escaped = false;
+            cur.push(c);
+            continue;
+        }
+        if c == '\\' && in_quotes {
+            escaped = true;
+        } else if c == '"' {
             in_quotes = !in_quotes;
         }
         if c.is_whitespace() && !in_quotes {

@@ -20,7 +20,14 @@ fn parses_a_typical_header() {
 
 #[test]
 fn version_and_none() {
-    assert!(parse_header(0, "mx.example.com 1; none").is_empty());
+    // A header that reports nothing still says who wrote it (it shadows lower ones).
+    let none = parse_header(0, "mx.example.com 1; none");
+    assert_eq!(none.len(), 1);
+    assert_eq!(none[0].authserv_id, "mx.example.com");
+    assert_eq!(
+        (none[0].method.as_str(), none[0].result.as_str()),
+        ("none", "none")
+    );
     let r = parse_header(2, "MX.Example.COM 1; dkim/1 = FAIL header.d = x.org");
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].header_index, 2);
@@ -37,6 +44,19 @@ fn comments_nest() {
     );
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].property("smtp.mailfrom"), Some("a.example"));
+}
+
+/// `\"` inside a quoted string does not end it: a `;` after it cannot start a result
+/// of its own (an envelope sender chosen by the attacker is quoted in our header).
+#[test]
+fn an_escaped_quote_does_not_end_a_quoted_string() {
+    let r = parse_header(
+        0,
+        r#"mx.example.com; spf=none smtp.mailfrom="\"a;dmarc=pass;b\"@evil.example""#,
+    );
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].method, "spf");
+    assert!(!r.iter().any(|x| x.method == "dmarc"));
 }
 
 proptest! {

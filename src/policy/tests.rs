@@ -541,16 +541,16 @@ fn cases() -> Vec<Case> {
             account: AccountOutcome::None,
         },
         Case {
-            name: "unauthenticated external agent writes as a customer",
+            name: "unauthenticated external agent is rejected, not taken as a customer",
             policy: no_change,
             facts: || {
                 let mut p = stranger("contractor@ext.example");
                 p.agent = true;
                 facts(p, vec![])
             },
-            action: Action::CreateRequest,
-            reason: Reason::NewRequest,
-            account: AccountOutcome::CreatePortalOnly,
+            action: Action::Reject,
+            reason: Reason::UnauthenticatedSender,
+            account: AccountOutcome::None,
         },
         // Site customer access.
         Case {

@@ -40,9 +40,11 @@ pub fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> Trus
             .iter()
             .filter(move |r| r.method == method && r.result == "pass")
     };
+    // The MTA names the From domain it evaluated; without it, a pass says nothing
+    // about this From (every MTA we know writes it).
     if pass("dmarc").any(|r| {
         r.property("header.from")
-            .is_none_or(|d| d.eq_ignore_ascii_case(from_domain))
+            .is_some_and(|d| d.eq_ignore_ascii_case(from_domain))
     }) {
         return ok("dmarc", "DMARC passed");
     }

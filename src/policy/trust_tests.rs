@@ -59,3 +59,22 @@ fn dmarc_pass_for_another_domain_does_not_count() {
     let r = results(&["mx.desk.example; dmarc=pass header.from=other.example"]);
     assert!(!verdict(&trust(), "corp.example", &r).authenticated);
 }
+
+/// Our MTA's header reporting nothing (`none`) is still the topmost trusted one: a
+/// forged pass below it, carrying our id, does not count.
+#[test]
+fn a_topmost_header_reporting_nothing_shadows_a_forged_one_below() {
+    let r = results(&[
+        "mx.desk.example; none",
+        "mx.desk.example; dmarc=pass header.from=corp.example",
+    ]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+}
+
+/// A DMARC pass that does not name the From domain it evaluated says nothing about
+/// this From.
+#[test]
+fn dmarc_pass_without_header_from_does_not_count() {
+    let r = results(&["mx.desk.example; dmarc=pass"]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+}
