@@ -272,13 +272,28 @@ impl FileTransport {
         let name = format!("{:08}-{}.eml", row.id, row.kind);
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let path = self.dir.join(&name);
-        tokio::fs::write(&tmp, message.formatted())
-            .await
-            .map_err(|e| write_err(&tmp, e))?;
-        tokio::fs::rename(&tmp, &path)
-            .await
-            .map_err(|e| write_err(&path, e))?;
-        Ok(())
+        let dir = self.dir.clone();
+        let bytes = message.formatted();
+        // On disk before the row says sent: the file (written whole, then renamed into
+        // place) and the directory entry that names it.
+        let written = tokio::task::spawn_blocking(move || -> Result<(), SendError> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&tmp).map_err(|e| write_err(&tmp, e))?;
+            file.write_all(&bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| write_err(&tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| write_err(&path, e))?;
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| write_err(&dir, e))
+        })
+        .await;
+        written.unwrap_or_else(|e| {
+            Err(SendError::Write {
+                path: self.dir.display().to_string(),
+                source: std::io::Error::other(e),
+            })
+        })
     }
 }
 
@@ -409,13 +424,20 @@ impl Worker {
                 // query per mail (a fifth of the CPU per message on PostgreSQL), is
                 // skipped. Not by the monotonic clock: it stands still while a machine
                 // sleeps, so it cannot tell that the lease ran out.
+                // Past that, the claim must hold for a whole send more: a send started
+                // near its end could still be running when another worker claims the
+                // mail (after a record_sent that waited out a database failover, say).
                 let fresh = claimed
                     .elapsed()
                     .is_ok_and(|e| e.as_secs_f64() < self.claim_lease_secs as f64 / 2.0);
-                if !fresh && !self.store.outbox_claim_holds(row.claim(), clock()).await? {
+                let until = clock() + self.transport.longest_send().as_secs() as i64;
+                if !fresh && !self.store.outbox_claim_holds(row.claim(), until).await? {
+                    // Given back uncounted if still ours; else another worker has it.
+                    let held = self.store.outbox_release(row.claim(), clock()).await?;
                     tracing::warn!(
                         outbox_id = row.id,
-                        "the claim on this mail ran out before it was sent; it is left to the next claim"
+                        held,
+                        "too little of the claim on this mail was left for a send; it is left to the next claim"
                     );
                     continue;
                 }
