@@ -16,6 +16,9 @@ pub enum TokenState {
     Valid(TokenInfo),
     Expired(TokenInfo),
     Used(TokenInfo),
+    /// The account was deactivated since the link was sent: it cannot be confirmed
+    /// (and the link is not used up).
+    Deactivated(TokenInfo),
     Unknown,
 }
 
@@ -28,6 +31,7 @@ pub enum Confirmation {
     },
     Expired,
     Used,
+    Deactivated,
     Unknown,
 }
 
@@ -40,6 +44,7 @@ fn state(info: Option<TokenInfo>, now: i64) -> TokenState {
     match info {
         None => TokenState::Unknown,
         Some(i) if i.used_at.is_some() => TokenState::Used(i),
+        Some(i) if i.account_status == "deactivated" => TokenState::Deactivated(i),
         Some(i) if i.expires_at <= now => TokenState::Expired(i),
         Some(i) => TokenState::Valid(i),
     }
@@ -76,6 +81,7 @@ pub async fn confirm(
         TokenState::Valid(info) => info,
         TokenState::Expired(_) => return Ok(Confirmation::Expired),
         TokenState::Used(_) => return Ok(Confirmation::Used),
+        TokenState::Deactivated(_) => return Ok(Confirmation::Deactivated),
         TokenState::Unknown => return Ok(Confirmation::Unknown),
     };
     if !store::use_token(wtx.conn(), &hash, now).await? {

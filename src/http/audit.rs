@@ -2,7 +2,8 @@
 //! and a chart of outcomes per day) and `GET /metrics` (Prometheus).
 //!
 //! Both show what mail did to whom, so neither is public: without `http.audit_token` they
-//! answer loopback peers only; with a token every request needs
+//! answer loopback peers only, and not what came through a proxy; with a token every
+//! request needs
 //! `Authorization: Bearer TOKEN`, loopback included — behind a reverse proxy on the same
 //! host every client arrives from loopback, so there the token is the only real check.
 //!
@@ -48,6 +49,9 @@ pub enum Denied {
     MissingToken,
     /// A token is configured and the request's does not match.
     WrongToken,
+    /// No token configured and the request came through a proxy (it carries
+    /// `Forwarded`, `X-Forwarded-For` or `X-Real-IP`): its client is not local.
+    Proxied,
 }
 
 impl Denied {
@@ -58,14 +62,19 @@ impl Denied {
             }
             Denied::MissingToken => "This page needs an Authorization: Bearer header.",
             Denied::WrongToken => "The bearer token is not valid.",
+            Denied::Proxied => {
+                "This page answers local clients only, and this request came through a proxy. Set http.audit_token to allow others (with Authorization: Bearer)."
+            }
         }
     }
 }
 
 /// The access rule of `/audit` and `/metrics`. `peer` is `None` when the server was
-/// started without connection info: refused, never assumed local.
+/// started without connection info: refused, never assumed local. `proxied`: the
+/// request says it came through a proxy ([`proxied`]).
 pub fn authorize(
     peer: Option<SocketAddr>,
+    proxied: bool,
     authorization: Option<&HeaderValue>,
     token: Option<&SecretString>,
 ) -> Result<(), Denied> {
@@ -81,10 +90,19 @@ pub fn authorize(
                 Err(Denied::WrongToken)
             }
         }
+        None if proxied => Err(Denied::Proxied),
         // `to_canonical`: an IPv4 client of a dual-stack listener is `::ffff:127.0.0.1`.
         None if peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) => Ok(()),
         None => Err(Denied::NotLoopback),
     }
+}
+
+/// Whether a request says it came through a proxy, which forwards its client's address
+/// in one of these headers (nginx, Apache, Caddy, HAProxy as usually set up).
+pub fn proxied(headers: &HeaderMap) -> bool {
+    ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|h| headers.contains_key(*h))
 }
 
 /// The credentials of `Bearer CREDENTIALS` (the scheme is case-insensitive, RFC 9110).
@@ -106,12 +124,17 @@ fn tokens_match(presented: &str, expected: &str) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-fn guard(state: &AppState, extensions: &Extensions, headers: &HeaderMap) -> Result<(), Denied> {
+pub(super) fn guard(
+    state: &AppState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+) -> Result<(), Denied> {
     let peer = extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(a)| *a);
     let result = authorize(
         peer,
+        proxied(headers),
         headers.get(header::AUTHORIZATION),
         state.pipeline.config().http.audit_token.as_ref(),
     );

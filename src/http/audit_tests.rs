@@ -18,7 +18,7 @@ fn without_a_token_only_loopback_peers_are_allowed() {
         "[::1]:80",
         "[::ffff:127.0.0.1]:80",
     ] {
-        assert_eq!(authorize(peer(ok), None, None), Ok(()), "{ok}");
+        assert_eq!(authorize(peer(ok), false, None, None), Ok(()), "{ok}");
     }
     for bad in [
         "10.0.0.1:5000",
@@ -27,16 +27,21 @@ fn without_a_token_only_loopback_peers_are_allowed() {
         "[::ffff:10.0.0.1]:80",
     ] {
         assert_eq!(
-            authorize(peer(bad), None, None),
+            authorize(peer(bad), false, None, None),
             Err(Denied::NotLoopback),
             "{bad}"
         );
     }
     // No connection info at all: refused, not assumed local.
-    assert_eq!(authorize(None, None, None), Err(Denied::NotLoopback));
+    assert_eq!(authorize(None, false, None, None), Err(Denied::NotLoopback));
     // A bearer header means nothing when no token is configured.
     assert_eq!(
-        authorize(peer("10.0.0.1:1"), Some(&auth("Bearer anything")), None),
+        authorize(
+            peer("10.0.0.1:1"),
+            false,
+            Some(&auth("Bearer anything")),
+            None
+        ),
         Err(Denied::NotLoopback)
     );
 }
@@ -46,12 +51,13 @@ fn with_a_token_everyone_needs_it_loopback_included() {
     let token = SecretString::from("s3cret-token-0123456789");
     let t = Some(&token);
     assert_eq!(
-        authorize(peer("127.0.0.1:1"), None, t),
+        authorize(peer("127.0.0.1:1"), false, None, t),
         Err(Denied::MissingToken)
     );
     assert_eq!(
         authorize(
             peer("127.0.0.1:1"),
+            false,
             Some(&auth("Bearer wrong-token-0123456789")),
             t
         ),
@@ -62,6 +68,7 @@ fn with_a_token_everyone_needs_it_loopback_included() {
         assert_eq!(
             authorize(
                 peer("10.0.0.1:1"),
+                false,
                 Some(&auth(&format!("Bearer {near}"))),
                 t
             ),
@@ -72,6 +79,7 @@ fn with_a_token_everyone_needs_it_loopback_included() {
         assert_eq!(
             authorize(
                 peer("10.0.0.1:1"),
+                false,
                 Some(&auth(&format!("{scheme} s3cret-token-0123456789"))),
                 t
             ),
@@ -79,7 +87,12 @@ fn with_a_token_everyone_needs_it_loopback_included() {
         );
     }
     assert_eq!(
-        authorize(None, Some(&auth("Bearer s3cret-token-0123456789")), t),
+        authorize(
+            None,
+            false,
+            Some(&auth("Bearer s3cret-token-0123456789")),
+            t
+        ),
         Ok(())
     );
     // Other schemes, or the token without a scheme, are missing tokens.
@@ -90,7 +103,7 @@ fn with_a_token_everyone_needs_it_loopback_included() {
         "Bearer  ",
     ] {
         assert_eq!(
-            authorize(peer("127.0.0.1:1"), Some(&auth(other)), t),
+            authorize(peer("127.0.0.1:1"), false, Some(&auth(other)), t),
             Err(Denied::MissingToken),
             "{other}"
         );
@@ -238,4 +251,31 @@ fn the_chart_has_a_group_per_day_and_a_bar_per_action_and_day() {
     );
     assert!(!svg.contains("data-count=\"50\""));
     assert!(svg.contains("<title id=\"chart-title\">"));
+}
+
+/// Behind a reverse proxy on the same host every client arrives from loopback: without
+/// a token, a request that came through a proxy (it says so in its headers) is refused.
+#[test]
+fn without_a_token_a_proxied_request_is_refused() {
+    assert_eq!(
+        authorize(peer("127.0.0.1:1"), true, None, None),
+        Err(Denied::Proxied)
+    );
+    let token = SecretString::from("s3cret-token-0123456789");
+    assert_eq!(
+        authorize(
+            peer("127.0.0.1:1"),
+            true,
+            Some(&auth("Bearer s3cret-token-0123456789")),
+            Some(&token)
+        ),
+        Ok(())
+    );
+    let mut headers = HeaderMap::new();
+    assert!(!proxied(&headers));
+    for name in ["forwarded", "x-forwarded-for", "x-real-ip"] {
+        headers.clear();
+        headers.insert(name, HeaderValue::from_static("192.0.2.7"));
+        assert!(proxied(&headers), "{name}");
+    }
 }

@@ -98,12 +98,20 @@ fn error_page(e: &dyn std::error::Error) -> Response {
     )
 }
 
+/// The account behind the link was closed since it was sent.
+fn deactivated_page() -> Response {
+    page(
+        StatusCode::FORBIDDEN,
+        "This address cannot be confirmed",
+        "<p>The account for this address is closed. Write to us if you think this is a mistake.</p>",
+    )
+}
+
 async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -> Response {
     match verify::inspect(&state.pipeline, &token, crate::now()).await {
         Ok(TokenState::Valid(info)) => {
             let address = html_escape(&info.address);
             let name = html_escape(info.display_name.as_deref().unwrap_or_default());
-            let action = format!("/verify/{}", html_escape(&token));
             let (title, what) = if info.purpose == "invitation" {
                 (
                     "Confirm your address",
@@ -122,12 +130,14 @@ async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -
                     ),
                 )
             };
+            // The form posts back to this page's own URL (no `action`): behind a proxy
+            // that serves intake under a path prefix, `/verify/...` would miss it.
             page(
                 StatusCode::OK,
                 title,
                 &format!(
                     "{what}\n<p>Opening this page changed nothing; only the button below does.</p>\n\
-                     <form method=\"post\" action=\"{action}\">\n\
+                     <form method=\"post\">\n\
                      <label for=\"display_name\">Your name, as it should be shown (optional)</label>\n\
                      <input type=\"text\" id=\"display_name\" name=\"display_name\" value=\"{name}\" maxlength=\"200\" autocomplete=\"name\">\n\
                      <button type=\"submit\" id=\"confirm\">Confirm my address</button>\n\
@@ -145,6 +155,7 @@ async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -
             "This link was already used",
             "<p>This address has already been confirmed with this link. There is nothing more to do.</p>",
         ),
+        Ok(TokenState::Deactivated(_)) => deactivated_page(),
         Ok(TokenState::Unknown) => unknown_page(),
         Err(e) => error_page(&e),
     }
@@ -202,24 +213,39 @@ async fn confirm(
             "This link was already used",
             "<p>This address has already been confirmed with this link. There is nothing more to do.</p>",
         ),
+        Ok(Confirmation::Deactivated) => deactivated_page(),
         Ok(Confirmation::Unknown) => unknown_page(),
         Err(e) => error_page(&e),
     }
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
+/// `GET /healthz`: whether the database answers and each mailbox works. Why not is
+/// for operators only (the rule of `/audit`): the errors name hosts, users and what
+/// servers replied, and this page is often reachable from outside.
+async fn healthz(
+    State(state): State<AppState>,
+    extensions: axum::http::Extensions,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let operator = audit::guard(&state, &extensions, &headers).is_ok();
     let database =
         tokio::time::timeout(Duration::from_secs(5), state.pipeline.store().ping()).await;
     let (db_ok, db_error) = match database {
         Ok(Ok(())) => (true, None),
-        // Only the outermost message: the page may be reachable from outside, the
-        // full chain (addresses, server replies) is in the log.
+        // Only the outermost message: the full chain (addresses, server replies) is in
+        // the log.
         Ok(Err(e)) => (false, Some(e.to_string())),
         Err(_) => (false, Some("timed out".to_string())),
     };
-    let sources = state.health.snapshot();
+    let mut sources = state.health.snapshot();
     let sources_ok = sources.values().all(|s| s.ok);
     let ok = db_ok && sources_ok;
+    let db_error = db_error.filter(|_| operator);
+    if !operator {
+        for s in sources.values_mut() {
+            s.last_error = None;
+        }
+    }
     let body = serde_json::json!({
         "status": if ok { "ok" } else { "degraded" },
         "database": { "ok": db_ok, "error": db_error },

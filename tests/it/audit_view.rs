@@ -69,7 +69,7 @@ fn wait_for_http(env: &Env, daemon: &Daemon) {
 
 /// A GET with extra request headers (the harness's `http()` sends none). Returns
 /// (status, head, body).
-fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+pub(crate) fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))

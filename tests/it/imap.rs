@@ -703,6 +703,18 @@ fn a_broken_mailbox_does_not_stop_the_others() {
             !error.contains("os error"),
             "only the outermost message: {error}"
         );
+        // Through a proxy (no token set): the state, not why, and no audit page.
+        let proxy = [("X-Forwarded-For", "192.0.2.7")];
+        let (status, _, body) = crate::audit_view::get(env.http_port, "/healthz", &proxy);
+        assert_eq!(status, 503, "{body}");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(health["mailboxes"]["broken"]["ok"], false, "{health:#}");
+        assert!(
+            health["mailboxes"]["broken"]["last_error"].is_null(),
+            "{health:#}"
+        );
+        let (status, _, _) = crate::audit_view::get(env.http_port, "/audit", &proxy);
+        assert_eq!(status, 403);
         let log = daemon.stop();
         assert!(
             log.contains("os error"),

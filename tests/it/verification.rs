@@ -251,6 +251,47 @@ fn get_never_confirms_and_expired_or_unknown_links_say_so() {
     }
 }
 
+/// A link to an account deactivated since it was sent confirms nothing: the page says
+/// the address cannot be confirmed, the button does nothing, and the link is not used up.
+#[test]
+fn a_link_to_a_deactivated_account_confirms_nothing() {
+    for backend in BACKENDS {
+        let smtp = Smtp::start(Mode::Plain, None);
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::default(),
+            &smtp.toml(""),
+        );
+        let daemon = start_daemon(&env);
+        drop_in_maildir(
+            &env,
+            "1.eml",
+            &std::fs::read(fixture("outsider-new.eml")).unwrap(),
+        );
+        let mail = wait_for_messages(&smtp, 1, WAIT).remove(0);
+        let link = verification_link(&mail).unwrap();
+        let path = link.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+        env.json(&["accounts", "deactivate", "olga@outside.example", "--json"]);
+        let (status, _, body) = http(env.http_port, "GET", &path, None);
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("cannot be confirmed"), "{body}");
+        assert!(!body.contains("<form"), "{body}");
+        let (status, _, body) = http(
+            env.http_port,
+            "POST",
+            &path,
+            Some(("application/x-www-form-urlencoded", b"display_name=x")),
+        );
+        assert_eq!(status, 403, "{body}");
+        daemon.stop();
+        let olga = account(&env, "olga@outside.example");
+        assert_eq!(olga["status"], "deactivated", "{olga:#}");
+        assert!(olga["verified_at"].is_null(), "{olga:#}");
+        assert_eq!(env.request("IT-1")["status"], "held");
+    }
+}
+
 #[test]
 fn smtp_down_then_up_loses_and_doubles_nothing() {
     for backend in BACKENDS {
