@@ -124,7 +124,11 @@ pub async fn confirm(
                 &mut store::Lookups::default(),
             )
             .await?;
-        let mut decision = policy::decide(&gathered.facts, &pipeline.config().policy);
+        let mut facts = gathered.facts;
+        // Clicking the link proved the address is theirs: an internal address held for
+        // it (approved domain, signup = verify) is released as authenticated.
+        facts.sender_confirmed = true;
+        let mut decision = policy::decide(&facts, &pipeline.config().policy);
         if decision.action != Action::CreateRequest {
             // The policy changed since (deactivated, restricted desk...): it stays held and
             // expires; the audit of the original message says why it was held.

@@ -68,7 +68,7 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     decision.requester.display_name = sender.display_name.clone();
 
     // Trust: internal identities must be authenticated when required.
-    let verdict = trust::verdict(&policy.trust, sender.address.domain(), &facts.auth_results);
+    let verdict = sender_verdict(facts, policy, sender.address.domain());
     let authenticated = !policy.trust.require_authentication || verdict.authenticated;
     // An agent on an outside domain claims more than a customer would: believed
     // unauthenticated, a forger could comment as them on requests they are on.
@@ -900,5 +900,18 @@ pub fn trust_verdict(facts: &Facts, policy: &Policy) -> Option<TrustVerdict> {
     facts
         .sender
         .as_ref()
-        .map(|s| trust::verdict(&policy.trust, s.address.domain(), &facts.auth_results))
+        .map(|s| sender_verdict(facts, policy, s.address.domain()))
+}
+
+/// Whether the sender is who the From says: confirmed by our link just now, or
+/// authenticated by the receiving MTA.
+fn sender_verdict(facts: &Facts, policy: &Policy, from_domain: &str) -> TrustVerdict {
+    if facts.sender_confirmed {
+        return TrustVerdict {
+            authenticated: true,
+            method: Some("link"),
+            detail: "the address was confirmed with the link mailed to it".into(),
+        };
+    }
+    trust::verdict(&policy.trust, from_domain, &facts.auth_results)
 }

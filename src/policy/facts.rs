@@ -171,6 +171,9 @@ pub struct Facts {
     pub duplicate: bool,
     pub signals: Signals,
     pub auth_results: Vec<AuthResult>,
+    /// The sender has just confirmed their address with the link we mailed to it (a
+    /// held request being released): as good as an authenticated message.
+    pub sender_confirmed: bool,
     /// The From address, if it parsed.
     pub sender: Option<Person>,
     /// Sender requests made on this desk recently, for the rate limit.

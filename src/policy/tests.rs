@@ -101,6 +101,7 @@ fn facts(sender: Person, recipients: Vec<Person>) -> Facts {
         duplicate: false,
         signals: Signals::default(),
         auth_results: vec![],
+        sender_confirmed: false,
         sender: Some(sender),
         sender_recent_requests: 0,
         recipients,

@@ -241,6 +241,7 @@ pub fn assemble_facts(
         duplicate: false,
         signals: msg.signals.clone(),
         auth_results: msg.auth_results.clone(),
+        sender_confirmed: false,
         sender,
         sender_recent_requests: 0,
         recipients,

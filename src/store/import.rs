@@ -327,6 +327,8 @@ impl From<&Facts> for FactsRecord {
             duplicate: _,
             signals,
             auth_results,
+            // Only a confirmation sets it; imported mail never is one.
+            sender_confirmed: _,
             sender,
             sender_recent_requests,
             recipients,
@@ -535,6 +537,7 @@ impl FactsRecord {
             duplicate: false,
             signals: self.signals.into(),
             auth_results: self.auth_results.into_iter().map(Into::into).collect(),
+            sender_confirmed: false,
             sender: self.sender.map(PersonRecord::into_person).transpose()?,
             sender_recent_requests: self.sender_recent_requests,
             recipients: self

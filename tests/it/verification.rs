@@ -251,6 +251,45 @@ fn get_never_confirms_and_expired_or_unknown_links_say_so() {
     }
 }
 
+/// Under signup = verify, a new colleague from an approved domain (authenticated, or
+/// they would be rejected) is held like anyone; confirming the link opens the request,
+/// the link standing for the authentication the held message had.
+#[test]
+fn a_confirmed_colleague_from_an_approved_domain_gets_the_request_opened() {
+    for backend in BACKENDS {
+        let smtp = Smtp::start(Mode::Plain, None);
+        let env = Env::with_extra(
+            backend,
+            &verify_site(),
+            &DeskSettings::default(),
+            &smtp.toml(""),
+        );
+        let daemon = start_daemon(&env);
+        drop_in_maildir(
+            &env,
+            "1.eml",
+            &std::fs::read(fixture("internal-authenticated.eml")).unwrap(),
+        );
+        let mail = wait_for_messages(&smtp, 1, WAIT).remove(0);
+        let link = verification_link(&mail).unwrap();
+        let path = link.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+        assert_eq!(env.request("IT-1")["status"], "held");
+        let (status, _, body) = http(
+            env.http_port,
+            "POST",
+            &path,
+            Some(("application/x-www-form-urlencoded", b"display_name=Ida")),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("IT-1"), "{body}");
+        daemon.stop();
+        assert_eq!(env.request("IT-1")["status"], "open");
+        let ida = account(&env, "ida@corp.example");
+        assert_eq!(ida["status"], "active", "{ida:#}");
+        assert_eq!(ida["kind"], "internal", "{ida:#}");
+    }
+}
+
 /// A link to an account deactivated since it was sent confirms nothing: the page says
 /// the address cannot be confirmed, the button does nothing, and the link is not used up.
 #[test]
