@@ -135,6 +135,10 @@ pub async fn confirm(
             tracing::warn!(request = %h.key, action = decision.action.as_str(), reason = decision.reason.code(), "held request not released");
             continue;
         }
+        if !store::open_held_request(wtx.conn(), h.id, now).await? {
+            tracing::warn!(request = %h.key, "held request expired meanwhile; not released");
+            continue;
+        }
         // The reporter just confirmed: no mail to them.
         decision.emails.retain(|e| e.to != address);
         pipeline

@@ -1102,7 +1102,8 @@ fn remember_message_ids(
 
 /// Releases a held request once its reporter confirmed their address: its To/Cc are
 /// handled by `decision` (decided just now, under the policy in force), invitations are
-/// queued, and the request opens. The audit row says `release`.
+/// queued, and the request opens. The audit row says `release`. The caller opened the
+/// request first ([`open_held_request`]).
 pub async fn apply_release(
     conn: &mut AnyConnection,
     input: ApplyInput<'_>,
@@ -1117,14 +1118,6 @@ pub async fn apply_release(
     let outbound = queue_emails(&input, &ids, Some(&request), deferred);
     result.emails_queued = input.decision.emails.len();
     remember_message_ids(key.desk(), request_id, &outbound, None, deferred);
-    sqlx::query(
-        "UPDATE requests SET status = 'open', held_until = NULL, updated_at = $1 WHERE id = $2",
-    )
-    .bind(input.now)
-    .bind(request_id)
-    .execute(&mut *conn)
-    .await
-    .ctx("open the released request")?;
     let mut audit = audit_row(&input, Some(key.to_string()));
     audit.action = "release";
     audit.reason = Reason::AddressConfirmed.code();
@@ -1635,4 +1628,23 @@ fn queue_emails(
         message_ids.push(message_id);
     }
     message_ids
+}
+
+/// Opens a held request being released; `false` when it is no longer held (expired
+/// meanwhile: on PostgreSQL this waits for an expiry in flight, then sees its outcome).
+pub async fn open_held_request(
+    conn: &mut AnyConnection,
+    request_id: i64,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE requests SET status = 'open', held_until = NULL, updated_at = $1 \
+         WHERE id = $2 AND status = 'held'",
+    )
+    .bind(now)
+    .bind(request_id)
+    .execute(&mut *conn)
+    .await
+    .ctx("open the released request")?;
+    Ok(done.rows_affected() == 1)
 }

@@ -33,7 +33,7 @@ pub use admin::{
 pub use apply::{
     ApplyInput, ApplyResult, ClaimItem, Deferred, MailContext, MailRenderer, QuarantineRecord,
     RenderedMail, SourceRef, apply, apply_release, claim_ledger, claim_ledger_batch, dedupe_key,
-    new_token, record_quarantine, token_hash,
+    new_token, open_held_request, record_quarantine, token_hash,
 };
 pub use directory::{DirectoryIndex, DirectorySync, directory_fingerprint};
 pub use facts::{Gathered, Known, Lookups, assemble_facts, gather_facts, may_thread};
