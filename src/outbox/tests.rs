@@ -376,6 +376,39 @@ async fn a_refused_recipient_is_marked_undeliverable() {
     assert!(ann.undeliverable_at.is_some_and(|at| at >= now), "{ann:?}");
 }
 
+/// Mail waiting for a retry to an address marked undeliverable meanwhile (a permanent
+/// bounce of other mail) is not sent: it would only bounce too. Mail to others is.
+#[tokio::test]
+async fn due_mail_to_an_address_marked_undeliverable_meanwhile_is_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let now = crate::now();
+    account(&store, "ann@example.com").await;
+    queue(&store, "ann@example.com", now - 10).await;
+    queue(&store, "bob@example.com", now - 10).await;
+    let mut c = store.acquire().await.unwrap();
+    sqlx::query("UPDATE accounts SET undeliverable_at = $1 WHERE address = 'ann@example.com'")
+        .bind(now - 5)
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    drop(c);
+    let claimed = store.claim_outbox(10, now, 30).await.unwrap();
+    let to: Vec<&str> = claimed.iter().map(|r| r.to.as_str()).collect();
+    assert_eq!(to, ["bob@example.com"]);
+    let rows = store.list_outbox(Some("dead"), 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].to, "ann@example.com");
+    assert!(
+        rows[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("undeliverable")),
+        "{:?}",
+        rows[0]
+    );
+}
+
 /// The last pass at shutdown starts no mail after its deadline but lets the one being
 /// sent finish: cut short after the relay took it, it would have gone out again after
 /// the restart. The other claimed mail is given back unsent, its attempt not counted.

@@ -719,6 +719,19 @@ impl Store {
         lease_secs: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut wtx = self.begin_write().await?;
+        // Due mail to an address marked undeliverable since it was queued (a permanent
+        // bounce of other mail, while this one waited for a retry) would only bounce too.
+        sqlx::query(
+            "UPDATE outbox SET status = 'dead', \
+               last_error = 'not sent: the address was marked undeliverable (a permanent bounce or refusal)' \
+             WHERE status IN ('pending', 'sending') AND next_attempt_at <= $1 \
+               AND EXISTS (SELECT 1 FROM accounts a WHERE a.address = outbox.to_address \
+                 AND a.undeliverable_at IS NOT NULL)",
+        )
+        .bind(now)
+        .execute(wtx.conn())
+        .await
+        .ctx("drop mail to undeliverable addresses")?;
         let lock = match self.backend {
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",
