@@ -107,6 +107,7 @@ pub fn outbox_worker(pipeline: &Pipeline) -> Result<Worker, crate::outbox::SendE
         retry_first_secs: config.outbox.retry_first.as_secs().max(1) as i64,
         claim_lease_secs: crate::outbox::claim_lease_secs(config.smtp.as_ref().map(|s| s.timeout)),
         pass: Default::default(),
+        relay: Default::default(),
     })
 }
 

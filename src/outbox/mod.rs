@@ -81,6 +81,16 @@ impl SendError {
         matches!(self, SendError::Smtp { step, source, .. } if recipient_refused(*step, source))
     }
 
+    /// Whether the relay could not be reached or would not open a session (name lookup,
+    /// TCP, TLS, greeting, EHLO, STARTTLS, AUTH): nothing about the mail being sent.
+    pub fn is_relay_unavailable(&self) -> bool {
+        match self {
+            SendError::Smtp { step, .. } => *step == smtp::Step::Connect,
+            SendError::SmtpIo { what, .. } => smtp::CONNECTING.contains(what),
+            _ => false,
+        }
+    }
+
     /// Whether the relay refused our sender address for good (see [`sender_refused`]:
     /// Postfix's `553 5.7.1 Sender address rejected: not owned by user`, Exchange
     /// Online's `550 5.7.60 SendAsDenied`): the relay's configuration or ours, the same
@@ -329,7 +339,20 @@ pub struct Worker {
     /// Held for a whole pass: the last pass at shutdown waits for the running worker's
     /// pass (its mail in flight, and recording it) before it starts.
     pub pass: tokio::sync::Mutex<()>,
+    /// The relay's recent unavailability: while it lasts, passes send nothing.
+    pub relay: std::sync::Mutex<RelayState>,
 }
+
+/// How the relay has been doing: failures in a row to open a session, and until when
+/// the worker leaves it alone.
+#[derive(Debug, Default)]
+pub struct RelayState {
+    failures: u32,
+    paused_until: Option<std::time::Instant>,
+}
+
+/// The longest pause between tries of an unavailable relay.
+const RELAY_PAUSE_MAX_SECS: i64 = 300;
 
 /// Logs an outcome that was not recorded because the claim had passed to another worker
 /// (this one was slower than its lease): that worker's outcome stands.
@@ -393,7 +416,7 @@ impl Worker {
         let mut report = DrainReport::default();
         let clock = || now.max(crate::now());
         loop {
-            if !go_on() {
+            if !go_on() || self.relay_paused() {
                 return Ok(report);
             }
             // When the claim was made, by the wall clock, not the monotonic one: it runs
@@ -447,12 +470,29 @@ impl Worker {
                 };
                 match result {
                     Ok(()) => {
+                        self.relay_works();
                         self.record_sent(row.claim(), clock()).await?;
                         report.sent += 1;
                         tracing::info!(outbox_id = row.id, kind = %row.kind, to = %row.to, "mail sent");
                     }
                     Err(e) => {
                         let text = error_chain(&e);
+                        if e.is_relay_unavailable() {
+                            // Nothing about this mail, nor the rest of the claim: they
+                            // go back uncounted, and the queue waits for the relay (a
+                            // long outage no longer uses up every mail's attempts).
+                            let pause = self.relay_failed();
+                            for r in std::iter::once(row).chain(rows.by_ref()) {
+                                let held = self
+                                    .store
+                                    .outbox_postpone(r.claim(), &text, clock())
+                                    .await?;
+                                lost_claim(r.id, held);
+                            }
+                            report.failed += 1;
+                            tracing::warn!(error = %text, retry_in = ?pause, "the SMTP relay is unavailable; no mail is sent until it is, and none is counted a failed attempt");
+                            return Ok(report);
+                        }
                         if e.is_recipient_refused() {
                             // Dead, and the address undeliverable as after a permanent
                             // bounce: no more invitations or links are queued for it.
@@ -490,6 +530,34 @@ impl Worker {
                 }
             }
         }
+    }
+
+    fn relay_paused(&self) -> bool {
+        self.relay.lock().is_ok_and(|r| {
+            r.paused_until
+                .is_some_and(|until| std::time::Instant::now() < until)
+        })
+    }
+
+    /// The relay took a mail: no pause.
+    fn relay_works(&self) {
+        if let Ok(mut r) = self.relay.lock() {
+            *r = RelayState::default();
+        }
+    }
+
+    /// The relay was unavailable again: the pause before the next try (`retry_first`,
+    /// doubling, at most [`RELAY_PAUSE_MAX_SECS`]).
+    fn relay_failed(&self) -> Duration {
+        let Ok(mut r) = self.relay.lock() else {
+            return Duration::ZERO;
+        };
+        r.failures = r.failures.saturating_add(1);
+        let secs =
+            backoff_secs(i64::from(r.failures), self.retry_first_secs).min(RELAY_PAUSE_MAX_SECS);
+        let pause = Duration::from_secs(secs.max(1) as u64);
+        r.paused_until = Some(std::time::Instant::now() + pause);
+        pause
     }
 
     /// How long to allow one mail at shutdown, from its claim check to its outcome

@@ -419,6 +419,10 @@ impl SmtpTransport {
     }
 
     fn io_error(&self, what: &'static str, source: std::io::Error) -> SendError {
+        debug_assert!(
+            what == "sending a message" || CONNECTING.contains(&what),
+            "{what}: name it in CONNECTING if it is about opening a session"
+        );
         SendError::SmtpIo {
             address: self.settings.address.clone(),
             what,
@@ -436,6 +440,16 @@ impl SmtpTransport {
         )
     }
 }
+
+/// What an I/O error (`SendError::SmtpIo`) was doing when it was about opening a
+/// session, not sending a mail.
+pub const CONNECTING: [&str; 5] = [
+    "name lookup",
+    "connect",
+    "TCP_NODELAY",
+    "TLS handshake",
+    "connecting",
+];
 
 /// QUIT (waiting up to `timeout` for its answer), or just drop the socket when the
 /// connection is broken.

@@ -106,6 +106,7 @@ fn worker(store: &Store, transport: Transport) -> Worker {
         retry_first_secs: 30,
         claim_lease_secs: 30,
         pass: Default::default(),
+        relay: Default::default(),
     }
 }
 
@@ -374,6 +375,55 @@ async fn a_refused_recipient_is_marked_undeliverable() {
     assert!(error.contains("User unknown"), "{error}");
     let ann = store.show_account("ann@example.com").await.unwrap();
     assert!(ann.undeliverable_at.is_some_and(|at| at >= now), "{ann:?}");
+}
+
+/// A relay that cannot be reached costs the mail nothing: its attempt is not counted
+/// (a long outage used to make every queued mail, verification links too, dead), the
+/// error says why it waits, and the worker leaves the relay alone for a pause before
+/// trying again, then sends.
+#[tokio::test]
+async fn an_unreachable_relay_counts_no_attempt_and_pauses_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let now = crate::now();
+    queue(&store, "ann@example.com", now - 10).await;
+    queue(&store, "bob@example.com", now - 10).await;
+    // A port nobody listens on (bound, then closed).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut w = worker(&store, Transport::Smtp(smtp_transport(port)));
+    w.retry_first_secs = 1;
+    let report = w.drain_once(now).await.unwrap();
+    assert_eq!(
+        (report.sent, report.failed, report.dead),
+        (0, 1, 0),
+        "{report:?}"
+    );
+    for row in store.list_outbox(None, 10).await.unwrap() {
+        assert_eq!(
+            (row.status.as_str(), row.attempts),
+            ("pending", 0),
+            "{row:?}"
+        );
+        assert!(row.last_error.is_some(), "{row:?}");
+    }
+    // Paused: a pass right away does not even try.
+    let report = w.drain_once(crate::now()).await.unwrap();
+    assert_eq!(report, DrainReport::default());
+    // The relay is back (here: on another port), and the pause over.
+    let back = fake_relay(OK, OK, OK).await;
+    let w = Worker {
+        transport: Transport::Smtp(smtp_transport(back)),
+        ..w
+    };
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let report = w.drain_once(crate::now()).await.unwrap();
+    assert_eq!(report.sent, 2, "{report:?}");
+    for row in store.list_outbox(None, 10).await.unwrap() {
+        assert_eq!((row.status.as_str(), row.attempts), ("sent", 1), "{row:?}");
+    }
 }
 
 /// Mail waiting for a retry to an address marked undeliverable meanwhile (a permanent

@@ -877,6 +877,32 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Gives a claimed mail back unsent because the relay was unavailable (nothing
+    /// about this mail): pending, due at `now`, its attempt not counted, and `error` kept
+    /// as its last error so `outbox list` says why it waits. False when the claim had
+    /// passed to another worker.
+    pub async fn outbox_postpone(
+        &self,
+        claim: OutboxClaim,
+        error: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.acquire().await?;
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE outbox SET status = 'pending', attempts = attempts - 1, next_attempt_at = $4, \
+               last_error = $5 WHERE {CLAIM_HELD}"
+        )))
+        .bind(claim.id)
+        .bind(claim.attempts)
+        .bind(claim.until)
+        .bind(now)
+        .bind(error)
+        .execute(&mut *conn)
+        .await
+        .ctx("give back a claim on outgoing mail")?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// Puts dead (or all failed) mail back in the queue. Returns how many rows changed.
     pub async fn outbox_retry(&self, id: Option<i64>, now: i64) -> Result<u64, StoreError> {
         let mut conn = self.acquire().await?;
