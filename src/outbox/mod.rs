@@ -490,7 +490,13 @@ impl Worker {
                                 lost_claim(r.id, held);
                             }
                             report.failed += 1;
-                            tracing::warn!(error = %text, retry_in = ?pause, "the SMTP relay is unavailable; no mail is sent until it is, and none is counted a failed attempt");
+                            if matches!(&e, SendError::Smtp { source, .. } if source.is_permanent())
+                            {
+                                // 530/535 at AUTH, 5xx to EHLO: our settings, not an outage.
+                                tracing::error!(error = %text, retry_in = ?pause, "the SMTP relay refuses our session: check [smtp] (username, password, TLS); no mail is sent until it accepts, and none is counted a failed attempt");
+                            } else {
+                                tracing::warn!(error = %text, retry_in = ?pause, "the SMTP relay is unavailable; no mail is sent until it is, and none is counted a failed attempt");
+                            }
                             return Ok(report);
                         }
                         if e.is_recipient_refused() {
