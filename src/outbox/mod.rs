@@ -478,11 +478,18 @@ impl Worker {
                     Err(e) => {
                         let text = error_chain(&e);
                         if e.is_relay_unavailable() {
-                            // Nothing about this mail, nor the rest of the claim: they
-                            // go back uncounted, and the queue waits for the relay (a
-                            // long outage no longer uses up every mail's attempts).
+                            // Nothing about this mail: it was tried (the attempt counts,
+                            // so the failures metric shows the outage) but never dies of
+                            // it; the rest of the claim goes back untried, and the queue
+                            // waits for the relay (a long outage used to make every
+                            // queued mail dead, verification links too).
                             let pause = self.relay_failed();
-                            for r in std::iter::once(row).chain(rows.by_ref()) {
+                            let held = self
+                                .store
+                                .outbox_failed(row.claim(), &text, Some(clock()))
+                                .await?;
+                            lost_claim(row.id, held);
+                            for r in rows.by_ref() {
                                 let held = self
                                     .store
                                     .outbox_postpone(r.claim(), &text, clock())
@@ -493,9 +500,9 @@ impl Worker {
                             if matches!(&e, SendError::Smtp { source, .. } if source.is_permanent())
                             {
                                 // 530/535 at AUTH, 5xx to EHLO: our settings, not an outage.
-                                tracing::error!(error = %text, retry_in = ?pause, "the SMTP relay refuses our session: check [smtp] (username, password, TLS); no mail is sent until it accepts, and none is counted a failed attempt");
+                                tracing::error!(error = %text, retry_in = ?pause, "the SMTP relay refuses our session: check [smtp] (username, password, TLS); no mail is sent until it accepts, and none dies of it");
                             } else {
-                                tracing::warn!(error = %text, retry_in = ?pause, "the SMTP relay is unavailable; no mail is sent until it is, and none is counted a failed attempt");
+                                tracing::warn!(error = %text, retry_in = ?pause, "the SMTP relay is unavailable; no mail is sent until it is, and none dies of it");
                             }
                             return Ok(report);
                         }

@@ -331,7 +331,8 @@ fn a_token_is_required_from_everyone_once_configured() {
 #[test]
 fn metrics_count_what_the_daemon_processed() {
     for backend in BACKENDS {
-        // SMTP is down: the invitations stay in the outbox and fail once each.
+        // SMTP is down: the invitations stay in the outbox; the one tried fails (the
+        // other waits untried while the worker pauses for the relay).
         let smtp = Smtp::stopped(Mode::Plain);
         let env = Env::with_extra(
             backend,
@@ -346,10 +347,10 @@ fn metrics_count_what_the_daemon_processed() {
         assert_eq!(before["intake_message_processing_seconds_count"], 0.0);
         let decisions = feed(&env, &daemon);
 
-        daemon.wait_for("both invitations to fail once", WAIT, || {
+        daemon.wait_for("an invitation to fail", WAIT, || {
             metrics(&env)
                 .get("intake_outbox_send_failures_total")
-                .is_some_and(|n| *n >= 2.0)
+                .is_some_and(|n| *n >= 1.0)
         });
         let m = metrics(&env);
         let at = |series: &str| -> f64 {
@@ -433,14 +434,14 @@ fn metrics_count_what_the_daemon_processed() {
             .sum();
         assert_eq!(reported, dropped.values().sum::<f64>(), "{m:#?}");
 
-        // The outbox: two invitations waiting, none dead; at least one failure each.
+        // The outbox: two invitations waiting, none dead; a failure counted.
         assert_eq!(
             at("intake_outbox_messages{status=\"pending\"}")
                 + at("intake_outbox_messages{status=\"sending\"}"),
             2.0
         );
         assert_eq!(at("intake_outbox_messages{status=\"dead\"}"), 0.0);
-        assert!(at("intake_outbox_send_failures_total") >= 2.0);
+        assert!(at("intake_outbox_send_failures_total") >= 1.0);
 
         // The maildir works: up, no lag.
         assert_eq!(at("intake_mailbox_up{mailbox=\"inbox\"}"), 1.0);
