@@ -6,8 +6,8 @@
 //! Another program serving the same Maildir (an IMAP server such as Dovecot, a mail
 //! client) moves mail from `new/` to `cur/` as soon as a session looks at the folder,
 //! before intake may have read it, and a person may read it there. So `cur/` is swept
-//! too, for messages delivered since intake first watched the mailbox or waiting in
-//! `new/` then (older mail there was never meant for it): with `after = "seen"` for
+//! too, for messages delivered since intake first watched the mailbox (older mail
+//! there was never meant for it): with `after = "seen"` for
 //! those the ledger does not know (mail staff marked unread again stays unread),
 //! otherwise for all (processed mail leaves `cur/`). A sweep looks at the files changed
 //! since the one before (ctime: a rename sets it), and runs when `cur/` changed by
@@ -66,6 +66,8 @@ pub struct MaildirSource {
     skip: std::sync::Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>,
     /// The last sweep of `cur/`.
     swept: std::sync::Mutex<Option<Swept>>,
+    /// Where the window starts once the last sweep's findings are committed.
+    sweep_next: std::sync::Mutex<Option<std::time::SystemTime>>,
     /// Base names of the messages acknowledged into `cur/` since the last sweep.
     acked_since_sweep: std::sync::Mutex<HashSet<String>>,
     /// When intake first watched this mailbox (Unix seconds), once read.
@@ -80,6 +82,7 @@ impl MaildirSource {
             cfg,
             skip: Default::default(),
             swept: Default::default(),
+            sweep_next: Default::default(),
             acked_since_sweep: Default::default(),
             watched_since: Default::default(),
         }
@@ -191,17 +194,18 @@ impl MaildirSource {
         }
         let complete = found.len() <= limit;
         found.truncate(limit);
-        // A sweep cut short keeps the window it had, so the next one sees the rest.
+        // The window moves on only once what this sweep found is committed (the end of
+        // `run_once`); a sweep cut short keeps it, so the next one sees the rest.
+        let kept = last.map_or(std::time::UNIX_EPOCH, |l| l.started);
         if let Ok(mut swept) = self.swept.lock() {
             *swept = Some(Swept {
                 dir_changed: changed,
                 at: std::time::Instant::now(),
-                started: if complete {
-                    started
-                } else {
-                    last.map_or(std::time::UNIX_EPOCH, |l| l.started)
-                },
+                started: kept,
             });
+        }
+        if let Ok(mut next) = self.sweep_next.lock() {
+            *next = Some(if complete { started } else { kept });
         }
         if !found.is_empty() {
             tracing::info!(mailbox = %self.name, count = found.len(), "messages in cur/ that were never processed (another program moved them out of new/)");
@@ -210,29 +214,16 @@ impl MaildirSource {
     }
 
     /// When intake first watched this Maildir (Unix seconds): recorded at the first
-    /// sweep ever, as now or, when older, the delivery of the oldest mail in `new/`.
-    /// Cached for the life of the process.
+    /// sweep ever. Cached for the life of the process. (Not the oldest mail waiting in
+    /// `new/` then: one stale message there would have made years of read mail in
+    /// `cur/` requests. What waits in `new/` is read from there.)
     async fn watched_since(&self, pipeline: &Pipeline) -> Result<i64, SourceError> {
         if let Some(s) = self.watched_since.lock().ok().and_then(|s| *s) {
             return Ok(s);
         }
-        let new = self.cfg.path.join("new");
-        let oldest = tokio::task::spawn_blocking(move || {
-            oldest_files(&new, 1, &HashSet::new(), |_| true)
-                .ok()
-                .and_then(|f| f.first().cloned())
-                .and_then(|p| {
-                    let name = p.file_name()?.to_string_lossy().to_string();
-                    delivered_at(&p, &name)
-                })
-        })
-        .await
-        .ok()
-        .flatten();
-        let now = crate::now();
         let s = pipeline
             .store()
-            .maildir_watched_since(&self.name, oldest.map_or(now, |o| o.min(now)))
+            .maildir_watched_since(&self.name, crate::now())
             .await
             .map_err(|source| self.store_error(source))?;
         if let Ok(mut w) = self.watched_since.lock() {
@@ -325,6 +316,29 @@ impl MaildirSource {
         pipeline: &Pipeline,
         shutdown: &CancellationToken,
     ) -> Result<usize, SourceError> {
+        let result = self.work_through(pipeline, shutdown).await;
+        let next = self.sweep_next.lock().ok().and_then(|mut n| n.take());
+        if let Ok(mut swept) = self.swept.lock()
+            && let Some(s) = swept.as_mut()
+        {
+            match (&result, next) {
+                // Everything the sweep found is committed: the window moves on.
+                (Ok(_), Some(next)) => s.started = next,
+                (Ok(_), None) => {}
+                // Not all of it (a database outage, say): the next pass sweeps again,
+                // over the same window.
+                (Err(_), _) => s.dir_changed = std::time::UNIX_EPOCH,
+            }
+        }
+        result
+    }
+
+    /// [`MaildirSource::run_once`]'s work: what the sweep of `cur/` found, then `new/`.
+    async fn work_through(
+        &self,
+        pipeline: &Pipeline,
+        shutdown: &CancellationToken,
+    ) -> Result<usize, SourceError> {
         let mut total = 0;
         let max = pipeline.config().max_message_size;
         let mut listed: VecDeque<PathBuf> = self.sweep_cur(pipeline, LISTED).await?.into();
@@ -374,15 +388,20 @@ impl MaildirSource {
                     mailbox: self.name.clone(),
                     source: e,
                 })?;
+            let mut acked = Vec::with_capacity(paths.len());
             for (path, outcome) in paths.iter().zip(&outcomes) {
-                if let Err(e) = self.ack(path, outcome).await {
-                    // The commit is done; a message we fail to move would be read again and
-                    // found in the ledger. Leave it alone for a while instead of looping.
-                    tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot acknowledge message");
-                    self.skip_for_a_while(path);
+                match self.ack(path, outcome).await {
+                    Ok(()) => acked.push(Self::base_name(path)),
+                    Err(e) => {
+                        // The commit is done; a message we fail to move would be read
+                        // again and found in the ledger. Leave it alone for a while
+                        // instead of looping.
+                        tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot acknowledge message");
+                        self.skip_for_a_while(path);
+                    }
                 }
             }
-            self.note_own(paths.iter().map(|p| Self::base_name(p)));
+            self.note_own(acked);
             total += outcomes.len();
         }
         Ok(total)

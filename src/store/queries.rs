@@ -617,9 +617,9 @@ impl Store {
     }
 
     /// A Maildir mailbox: when intake first watched it (Unix seconds), recorded as its
-    /// `new_after` on the first call (`since`: now, or the oldest delivery waiting in
-    /// `new/` then). Mail delivered before then that another program moved to `cur/`
-    /// was never meant for intake, and the sweep of `cur/` leaves it be.
+    /// `new_after` on the first call (`since`: now). Mail delivered before then that
+    /// another program moved to `cur/` was never meant for intake, and the sweep of
+    /// `cur/` leaves it be.
     pub async fn maildir_watched_since(
         &self,
         mailbox: &str,
