@@ -147,9 +147,10 @@ pub struct ImapSource {
 }
 
 /// Processed messages the server refused to acknowledge (see
-/// [`ImapSource::acknowledge`]): tried again with every later batch, and, until they
-/// are acknowledged, `acked` stays below them, so the leftover pass of the next
-/// connection finds them if this one ends first.
+/// [`ImapSource::acknowledge`]): tried again on their own after a later batch went
+/// through (at most every [`REFUSED_RETRY`]), and, until they are acknowledged,
+/// `acked` stays below them, so the leftover pass of the next connection finds them
+/// if this one ends first.
 #[derive(Debug, Default)]
 struct Refused {
     uids: Vec<u32>,
@@ -158,7 +159,12 @@ struct Refused {
     /// More were refused than [`MAX_REFUSED`]: the ones left out of `uids` are only
     /// found by the next connection, so the hold on `acked` stays until then.
     overflow: bool,
+    /// When `uids` were last tried again.
+    tried: Option<Instant>,
 }
+
+/// How often refused messages are tried again within a session.
+const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// At most this many refused messages are tried again within a session.
 const MAX_REFUSED: usize = 5_000;
@@ -1107,38 +1113,60 @@ impl ImapSource {
                 _ => done.push(*uid),
             }
         }
-        // What the server refused before is tried again with this batch.
-        let retry: Vec<u32> = self
-            .refused
-            .lock()
-            .map(|r| r.uids.clone())
-            .unwrap_or_default();
-        let all: Vec<u32> = retry.iter().chain(&done).copied().collect();
         let acknowledged = self
-            .acknowledge(session, pipeline, uidvalidity, &all, &quarantined, ops)
+            .acknowledge(session, pipeline, uidvalidity, &done, &quarantined, ops)
             .await?;
-        let hold = match self.refused.lock() {
-            Ok(mut r) => {
-                if acknowledged {
-                    if !retry.is_empty() {
-                        tracing::info!(mailbox = %self.name, count = retry.len(), "messages the server refused before are acknowledged now");
-                    }
-                    r.uids.clear();
-                    if !r.overflow {
-                        r.from = None;
-                    }
-                } else {
-                    if let Some(&first) = fetched.uids.first() {
-                        r.from = Some(r.from.map_or(first, |f| f.min(first)));
-                    }
-                    let room = MAX_REFUSED.saturating_sub(r.uids.len());
-                    r.overflow |= done.len() > room;
-                    r.uids.extend(done.iter().take(room));
+        let retry = match self.refused.lock() {
+            Ok(mut r) if !acknowledged => {
+                if let Some(&first) = fetched.uids.first() {
+                    r.from = Some(r.from.map_or(first, |f| f.min(first)));
                 }
-                r.from
+                let room = MAX_REFUSED.saturating_sub(r.uids.len());
+                r.overflow |= done.len() > room;
+                r.uids.extend(done.iter().take(room));
+                Vec::new()
             }
-            Err(_) => None,
+            // This batch went through: what the server refused before is tried again,
+            // on its own (one message it will never take must not hold back the
+            // batches after it), at most once a minute.
+            Ok(mut r)
+                if !r.uids.is_empty() && r.tried.is_none_or(|t| t.elapsed() >= REFUSED_RETRY) =>
+            {
+                r.tried = Some(Instant::now());
+                r.uids.clone()
+            }
+            _ => Vec::new(),
         };
+        if !retry.is_empty() {
+            let mut still = Vec::new();
+            // A slice at a time, as the leftover pass lists them (line length limits).
+            for part in retry.chunks(LIST_CHUNK) {
+                if !self
+                    .acknowledge(session, pipeline, uidvalidity, part, &[], ops)
+                    .await?
+                {
+                    still.extend_from_slice(part);
+                }
+            }
+            if still.len() < retry.len() {
+                tracing::info!(mailbox = %self.name, count = retry.len() - still.len(), "messages the server refused before are acknowledged now");
+            }
+            if let Ok(mut r) = self.refused.lock() {
+                // Refused meanwhile by a batch of this session: still waiting too.
+                let newer: Vec<u32> = r
+                    .uids
+                    .iter()
+                    .filter(|u| !retry.contains(u))
+                    .copied()
+                    .collect();
+                still.extend(newer);
+                if !r.overflow {
+                    r.from = still.iter().min().copied();
+                }
+                r.uids = still;
+            }
+        }
+        let hold = self.refused.lock().ok().and_then(|r| r.from);
         // Batches are committed and acknowledged in UID order, each after the one
         // before: everything up to this batch's last UID is acknowledged now, unless
         // the server refused some that are not yet.
@@ -1295,7 +1323,7 @@ impl ImapSource {
                     after = ?self.cfg.after,
                     uids = %uid_set(done),
                     reason = %why,
-                    "the server refused to acknowledge processed messages; they stay in the folder, processed, and are tried again with the next batch"
+                    "the server refused to acknowledge processed messages; they stay in the folder, processed, and are tried again after a later batch"
                 );
                 Ok(false)
             }
