@@ -131,8 +131,22 @@ fn strip_comments(s: &str) -> String {
     out
 }
 
-/// Splits at `sep` outside quoted strings (where `\"` does not end the string).
+/// Splits at `sep` outside quoted strings.
 fn split_outside_quotes(s: &str, sep: char) -> Vec<String> {
+    split_unquoted(s, |c| c == sep)
+}
+
+/// Splits a resinfo into whitespace-separated tokens, joining `a = b` into `a=b`.
+fn split_tokens(s: &str) -> Vec<String> {
+    let normalized = s.replace(" =", "=").replace("= ", "=");
+    let mut tokens = split_unquoted(&normalized, char::is_whitespace);
+    tokens.retain(|t| !t.is_empty());
+    tokens
+}
+
+/// Splits at every character `is_sep` accepts outside quoted strings (where `\"` does
+/// not end the string); empty parts included.
+fn split_unquoted(s: &str, is_sep: impl Fn(char) -> bool) -> Vec<String> {
     let mut parts = Vec::new();
     let mut cur = String::new();
     let mut in_quotes = false;
@@ -148,7 +162,7 @@ fn split_outside_quotes(s: &str, sep: char) -> Vec<String> {
         } else if c == '"' {
             in_quotes = !in_quotes;
         }
-        if c == sep && !in_quotes {
+        if is_sep(c) && !in_quotes {
             parts.push(std::mem::take(&mut cur));
         } else {
             cur.push(c);
@@ -156,38 +170,6 @@ fn split_outside_quotes(s: &str, sep: char) -> Vec<String> {
     }
     parts.push(cur);
     parts
-}
-
-/// Splits a resinfo into whitespace-separated tokens, joining `a = b` into `a=b`.
-fn split_tokens(s: &str) -> Vec<String> {
-    let normalized = s.replace(" =", "=").replace("= ", "=");
-    let mut tokens = Vec::new();
-    let mut cur = String::new();
-    let mut in_quotes = false;
-    let mut escaped = false;
-    for c in normalized.chars() {
-        if escaped {
-            escaped = false;
-            cur.push(c);
-            continue;
-        }
-        if c == '\\' && in_quotes {
-            escaped = true;
-        } else if c == '"' {
-            in_quotes = !in_quotes;
-        }
-        if c.is_whitespace() && !in_quotes {
-            if !cur.is_empty() {
-                tokens.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    if !cur.is_empty() {
-        tokens.push(cur);
-    }
-    tokens
 }
 
 fn unquote(s: &str) -> &str {

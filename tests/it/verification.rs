@@ -251,28 +251,36 @@ fn get_never_confirms_and_expired_or_unknown_links_say_so() {
     }
 }
 
+/// A daemon under signup = verify that held the mail in `fixture_name` and sent its
+/// sender a link: the relay (keep it alive), the environment, the daemon and the
+/// link's path.
+fn held_with_a_link(backend: Backend, fixture_name: &str) -> (Smtp, Env, Daemon, String) {
+    let smtp = Smtp::start(Mode::Plain, None);
+    let env = Env::with_extra(
+        backend,
+        &verify_site(),
+        &DeskSettings::default(),
+        &smtp.toml(""),
+    );
+    let daemon = start_daemon(&env);
+    drop_in_maildir(
+        &env,
+        "1.eml",
+        &std::fs::read(fixture(fixture_name)).unwrap(),
+    );
+    let mail = wait_for_messages(&smtp, 1, WAIT).remove(0);
+    let link = verification_link(&mail).unwrap();
+    let path = link.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+    (smtp, env, daemon, path)
+}
+
 /// Under signup = verify, a new colleague from an approved domain (authenticated, or
 /// they would be rejected) is held like anyone; confirming the link opens the request,
 /// the link standing for the authentication the held message had.
 #[test]
 fn a_confirmed_colleague_from_an_approved_domain_gets_the_request_opened() {
     for backend in BACKENDS {
-        let smtp = Smtp::start(Mode::Plain, None);
-        let env = Env::with_extra(
-            backend,
-            &verify_site(),
-            &DeskSettings::default(),
-            &smtp.toml(""),
-        );
-        let daemon = start_daemon(&env);
-        drop_in_maildir(
-            &env,
-            "1.eml",
-            &std::fs::read(fixture("internal-authenticated.eml")).unwrap(),
-        );
-        let mail = wait_for_messages(&smtp, 1, WAIT).remove(0);
-        let link = verification_link(&mail).unwrap();
-        let path = link.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+        let (_smtp, env, daemon, path) = held_with_a_link(backend, "internal-authenticated.eml");
         assert_eq!(env.request("IT-1")["status"], "held");
         let (status, _, body) = http(
             env.http_port,
@@ -295,22 +303,7 @@ fn a_confirmed_colleague_from_an_approved_domain_gets_the_request_opened() {
 #[test]
 fn a_link_to_a_deactivated_account_confirms_nothing() {
     for backend in BACKENDS {
-        let smtp = Smtp::start(Mode::Plain, None);
-        let env = Env::with_extra(
-            backend,
-            &verify_site(),
-            &DeskSettings::default(),
-            &smtp.toml(""),
-        );
-        let daemon = start_daemon(&env);
-        drop_in_maildir(
-            &env,
-            "1.eml",
-            &std::fs::read(fixture("outsider-new.eml")).unwrap(),
-        );
-        let mail = wait_for_messages(&smtp, 1, WAIT).remove(0);
-        let link = verification_link(&mail).unwrap();
-        let path = link.splitn(4, '/').nth(3).map(|p| format!("/{p}")).unwrap();
+        let (_smtp, env, daemon, path) = held_with_a_link(backend, "outsider-new.eml");
         env.json(&["accounts", "deactivate", "olga@outside.example", "--json"]);
         let (status, _, body) = http(env.http_port, "GET", &path, None);
         assert_eq!(status, 403, "{body}");
