@@ -163,7 +163,11 @@ impl MaildirSource {
             .unwrap_or_default();
         let since = self.watched_since(pipeline).await?;
         // Files changed (moved here, flagged) since shortly before the last sweep began.
-        let window = last.map(|l| l.started - Duration::from_secs(5));
+        let window = last.map(|l| {
+            l.started
+                .checked_sub(Duration::from_secs(5))
+                .unwrap_or(std::time::UNIX_EPOCH)
+        });
         let skip = self.skipped();
         let dir = cur.clone();
         let mut found = tokio::task::spawn_blocking(move || {
