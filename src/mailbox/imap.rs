@@ -1151,15 +1151,8 @@ impl ImapSource {
             if still.len() < retry.len() {
                 tracing::info!(mailbox = %self.name, count = retry.len() - still.len(), "messages the server refused before are acknowledged now");
             }
+            // Nothing else changes the list meanwhile: this task alone acknowledges.
             if let Ok(mut r) = self.refused.lock() {
-                // Refused meanwhile by a batch of this session: still waiting too.
-                let newer: Vec<u32> = r
-                    .uids
-                    .iter()
-                    .filter(|u| !retry.contains(u))
-                    .copied()
-                    .collect();
-                still.extend(newer);
                 if !r.overflow {
                     r.from = still.iter().min().copied();
                 }
@@ -1390,13 +1383,12 @@ impl ImapSource {
         if !ops.can_move {
             // Copied: from here on the messages count as moved. Refused to delete the
             // originals, trying again would copy them again, and again.
-            let deleted = match self
-                .store_flags(session, uids, "+FLAGS.SILENT (\\Deleted)")
-                .await
-            {
-                Ok(()) => self.expunge(session, uids, ops).await,
-                Err(e) => Err(e),
-            };
+            let deleted: Result<(), ImapError> = async {
+                self.store_flags(session, uids, "+FLAGS.SILENT (\\Deleted)")
+                    .await?;
+                self.expunge(session, uids, ops).await
+            }
+            .await;
             if let Err(e) = deleted {
                 let Some(why) = refusal(&e) else {
                     return Err(e);

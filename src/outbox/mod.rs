@@ -415,6 +415,9 @@ impl Worker {
     async fn drain(&self, now: i64, go_on: impl Fn() -> bool) -> Result<DrainReport, StoreError> {
         let mut report = DrainReport::default();
         let clock = || now.max(crate::now());
+        if !self.relay_paused() {
+            self.store.outbox_drop_undeliverable(clock()).await?;
+        }
         loop {
             if !go_on() || self.relay_paused() {
                 return Ok(report);
@@ -435,7 +438,10 @@ impl Worker {
             while let Some(row) = rows.next() {
                 if !go_on() {
                     for unsent in std::iter::once(row).chain(rows) {
-                        let held = self.store.outbox_release(unsent.claim(), clock()).await?;
+                        let held = self
+                            .store
+                            .outbox_release(unsent.claim(), clock(), None)
+                            .await?;
                         lost_claim(unsent.id, held);
                     }
                     return Ok(report);
@@ -456,7 +462,10 @@ impl Worker {
                 let until = clock() + self.transport.longest_send().as_secs() as i64;
                 if !fresh && !self.store.outbox_claim_holds(row.claim(), until).await? {
                     // Given back uncounted if still ours; else another worker has it.
-                    let held = self.store.outbox_release(row.claim(), clock()).await?;
+                    let held = self
+                        .store
+                        .outbox_release(row.claim(), clock(), None)
+                        .await?;
                     tracing::warn!(
                         outbox_id = row.id,
                         held,
@@ -492,7 +501,7 @@ impl Worker {
                             for r in rows.by_ref() {
                                 let held = self
                                     .store
-                                    .outbox_postpone(r.claim(), &text, clock())
+                                    .outbox_release(r.claim(), clock(), Some(&text))
                                     .await?;
                                 lost_claim(r.id, held);
                             }

@@ -719,19 +719,6 @@ impl Store {
         lease_secs: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let mut wtx = self.begin_write().await?;
-        // Due mail to an address marked undeliverable since it was queued (a permanent
-        // bounce of other mail, while this one waited for a retry) would only bounce too.
-        sqlx::query(
-            "UPDATE outbox SET status = 'dead', \
-               last_error = 'not sent: the address was marked undeliverable (a permanent bounce or refusal)' \
-             WHERE status IN ('pending', 'sending') AND next_attempt_at <= $1 \
-               AND EXISTS (SELECT 1 FROM accounts a WHERE a.address = outbox.to_address \
-                 AND a.undeliverable_at IS NOT NULL)",
-        )
-        .bind(now)
-        .execute(wtx.conn())
-        .await
-        .ctx("drop mail to undeliverable addresses")?;
         let lock = match self.backend {
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",
@@ -764,6 +751,25 @@ impl Store {
         }
         wtx.commit().await?;
         Ok(out)
+    }
+
+    /// Due mail to an address marked undeliverable since it was queued (a permanent
+    /// bounce of other mail, while this one waited for a retry) would only bounce too:
+    /// it goes dead unsent. Run once per outbox pass, before its claims.
+    pub async fn outbox_drop_undeliverable(&self, now: i64) -> Result<u64, StoreError> {
+        let mut conn = self.acquire().await?;
+        let done = sqlx::query(
+            "UPDATE outbox SET status = 'dead', \
+               last_error = 'not sent: the address was marked undeliverable (a permanent bounce or refusal)' \
+             WHERE status IN ('pending', 'sending') AND next_attempt_at <= $1 \
+               AND EXISTS (SELECT 1 FROM accounts a WHERE a.address = outbox.to_address \
+                 AND a.undeliverable_at IS NOT NULL)",
+        )
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .ctx("drop mail to undeliverable addresses")?;
+        Ok(done.rows_affected())
     }
 
     /// Whether the claim `claim` (the row's `attempts` once claimed, see [`OutboxClaim`])
@@ -858,39 +864,20 @@ impl Store {
         Ok(held)
     }
 
-    /// Gives a claimed mail back unsent (a worker stopping before it got to it): pending
-    /// again, due at `now`, and the attempt the claim counted is not counted. False when
-    /// the claim had passed to another worker.
-    pub async fn outbox_release(&self, claim: OutboxClaim, now: i64) -> Result<bool, StoreError> {
-        let mut conn = self.acquire().await?;
-        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE outbox SET status = 'pending', attempts = attempts - 1, next_attempt_at = $4 \
-             WHERE {CLAIM_HELD}"
-        )))
-        .bind(claim.id)
-        .bind(claim.attempts)
-        .bind(claim.until)
-        .bind(now)
-        .execute(&mut *conn)
-        .await
-        .ctx("give back a claim on outgoing mail")?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// Gives a claimed mail back unsent because the relay was unavailable (nothing
-    /// about this mail): pending, due at `now`, its attempt not counted, and `error` kept
-    /// as its last error so `outbox list` says why it waits. False when the claim had
-    /// passed to another worker.
-    pub async fn outbox_postpone(
+    /// Gives a claimed mail back unsent (a worker stopping before it got to it, a relay
+    /// that was unavailable): pending again, due at `now`, and the attempt the claim
+    /// counted is not counted. `error`, when given, becomes its last error, so `outbox
+    /// list` says why it waits. False when the claim had passed to another worker.
+    pub async fn outbox_release(
         &self,
         claim: OutboxClaim,
-        error: &str,
         now: i64,
+        error: Option<&str>,
     ) -> Result<bool, StoreError> {
         let mut conn = self.acquire().await?;
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE outbox SET status = 'pending', attempts = attempts - 1, next_attempt_at = $4, \
-               last_error = $5 WHERE {CLAIM_HELD}"
+               last_error = COALESCE($5, last_error) WHERE {CLAIM_HELD}"
         )))
         .bind(claim.id)
         .bind(claim.attempts)
