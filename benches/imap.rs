@@ -17,6 +17,8 @@
 //! cluster with its default, durable settings (fsync on), started like the tests do;
 //! `INTAKE_BENCH_DATABASE_URL=postgres://...` uses an existing empty database instead.
 //! `INTAKE_BENCH_LOG=PATH` keeps each instance's log in `PATH.K` (else in the temp dir).
+//! `INTAKE_BENCH_LOG_LEVEL` sets their `INTAKE_LOG` (default `warn`); `INTAKE_BENCH_WRAP`
+//! runs them under a profiler (see `wrapped`).
 
 #[path = "../tests/it/dovecot.rs"]
 mod dovecot;
@@ -181,6 +183,18 @@ impl Ledger {
             })
             .unwrap_or(0)
     }
+
+    /// Outgoing mail: (queued in all, sent).
+    fn outbox(&self) -> (i64, i64) {
+        self.rt
+            .block_on(
+                sqlx::query_as::<_, (i64, i64)>(
+                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'sent') FROM outbox",
+                )
+                .fetch_one(self.store.pool()),
+            )
+            .unwrap_or((0, 0))
+    }
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -288,6 +302,23 @@ fn options() -> Opts {
         latency: !args.iter().any(|a| a == "--no-latency"),
         desk_per_mailbox: args.iter().any(|a| a == "--desk-per-mailbox"),
     }
+}
+
+/// `intake ARGS`, or with `INTAKE_BENCH_WRAP="perf record -g -o F --"` run under that
+/// command (for profiles; the CPU and RSS figures are then the wrapper's).
+fn wrapped(args: &[&str]) -> Command {
+    let wrap = std::env::var("INTAKE_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(first) => {
+            let mut c = Command::new(first);
+            c.args(words).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(args);
+    cmd
 }
 
 fn folder_name(i: usize) -> String {
@@ -435,10 +466,12 @@ poll_interval = "1h"
         )
         .expect("log");
         children.push(
-            Command::new(BIN)
-                .args(["--config", &config_arg, "run"])
+            wrapped(&["--config", &config_arg, "run"])
                 .current_dir(work.path())
-                .env("INTAKE_LOG", "warn")
+                .env(
+                    "INTAKE_LOG",
+                    std::env::var("INTAKE_BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+                )
                 .env("INTAKE__HTTP__LISTEN", "127.0.0.1:0")
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
@@ -458,6 +491,7 @@ poll_interval = "1h"
         );
     }
     let e2e = started.elapsed();
+    let (queued, sent) = ledger.outbox();
     let rss = pids.iter().map(|p| peak_rss_kib(*p)).max().unwrap_or(0);
     let cpu: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     println!(
@@ -468,6 +502,9 @@ poll_interval = "1h"
         100.0 * (total as f64 / e2e.as_secs_f64()) / (n as f64 / raw.as_secs_f64()),
         rss / 1024,
         cpu * 1e6 / total as f64
+    );
+    println!(
+        "outgoing mail sent while the backlog went in: {sent} of {queued} queued (file transport)"
     );
 
     if opts.latency {

@@ -93,7 +93,7 @@ impl Store {
 
     /// Records how far an import got (after the batch up to `offset` committed).
     pub async fn save_import_progress(&self, p: &ImportProgress) -> Result<(), StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.write_conn().await?;
         sqlx::query(
             "INSERT INTO import_progress (source, head_sha256, byte_offset, tail_sha256, messages, \
                file_size, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \

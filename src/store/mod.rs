@@ -173,6 +173,29 @@ impl WriteTx {
     }
 }
 
+/// A connection for a write outside a transaction (one statement, committed at once).
+/// On SQLite it holds the in-process write lock, so it waits its turn behind the batches
+/// being written, in order, instead of in SQLite's busy handler, which gives up after
+/// `busy_timeout` (15 s): behind a long batch, a mail already handed to the relay could
+/// fail to be marked sent and go out again.
+pub struct WriteConn {
+    conn: PoolConnection<Any>,
+    _guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl std::ops::Deref for WriteConn {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteConn {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+}
+
 impl Store {
     /// Connects (creating a SQLite file and its directory when needed). Does not migrate.
     pub async fn connect(db: &DatabaseConfig) -> Result<Store, StoreError> {
@@ -297,6 +320,19 @@ impl Store {
 
     pub async fn acquire(&self) -> Result<PoolConnection<Any>, StoreError> {
         self.pool.acquire().await.ctx("get a database connection")
+    }
+
+    /// A connection to write with outside a transaction (see [`WriteConn`]). Not to be
+    /// called while this task holds a [`WriteTx`] or another `WriteConn`.
+    pub async fn write_conn(&self) -> Result<WriteConn, StoreError> {
+        let guard = match self.backend {
+            Backend::Sqlite => Some(self.write_lock.clone().lock_owned().await),
+            Backend::Postgres => None,
+        };
+        Ok(WriteConn {
+            conn: self.acquire().await?,
+            _guard: guard,
+        })
     }
 
     /// Opens a write transaction (see [`WriteTx`]).

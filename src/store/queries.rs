@@ -489,7 +489,7 @@ impl Store {
         ledger_id: i64,
         reference: &str,
     ) -> Result<(), StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.write_conn().await?;
         sqlx::query("UPDATE ledger SET quarantine_ref = $1 WHERE id = $2")
             .bind(reference)
             .bind(ledger_id)
@@ -660,7 +660,7 @@ impl Store {
     }
 
     pub async fn mark_released(&self, ledger_id: i64, now: i64) -> Result<(), StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.write_conn().await?;
         sqlx::query("UPDATE ledger SET released_at = $1 WHERE id = $2")
             .bind(now)
             .bind(ledger_id)
@@ -757,7 +757,7 @@ impl Store {
     /// bounce of other mail, while this one waited for a retry) would only bounce too:
     /// it goes dead unsent. Run once per outbox pass, before its claims.
     pub async fn outbox_drop_undeliverable(&self, now: i64) -> Result<u64, StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.write_conn().await?;
         let done = sqlx::query(
             "UPDATE outbox SET status = 'dead', \
                last_error = 'not sent: the address was marked undeliverable (a permanent bounce or refusal)' \
@@ -798,7 +798,7 @@ impl Store {
     /// must not outlive its delivery in the database. False (nothing changed) when the
     /// claim had passed to another worker meanwhile.
     pub async fn outbox_sent(&self, claim: OutboxClaim, now: i64) -> Result<bool, StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.write_conn().await?;
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE outbox SET status = 'sent', sent_at = $4, last_error = NULL, \
                body_text = CASE WHEN kind IN ('verification', 'invitation') \
@@ -825,7 +825,7 @@ impl Store {
         error: &str,
         retry_at: Option<i64>,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.write_conn().await?;
         match retry_at {
             Some(at) => {
                 let done = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -874,7 +874,7 @@ impl Store {
         now: i64,
         error: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.write_conn().await?;
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE outbox SET status = 'pending', attempts = attempts - 1, next_attempt_at = $4, \
                last_error = COALESCE($5, last_error) WHERE {CLAIM_HELD}"
@@ -892,7 +892,7 @@ impl Store {
 
     /// Puts dead (or all failed) mail back in the queue. Returns how many rows changed.
     pub async fn outbox_retry(&self, id: Option<i64>, now: i64) -> Result<u64, StoreError> {
-        let mut conn = self.acquire().await?;
+        let mut conn = self.write_conn().await?;
         let done = sqlx::query(
             "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $1 \
              WHERE status = 'dead' AND ($2 < 0 OR id = $2)",
@@ -910,7 +910,7 @@ impl Store {
     pub async fn prune_sent(&self, before: i64) -> Result<u64, StoreError> {
         let mut deleted = 0;
         loop {
-            let mut conn = self.acquire().await?;
+            let mut conn = self.write_conn().await?;
             let done = sqlx::query(
                 "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
                  WHERE status = 'sent' AND sent_at < $1 ORDER BY sent_at LIMIT $2)",
