@@ -5,7 +5,7 @@
 //! is configured count, and of those only the topmost one (the one our MTA added last;
 //! RFC 8601 §5 asks MTAs to remove forged copies carrying their own id). The From domain
 //! is authenticated by DMARC pass, or by a DKIM or SPF pass whose domain is aligned with
-//! it (relaxed alignment: the same domain, or the From domain under the signing domain).
+//! it (relaxed alignment: the same domain, or one under the other).
 
 use serde::Serialize;
 
@@ -98,19 +98,23 @@ fn domain_of(value: &str) -> &str {
     value.rsplit_once('@').map(|(_, d)| d).unwrap_or(value)
 }
 
-/// Relaxed alignment without a public suffix list: equal, or `from` is a subdomain of
-/// `auth` where `auth` has at least two labels (so `com` never aligns with anything).
+/// Relaxed alignment without a public suffix list: equal, or one a subdomain of the
+/// other where the parent has at least two labels (so `com` never aligns with
+/// anything). DMARC's relaxed alignment (same organizational domain) also aligns
+/// `mail.corp.example` with `corp.example` either way round; siblings
+/// (`a.corp.example`, `b.corp.example`) would need the list and do not align here.
 fn aligned(from: &str, auth: &str) -> bool {
     let from = from.trim_end_matches('.').to_ascii_lowercase();
     let auth = auth.trim_end_matches('.').to_ascii_lowercase();
-    if auth.is_empty() {
-        return false;
-    }
-    from == auth
-        || (auth.contains('.')
-            && from.len() > auth.len()
-            && from.ends_with(&auth)
-            && from.as_bytes()[from.len() - auth.len() - 1] == b'.')
+    !auth.is_empty() && (from == auth || under(&from, &auth) || under(&auth, &from))
+}
+
+/// `child` is a subdomain of `parent`, and `parent` is no single label.
+fn under(child: &str, parent: &str) -> bool {
+    parent.contains('.')
+        && child.len() > parent.len()
+        && child.ends_with(parent)
+        && child.as_bytes()[child.len() - parent.len() - 1] == b'.'
 }
 
 #[cfg(test)]

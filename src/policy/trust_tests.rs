@@ -54,6 +54,26 @@ fn dkim_and_spf_need_alignment() {
     assert!(!verdict(&trust(), "corp.example", &r).authenticated);
 }
 
+/// Relaxed alignment works both ways round, as in DMARC: a signing or bounce domain
+/// under the From domain aligns with it; a single label never does, nor a sibling or a
+/// look-alike.
+#[test]
+fn alignment_is_relaxed_both_ways() {
+    let r = results(&["mx.desk.example; dkim=pass header.d=mail.corp.example"]);
+    assert_eq!(verdict(&trust(), "corp.example", &r).method, Some("dkim"));
+    let r = results(&["mx.desk.example; spf=pass smtp.mailfrom=bounce@em.corp.example"]);
+    assert_eq!(verdict(&trust(), "corp.example", &r).method, Some("spf"));
+    let r = results(&["mx.desk.example; dkim=pass header.d=corp.example.evil"]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+    let r = results(&["mx.desk.example; dkim=pass header.d=evilcorp.example"]);
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+    let r = results(&["mx.desk.example; dkim=pass header.d=a.corp.example"]);
+    assert!(!verdict(&trust(), "b.corp.example", &r).authenticated);
+    // A From on a bare label (a typo, a forger's) is aligned with nothing under it.
+    let r = results(&["mx.desk.example; dkim=pass header.d=corp.example"]);
+    assert!(!verdict(&trust(), "example", &r).authenticated);
+}
+
 #[test]
 fn dmarc_pass_for_another_domain_does_not_count() {
     let r = results(&["mx.desk.example; dmarc=pass header.from=other.example"]);
