@@ -67,9 +67,11 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
     decision.requester.address = Some(sender.address.clone());
     decision.requester.display_name = sender.display_name.clone();
 
-    // Trust: internal identities must be authenticated when required.
+    // Trust: internal identities must be authenticated when required; where that is not
+    // required, our MTA saying DMARC fail for the From domain still counts against them.
     let verdict = sender_verdict(facts, policy, sender.address.domain());
-    let authenticated = !policy.trust.require_authentication || verdict.authenticated;
+    let authenticated =
+        verdict.authenticated || (!policy.trust.require_authentication && !verdict.dmarc_failed);
     // An agent on an outside domain claims more than a customer would: believed
     // unauthenticated, a forger could comment as them on requests they are on.
     let claims_internal = sender.agent
@@ -911,6 +913,7 @@ fn sender_verdict(facts: &Facts, policy: &Policy, from_domain: &str) -> TrustVer
             authenticated: true,
             method: Some("link"),
             detail: "the address was confirmed with the link mailed to it".into(),
+            dmarc_failed: false,
         };
     }
     trust::verdict(&policy.trust, from_domain, &facts.auth_results)

@@ -517,6 +517,55 @@ fn cases() -> Vec<Case> {
             account: AccountOutcome::CreateInternal,
         },
         Case {
+            name: "without the trust rule, our MTA's DMARC fail still rejects an internal sender",
+            policy: |p| p.trust.require_authentication = false,
+            facts: || {
+                let mut f = facts(stranger("ida@corp.example"), vec![]);
+                f.auth_results = parse_header(
+                    0,
+                    "mx.desk.example; dmarc=fail (p=reject) header.from=corp.example",
+                );
+                f
+            },
+            action: Action::Reject,
+            reason: Reason::UnauthenticatedSender,
+            account: AccountOutcome::None,
+        },
+        Case {
+            name: "without the trust rule, a forged agent failing DMARC gets no agent rights",
+            policy: |p| p.trust.require_authentication = false,
+            facts: || {
+                let mut p = member("agnes@corp.example", AccountKind::Internal, &[]);
+                p.agent = true;
+                let mut f = facts(p, vec![]);
+                f.auth_results = parse_header(
+                    0,
+                    "mx.desk.example; spf=fail smtp.mailfrom=x@evil.example; dmarc=fail header.from=corp.example",
+                );
+                f
+            },
+            action: Action::Reject,
+            reason: Reason::UnauthenticatedSender,
+            account: AccountOutcome::None,
+        },
+        Case {
+            name: "without the trust rule, a DMARC fail for another domain or from an untrusted id counts for nothing",
+            policy: |p| p.trust.require_authentication = false,
+            facts: || {
+                let mut f = facts(stranger("ida@corp.example"), vec![]);
+                f.auth_results =
+                    parse_header(0, "mx.desk.example; dmarc=fail header.from=other.example");
+                f.auth_results.extend(parse_header(
+                    1,
+                    "evil.example; dmarc=fail header.from=corp.example",
+                ));
+                f
+            },
+            action: Action::CreateRequest,
+            reason: Reason::NewRequest,
+            account: AccountOutcome::CreateInternal,
+        },
+        Case {
             name: "unauthenticated internal agent gets no agent rights",
             policy: no_change,
             facts: || {

@@ -20,6 +20,10 @@ pub struct TrustVerdict {
     pub method: Option<&'static str>,
     /// A sentence for explanations.
     pub detail: String,
+    /// The trusted header reports DMARC fail for the From domain: its owner says the
+    /// message is not theirs. Believed even where authentication is not required.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dmarc_failed: bool,
 }
 
 pub fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> TrustVerdict {
@@ -29,6 +33,7 @@ pub fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> Trus
             authenticated: false,
             method: None,
             detail: "no Authentication-Results header from a trusted authserv-id".into(),
+            dmarc_failed: false,
         };
     };
     let header: Vec<&AuthResult> = results
@@ -40,12 +45,17 @@ pub fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> Trus
             .iter()
             .filter(move |r| r.method == method && r.result == "pass")
     };
-    // The MTA names the From domain it evaluated; without it, a pass says nothing
-    // about this From (every MTA we know writes it).
-    if pass("dmarc").any(|r| {
-        r.property("header.from")
-            .is_some_and(|d| d.eq_ignore_ascii_case(from_domain))
-    }) {
+    // The MTA names the From domain it evaluated; without it, a DMARC result says
+    // nothing about this From (every MTA we know writes it).
+    let dmarc = |result: &str| {
+        header.iter().any(|r| {
+            r.method == "dmarc"
+                && r.result == result
+                && r.property("header.from")
+                    .is_some_and(|d| d.eq_ignore_ascii_case(from_domain))
+        })
+    };
+    if dmarc("pass") {
         return ok("dmarc", "DMARC passed");
     }
     if let Some(r) = pass("dkim").find(|r| {
@@ -77,12 +87,16 @@ pub fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> Trus
         .first()
         .map(|r| r.authserv_id.as_str())
         .unwrap_or_default();
+    let dmarc_failed = dmarc("fail");
     TrustVerdict {
         authenticated: false,
         method: None,
-        detail: format!(
-            "{id} reports no DMARC pass and no aligned DKIM or SPF pass for {from_domain}"
-        ),
+        detail: if dmarc_failed {
+            format!("{id} reports DMARC fail for {from_domain}")
+        } else {
+            format!("{id} reports no DMARC pass and no aligned DKIM or SPF pass for {from_domain}")
+        },
+        dmarc_failed,
     }
 }
 
@@ -91,6 +105,7 @@ fn ok(method: &'static str, detail: &str) -> TrustVerdict {
         authenticated: true,
         method: Some(method),
         detail: detail.to_string(),
+        dmarc_failed: false,
     }
 }
 
