@@ -321,6 +321,11 @@ pub struct HttpConfig {
     pub public_url: String,
     /// Bearer token for `/audit` and `/metrics`; without it they answer loopback peers only.
     pub audit_token: Option<SecretString>,
+    /// How long a client has to send a request's headers, and how long an idle
+    /// keep-alive connection stays open.
+    pub read_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -737,6 +742,8 @@ struct RawHttp {
     public_url: Option<String>,
     audit_token: Option<String>,
     audit_token_file: Option<String>,
+    read_timeout: Option<String>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -1302,6 +1309,18 @@ impl Validator<'_> {
                 format!("{public_url:?} must start with http:// or https://"),
             );
         }
+        let read_timeout = self.duration(
+            "http.read_timeout",
+            raw.http.read_timeout.as_deref(),
+            Duration::from_secs(30),
+        );
+        if read_timeout < Duration::from_secs(1) {
+            self.issue("http.read_timeout", "must be at least 1s");
+        }
+        let http_max_connections = raw.http.max_connections.unwrap_or(256);
+        if http_max_connections == 0 {
+            self.issue("http.max_connections", "must be at least 1");
+        }
         let token_key = if raw.http.audit_token_file.is_some() {
             "http.audit_token_file"
         } else {
@@ -1406,6 +1425,8 @@ impl Validator<'_> {
                 listen,
                 public_url,
                 audit_token,
+                read_timeout: read_timeout.max(Duration::from_secs(1)),
+                max_connections: http_max_connections.max(1),
             },
             directory,
         })

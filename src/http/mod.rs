@@ -7,7 +7,7 @@
 
 pub mod audit;
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -17,6 +17,7 @@ use axum::routing::get;
 use axum::{Form, Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
@@ -41,17 +42,85 @@ pub fn router(state: AppState) -> Router {
 
 /// Serves until `shutdown`. Handlers see the peer address (`ConnectInfo`): `/audit` and
 /// `/metrics` answer only loopback peers unless a token is configured.
+///
+/// These pages are reachable from outside (the links are mailed to customers), so a
+/// client that is slow to send its request headers, or keeps a connection open without
+/// sending one, is cut off after `http.read_timeout`, and at most `http.max_connections`
+/// connections are served at once (more wait in the kernel's accept queue). A request
+/// body is read by its handler, without a time limit of its own: a client dripping one
+/// holds a connection, within that limit.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
+    let http = state.pipeline.config().http.clone();
+    let app = router(state);
+    let slots = Arc::new(Semaphore::new(http.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(http.read_timeout);
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::error!(error = %e, "cannot accept HTTP connections");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let service = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "HTTP connection ended");
+            }
+            drop(slot);
+        });
+    }
+    // Requests in progress finish (a confirmation mid-write, say); idle connections
+    // are closed at once.
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP requests still running at shutdown were cut off");
+    }
+    Ok(())
+}
+
+/// How long requests in progress may run on at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// An accept error about one connection (the client gave up first), not the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
     )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
 }
 
 fn page(status: StatusCode, title: &str, body: &str) -> Response {
