@@ -344,12 +344,20 @@ pub struct Worker {
 }
 
 /// How the relay has been doing: failures in a row to open a session, and until when
-/// the worker leaves it alone.
+/// the worker leaves it alone; the recipients it refused since it last took a mail.
 #[derive(Debug, Default)]
 pub struct RelayState {
     failures: u32,
     paused_until: Option<std::time::Instant>,
+    refused: std::collections::BTreeSet<String>,
 }
+
+/// Different recipients refused (5.1.x) in a row, with no mail taken in between, from
+/// which the relay is suspected rather than the addresses: a relay whose recipient
+/// lookup is broken refuses everyone, and each address would be marked undeliverable.
+/// From this one on, a refusal is an ordinary failure (retried with backoff, dead after
+/// `max_attempts`), until the relay takes a mail again.
+const REFUSED_IN_A_ROW: usize = 5;
 
 /// The longest pause between tries of an unavailable relay.
 const RELAY_PAUSE_MAX_SECS: i64 = 300;
@@ -515,7 +523,7 @@ impl Worker {
                             }
                             return Ok(report);
                         }
-                        if e.is_recipient_refused() {
+                        if e.is_recipient_refused() && self.believe_refusal(&row.to) {
                             // Dead, and the address undeliverable as after a permanent
                             // bounce: no more invitations or links are queued for it.
                             let held = self
@@ -527,7 +535,9 @@ impl Worker {
                             tracing::error!(outbox_id = row.id, to = %row.to, error = %text, "the relay refused the recipient; the mail is dead and the address undeliverable");
                             continue;
                         }
-                        let dead = e.is_permanent() || row.attempts >= i64::from(self.max_attempts);
+                        let suspect = e.is_recipient_refused();
+                        let dead = (e.is_permanent() && !suspect)
+                            || row.attempts >= i64::from(self.max_attempts);
                         // From the time of the failure, not the start of the pass: a
                         // retry time in the pass's past is due again at once, and a
                         // transient failure used up every attempt within one pass.
@@ -541,6 +551,9 @@ impl Worker {
                         if dead {
                             report.dead += 1;
                             tracing::error!(outbox_id = row.id, error = %text, "mail is dead after {} attempts", row.attempts);
+                        } else if suspect {
+                            report.failed += 1;
+                            tracing::error!(outbox_id = row.id, to = %row.to, error = %text, "the SMTP relay refused {REFUSED_IN_A_ROW} or more different recipients in a row and took no mail: suspecting the relay (its recipient lookup), not the addresses, none more is marked undeliverable until it takes a mail; will retry");
                         } else if e.is_sender_refused() {
                             report.failed += 1;
                             tracing::error!(outbox_id = row.id, from = %row.from, error = %text, "the SMTP relay refuses our sender address: a configuration problem (smtp login, or the desk addresses it may send as); will retry");
@@ -566,6 +579,15 @@ impl Worker {
         if let Ok(mut r) = self.relay.lock() {
             *r = RelayState::default();
         }
+    }
+
+    /// The relay refused `to` (5.1.x): true when that is believed (fewer than
+    /// [`REFUSED_IN_A_ROW`] different recipients refused since it last took a mail).
+    fn believe_refusal(&self, to: &str) -> bool {
+        self.relay.lock().is_ok_and(|mut r| {
+            r.refused.insert(to.to_ascii_lowercase());
+            r.refused.len() < REFUSED_IN_A_ROW
+        })
     }
 
     /// The relay was unavailable again: the pause before the next try (`retry_first`,

@@ -377,6 +377,76 @@ async fn a_refused_recipient_is_marked_undeliverable() {
     assert!(ann.undeliverable_at.is_some_and(|at| at >= now), "{ann:?}");
 }
 
+/// A relay whose recipient lookup is broken refuses everyone with 5.1.1: after a few
+/// different recipients refused in a row, with no mail taken in between, the relay is
+/// suspected, not the addresses — the rest are retried, not marked undeliverable —
+/// until it takes a mail again.
+#[tokio::test]
+async fn a_relay_refusing_everyone_does_not_make_everyone_undeliverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let now = crate::now();
+    let people: Vec<String> = (0..7).map(|i| format!("p{i}@example.com")).collect();
+    for p in &people {
+        account(&store, p).await;
+        queue(&store, p, now - 10).await;
+    }
+    let refusing = fake_relay(OK, "550 5.1.1 User unknown in virtual alias table", OK).await;
+    let w = worker(&store, Transport::Smtp(smtp_transport(refusing)));
+    let report = w.drain_once(now).await.unwrap();
+    assert_eq!(
+        (report.sent, report.dead, report.failed),
+        (
+            0,
+            REFUSED_IN_A_ROW - 1,
+            people.len() - (REFUSED_IN_A_ROW - 1)
+        ),
+        "{report:?}"
+    );
+    let mut marked = 0;
+    for p in &people {
+        if store
+            .show_account(p)
+            .await
+            .unwrap()
+            .undeliverable_at
+            .is_some()
+        {
+            marked += 1;
+        }
+    }
+    assert_eq!(marked, REFUSED_IN_A_ROW - 1);
+    let rows = store.list_outbox(None, 10).await.unwrap();
+    let waiting: Vec<_> = rows.iter().filter(|r| r.status == "pending").collect();
+    assert_eq!(
+        waiting.len(),
+        people.len() - (REFUSED_IN_A_ROW - 1),
+        "{rows:?}"
+    );
+    assert!(
+        waiting.iter().all(|r| r.next_attempt_at > now),
+        "{waiting:?}"
+    );
+
+    // The relay takes a mail: refusals are believed again.
+    let accepting = fake_relay(OK, OK, OK).await;
+    let w = Worker {
+        transport: Transport::Smtp(smtp_transport(accepting)),
+        ..w
+    };
+    queue(&store, "fine@example.com", now - 10).await;
+    assert_eq!(w.drain_once(now).await.unwrap().sent, 1);
+    let w = Worker {
+        transport: Transport::Smtp(smtp_transport(refusing)),
+        ..w
+    };
+    account(&store, "gone@example.com").await;
+    queue(&store, "gone@example.com", now - 10).await;
+    assert_eq!(w.drain_once(now).await.unwrap().dead, 1);
+    let gone = store.show_account("gone@example.com").await.unwrap();
+    assert!(gone.undeliverable_at.is_some(), "{gone:?}");
+}
+
 /// A relay that cannot be reached kills no mail (a long outage used to make every
 /// queued mail dead, verification links too): the mail tried counts the attempt, the
 /// rest of the claim goes back untried, each says why it waits, and the worker leaves
