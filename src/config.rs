@@ -1314,12 +1314,12 @@ impl Validator<'_> {
             raw.http.read_timeout.as_deref(),
             Duration::from_secs(30),
         );
-        if read_timeout < Duration::from_secs(1) {
-            self.issue("http.read_timeout", "must be at least 1s");
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&read_timeout) {
+            self.issue("http.read_timeout", "must be from 1s to 1h");
         }
         let http_max_connections = raw.http.max_connections.unwrap_or(256);
-        if http_max_connections == 0 {
-            self.issue("http.max_connections", "must be at least 1");
+        if !(1..=100_000).contains(&http_max_connections) {
+            self.issue("http.max_connections", "must be from 1 to 100000");
         }
         let token_key = if raw.http.audit_token_file.is_some() {
             "http.audit_token_file"
@@ -1425,8 +1425,8 @@ impl Validator<'_> {
                 listen,
                 public_url,
                 audit_token,
-                read_timeout: read_timeout.max(Duration::from_secs(1)),
-                max_connections: http_max_connections.max(1),
+                read_timeout: read_timeout.clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+                max_connections: http_max_connections.clamp(1, 100_000),
             },
             directory,
         })

@@ -43,12 +43,13 @@ pub fn router(state: AppState) -> Router {
 /// Serves until `shutdown`. Handlers see the peer address (`ConnectInfo`): `/audit` and
 /// `/metrics` answer only loopback peers unless a token is configured.
 ///
-/// These pages are reachable from outside (the links are mailed to customers), so a
-/// client that is slow to send its request headers, or keeps a connection open without
-/// sending one, is cut off after `http.read_timeout`, and at most `http.max_connections`
-/// connections are served at once (more wait in the kernel's accept queue). A request
-/// body is read by its handler, without a time limit of its own: a client dripping one
-/// holds a connection, within that limit.
+/// These pages are reachable from outside (the links are mailed to customers), so no
+/// client may hold a connection for long: one must send its request headers within
+/// `http.read_timeout` (an idle keep-alive connection is closed after it too), a request
+/// must be read and answered within twice that (a body dripped in), and a connection lives at most [`CONNECTION_LIFETIME`] (then it
+/// finishes its request and closes; cut [`SHUTDOWN_GRACE`] later, as for a client that
+/// never reads its responses). At most `http.max_connections` are served at once; more
+/// wait in the kernel's accept queue.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -57,9 +58,12 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
 
     let http = state.pipeline.config().http.clone();
-    let app = router(state);
+    let limit = http.read_timeout * 2;
+    let app = router(state).layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| within(limit, req, next),
+    ));
     let slots = Arc::new(Semaphore::new(http.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -79,8 +83,10 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors, say: wait rather than spin.
                     tracing::error!(error = %e, "cannot accept HTTP connections");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
                 }
             },
             _ = shutdown.cancelled() => break,
@@ -92,27 +98,64 @@ pub async fn serve(
             TokioIo::new(stream),
             hyper_util::service::TowerToHyperService::new(service),
         );
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "HTTP connection ended");
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => Some(ended),
+                _ = stop.cancelled() => None,
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => None,
+            };
+            let ended = match ended {
+                Some(e) => Some(e),
+                None => {
+                    // The request in progress finishes, then the connection closes.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(SHUTDOWN_GRACE, conn).await.ok()
+                }
+            };
+            match ended {
+                Some(Ok(())) => {}
+                Some(Err(e)) => tracing::debug!(error = %e, %peer, "HTTP connection ended"),
+                None => tracing::debug!(%peer, "HTTP connection cut off"),
             }
             drop(slot);
         });
     }
-    // Requests in progress finish (a confirmation mid-write, say); idle connections
-    // are closed at once.
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("HTTP requests still running at shutdown were cut off");
-    }
+    // New clients are refused at once, not left waiting in the accept queue.
+    drop(listener);
+    connections.close();
+    connections.wait().await;
     Ok(())
 }
 
-/// How long requests in progress may run on at shutdown.
+/// How long one connection may serve requests.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// How long requests in progress may run on at shutdown (or at the end of a
+/// connection's lifetime) before the connection is cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs a request's handler (which reads its body) for at most `limit`: 408 after it.
+async fn within(
+    limit: Duration,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut r = page(
+                StatusCode::REQUEST_TIMEOUT,
+                "Request timed out",
+                "<p>The request took too long. Please try again.</p>",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
 
 /// An accept error about one connection (the client gave up first), not the listener.
 fn is_connection_error(e: &std::io::Error) -> bool {

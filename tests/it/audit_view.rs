@@ -465,15 +465,17 @@ fn metrics_count_what_the_daemon_processed() {
 }
 
 /// The pages are reachable from outside: a client that sends no complete request
-/// headers is cut off after `http.read_timeout`, and past `http.max_connections` a
-/// new connection waits for a slot instead of being served beside the others.
+/// headers is cut off after `http.read_timeout`, one dripping a body gets 408 after
+/// twice that, and past `http.max_connections` a new connection waits for a slot
+/// instead of being served beside the others.
 #[test]
 fn slow_clients_are_cut_off_and_connections_are_limited() {
+    use std::io::ErrorKind;
     for backend in BACKENDS {
         let env = Env::new(backend, &Site::default(), &DeskSettings::default());
         let text = std::fs::read_to_string(&env.config).unwrap().replace(
             "[http]\n",
-            "[http]\nread_timeout = \"1s\"\nmax_connections = 1\n",
+            "[http]\nread_timeout = \"2s\"\nmax_connections = 1\n",
         );
         std::fs::write(&env.config, &text).unwrap();
         let daemon = start_daemon(&env);
@@ -487,20 +489,18 @@ fn slow_clients_are_cut_off_and_connections_are_limited() {
         let mut a = TcpStream::connect(("127.0.0.1", env.http_port)).unwrap();
         a.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
         // B sends a whole request but is not served while A holds the slot.
         let mut b = TcpStream::connect(("127.0.0.1", env.http_port)).unwrap();
         b.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .unwrap();
-        b.set_read_timeout(Some(Duration::from_millis(400)))
+        b.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let mut buf = [0u8; 64];
         let early = b.read(&mut buf);
         assert!(
-            early.as_ref().is_err_and(|e| matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            )),
+            early
+                .as_ref()
+                .is_err_and(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)),
             "B was served beside A: {early:?}"
         );
         // A is cut off (no response to half a request), which frees the slot for B.
@@ -511,49 +511,68 @@ fn slow_clients_are_cut_off_and_connections_are_limited() {
             cut.is_ok()
                 || cut
                     .as_ref()
-                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
             "A was not closed within 10 s: {cut:?}"
         );
-        assert!(
-            !String::from_utf8_lossy(&rest).contains("200 OK"),
-            "A was answered: {}",
-            String::from_utf8_lossy(&rest)
-        );
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(!rest.contains("200 OK"), "A was answered: {rest}");
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut response = Vec::new();
         b.read_to_end(&mut response).unwrap();
         let response = String::from_utf8_lossy(&response);
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
-        // An idle keep-alive connection is closed too, after answering.
+        // A confirmation whose body never comes in full gets 408, and the slot back.
         let mut c = TcpStream::connect(("127.0.0.1", env.http_port)).unwrap();
-        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(
+            b"POST /verify/abc HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nname=A",
+        )
+        .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         let mut all = Vec::new();
         let ended = c.read_to_end(&mut all);
+        let all = String::from_utf8_lossy(&all);
+        assert!(ended.is_ok(), "not closed within 15 s: {ended:?} {all}");
+        assert!(all.starts_with("HTTP/1.1 408"), "{all}");
+        assert_eq!(get(env.http_port, "/healthz", &[]).0, 200);
+
+        // An idle keep-alive connection is closed too, after answering.
+        let mut d = TcpStream::connect(("127.0.0.1", env.http_port)).unwrap();
+        d.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        d.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut all = Vec::new();
+        let ended = d.read_to_end(&mut all);
         assert!(
             ended.is_ok(),
             "idle connection not closed within 10 s: {ended:?}"
         );
         assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 200"));
+        daemon.stop();
 
         // Out-of-range settings are named with their key.
-        let bad = text
-            .replace("read_timeout = \"1s\"", "read_timeout = \"0s\"")
-            .replace("max_connections = 1", "max_connections = 0");
-        daemon.stop();
-        std::fs::write(&env.config, bad).unwrap();
-        let out = env.intake(&["check-config"]);
-        assert_eq!(out.status.code(), Some(78));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            stdout.contains("http.read_timeout: must be at least 1s"),
-            "{stdout}"
-        );
-        assert!(
-            stdout.contains("http.max_connections: must be at least 1"),
-            "{stdout}"
-        );
+        for (from, to, says) in [
+            (
+                "read_timeout = \"2s\"",
+                "read_timeout = \"0s\"",
+                "http.read_timeout: must be from 1s to 1h",
+            ),
+            (
+                "read_timeout = \"2s\"",
+                "read_timeout = \"2h\"",
+                "http.read_timeout: must be from 1s to 1h",
+            ),
+            (
+                "max_connections = 1",
+                "max_connections = 0",
+                "http.max_connections: must be from 1 to 100000",
+            ),
+        ] {
+            std::fs::write(&env.config, text.replace(from, to)).unwrap();
+            let out = env.intake(&["check-config"]);
+            assert_eq!(out.status.code(), Some(78));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(stdout.contains(says), "{stdout}");
+        }
     }
 }
