@@ -1,10 +1,11 @@
 //! IMAP end to end against a real Dovecot (not a timed test; figures for the notes).
 //!
 //! `cargo bench --bench imap -- [N] [--postgres] [--big] [--mailboxes M] [--instances K]
-//! [--desk-per-mailbox] [--no-latency]`:
-//! 1. backlog: N messages (default 10,000) appended, spread over M folders (default
-//!    1), plus with `--big` one 25 MB message; then the raw rate of `UID FETCH 1:*
-//!    BODY.PEEK[]` of every folder (the ceiling); then K `intake run` instances
+//! [--desk-per-mailbox] [--attach KB] [--no-latency]`:
+//! 1. backlog: N messages (default 10,000; with `--attach KB` each with an attachment
+//!    of that size) appended, spread over M folders (default 1), plus with `--big` one
+//!    25 MB message; then the raw rate of `UID FETCH 1:* BODY.PEEK[]` of every folder
+//!    (the ceiling); then K `intake run` instances
 //!    (default 1) until every message is in the ledger — messages per second end to
 //!    end, and the largest peak RSS of any instance;
 //! 2. latency under IDLE (unless `--no-latency`): 200 single APPENDs, each timed
@@ -35,19 +36,54 @@ use dovecot::{Dovecot, PASSWORD, USER};
 
 const BIN: &str = env!("CARGO_BIN_EXE_intake");
 
+/// With `--attach KB`: each message carries an attachment of that many KB (base64).
+static ATTACH_KB: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn message(i: usize) -> Vec<u8> {
-    let body = "Hello,\r\n\r\nthe VPN drops every few minutes since this morning. I restarted the \
+    let text = "Hello,\r\n\r\nthe VPN drops every few minutes since this morning. I restarted the \
                 laptop twice and it did not help. Could you have a look?\r\n\r\nThanks\r\n"
         .repeat(3);
+    let attach = ATTACH_KB.load(std::sync::atomic::Ordering::Relaxed);
+    let (content_type, body) = if attach == 0 {
+        (String::new(), text)
+    } else {
+        let mut body = format!(
+            "--b\r\nContent-Type: text/plain\r\n\r\n{text}--b\r\n\
+             Content-Type: application/octet-stream; name=\"log.bin\"\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\n"
+        );
+        base64_noise(&mut body, attach * 1024, i as u32 + 1);
+        body.push_str("--b--\r\n");
+        (
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n".to_string(),
+            body,
+        )
+    };
     format!(
         "From: Customer {i} <c{}@cust{}.example>\r\nTo: support@desk.example\r\n\
          Cc: cc{i}@cust{}.example\r\nSubject: Problem {i}\r\nMessage-ID: <bench-{i}@mail.example>\r\n\
-         Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n\r\n{body}",
+         Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n{content_type}\r\n{body}",
         i % 2000,
         i % 50,
         i % 50
     )
     .into_bytes()
+}
+
+/// Appends about `bytes` of base64 lines (76 characters) of xorshift noise.
+fn base64_noise(out: &mut String, bytes: usize, seed: u32) {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut x: u32 = 2463534242 ^ seed;
+    let end = out.len() + bytes;
+    while out.len() < end {
+        for _ in 0..76 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            out.push(alphabet[(x % 64) as usize] as char);
+        }
+        out.push_str("\r\n");
+    }
 }
 
 /// Appends with pipelining (a window of APPENDs in flight): fast enough for big backlogs.
@@ -66,17 +102,9 @@ fn big_message(i: usize) -> Vec<u8> {
          Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"logs.bin\"\r\n\r\n"
     )
     .into_bytes();
-    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut x: u32 = 2463534242;
-    while out.len() < 25 * 1024 * 1024 {
-        for _ in 0..76 {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            out.push(alphabet[(x % 64) as usize]);
-        }
-        out.extend_from_slice(b"\r\n");
-    }
+    let mut noise = String::new();
+    base64_noise(&mut noise, 25 * 1024 * 1024 - out.len(), 0);
+    out.extend_from_slice(noise.as_bytes());
     out.extend_from_slice(b"--b--\r\n");
     out
 }
@@ -275,6 +303,8 @@ struct Opts {
     mailboxes: usize,
     instances: usize,
     latency: bool,
+    /// KB of attachment in every message (0: a short text message).
+    attach_kb: usize,
 }
 
 fn options() -> Opts {
@@ -291,7 +321,11 @@ fn options() -> Opts {
             .iter()
             .enumerate()
             .filter(|(i, _)| {
-                *i == 0 || !matches!(args[i - 1].as_str(), "--mailboxes" | "--instances")
+                *i == 0
+                    || !matches!(
+                        args[i - 1].as_str(),
+                        "--mailboxes" | "--instances" | "--attach"
+                    )
             })
             .find_map(|(_, a)| a.parse().ok())
             .unwrap_or(10_000),
@@ -301,6 +335,7 @@ fn options() -> Opts {
         instances: value("--instances").unwrap_or(1).max(1),
         latency: !args.iter().any(|a| a == "--no-latency"),
         desk_per_mailbox: args.iter().any(|a| a == "--desk-per-mailbox"),
+        attach_kb: value("--attach").unwrap_or(0),
     }
 }
 
@@ -340,6 +375,7 @@ fn desk_name(per_mailbox: bool, m: usize) -> String {
 
 fn main() {
     let opts = options();
+    ATTACH_KB.store(opts.attach_kb, std::sync::atomic::Ordering::Relaxed);
     let count = opts.count;
     let dovecot = Dovecot::start();
     let work = tempfile::tempdir().expect("temp dir");
