@@ -638,6 +638,7 @@ struct RawAccess {
 #[serde(default)]
 struct RawTrust {
     authserv_ids: Vec<String>,
+    microsoft365: bool,
     require_authentication: Option<bool>,
 }
 
@@ -1035,10 +1036,11 @@ impl Validator<'_> {
             }
         }
         let require_authentication = raw.trust.require_authentication.unwrap_or(true);
-        if require_authentication && authserv_ids.is_empty() {
+        let microsoft365 = raw.trust.microsoft365;
+        if require_authentication && authserv_ids.is_empty() && !microsoft365 {
             self.issue(
                 "trust.require_authentication",
-                "is on (the default) but trust.authserv_ids is empty, so no internal sender could ever be believed: name your MTA's authserv-id, or set require_authentication = false",
+                "is on (the default) but trust.authserv_ids is empty, so no internal sender could ever be believed: name your MTA's authserv-id (or set microsoft365 = true for a Microsoft 365 mailbox), or set require_authentication = false",
             );
         }
 
@@ -1380,6 +1382,7 @@ impl Validator<'_> {
             },
             trust: Trust {
                 authserv_ids,
+                microsoft365,
                 require_authentication,
             },
             mail_limits: MailLimits {

@@ -29,24 +29,33 @@ impl AuthResult {
     }
 }
 
-/// Parses the value of one `Authentication-Results` header. Malformed entries are skipped;
-/// a header without an authserv-id yields nothing.
+/// Parses the value of one `Authentication-Results` header. Malformed entries are skipped.
+/// A header without an authserv-id — Exchange Online writes `spf=pass (...)
+/// smtp.mailfrom=...; dkim=...` — gets the empty one, which only `trust.microsoft365`
+/// believes (and only in the topmost header).
 pub fn parse_header(header_index: usize, value: &str) -> Vec<AuthResult> {
     let cleaned = strip_comments(value);
-    let mut parts = split_outside_quotes(&cleaned, ';').into_iter();
-    let Some(first) = parts.next() else {
+    let parts = split_outside_quotes(&cleaned, ';');
+    let Some(first) = parts.first() else {
         return Vec::new();
     };
-    let Some(authserv_id) = first.split_whitespace().next() else {
+    let Some(id) = first.split_whitespace().next() else {
         return Vec::new();
     };
-    let authserv_id = unquote(authserv_id).to_ascii_lowercase();
-    if authserv_id.is_empty() {
-        return Vec::new();
-    }
+    // An authserv-id is a token or quoted string: `=` cannot be in one unquoted, so a
+    // first part like `spf=pass` is a result, and there is no id.
+    let (authserv_id, resinfos) = if id.contains('=') {
+        (String::new(), &parts[..])
+    } else {
+        let id = unquote(id).to_ascii_lowercase();
+        if id.is_empty() {
+            return Vec::new();
+        }
+        (id, &parts[1..])
+    };
     let mut out = Vec::new();
-    for resinfo in parts {
-        let tokens = split_tokens(&resinfo);
+    for resinfo in resinfos {
+        let tokens = split_tokens(resinfo);
         let mut iter = tokens.iter();
         let Some(head) = iter.next() else { continue };
         let Some((method, result)) = head.split_once('=') else {

@@ -65,3 +65,33 @@ proptest! {
         let _ = parse_header(0, &s);
     }
 }
+
+/// Exchange Online writes no authserv-id: the results are read all the same, under the
+/// empty id (which only `trust.microsoft365` believes).
+#[test]
+fn a_header_without_an_authserv_id_as_exchange_online_writes_it() {
+    let r = parse_header(
+        0,
+        "spf=pass (sender IP is 203.0.113.7) smtp.mailfrom=corp.example; dkim=pass \
+         (signature was verified) header.d=corp.example;dmarc=pass action=none \
+         header.from=corp.example;compauth=pass reason=100",
+    );
+    let methods: Vec<(&str, &str, &str)> = r
+        .iter()
+        .map(|x| (x.authserv_id.as_str(), x.method.as_str(), x.result.as_str()))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            ("", "spf", "pass"),
+            ("", "dkim", "pass"),
+            ("", "dmarc", "pass"),
+            ("", "compauth", "pass")
+        ]
+    );
+    assert_eq!(r[0].property("smtp.mailfrom"), Some("corp.example"));
+    assert_eq!(r[2].property("header.from"), Some("corp.example"));
+    // With an id, the first part is the id, not a result.
+    let r = parse_header(0, "mx.example.com; spf=pass smtp.mailfrom=corp.example");
+    assert_eq!((r.len(), r[0].authserv_id.as_str()), (1, "mx.example.com"));
+}

@@ -76,6 +76,9 @@ pub struct Signals {
     pub loop_ids: Vec<String>,
     /// The domain part of the message's own Message-ID, lowercased.
     pub message_id_domain: Option<String>,
+    /// Values of `X-MS-Exchange-Organization-AuthAs` (`internal`, `anonymous`, ...),
+    /// lowercased: how Exchange Online saw the sender (see `trust.microsoft365`).
+    pub exchange_auth_as: Vec<String>,
 }
 
 /// A parsed inbound message: everything downstream needs, owned.
@@ -384,6 +387,9 @@ pub fn parse_headers(raw: &[u8]) -> Result<InboundMessage, ParseError> {
                 signals.list_id = Some(unfold(value));
             }
             "list-unsubscribe" => signals.list_unsubscribe = true,
+            "x-ms-exchange-organization-authas" => {
+                signals.exchange_auth_as.push(first_token(value));
+            }
             "x-auto-response-suppress" if signals.auto_response_suppress.is_none() => {
                 signals.auto_response_suppress = Some(unfold(value));
             }

@@ -916,5 +916,10 @@ fn sender_verdict(facts: &Facts, policy: &Policy, from_domain: &str) -> TrustVer
             dmarc_failed: false,
         };
     }
-    trust::verdict(&policy.trust, from_domain, &facts.auth_results)
+    trust::verdict(
+        &policy.trust,
+        from_domain,
+        &facts.auth_results,
+        &facts.signals.exchange_auth_as,
+    )
 }

@@ -66,6 +66,9 @@ impl SiteAccess {
 #[derive(Debug, Clone)]
 pub struct Trust {
     pub authserv_ids: Vec<String>,
+    /// The mailbox is at Microsoft 365: Exchange Online writes its
+    /// `Authentication-Results` without an authserv-id, as the topmost one.
+    pub microsoft365: bool,
     pub require_authentication: bool,
 }
 

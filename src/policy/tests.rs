@@ -26,6 +26,7 @@ fn policy() -> Policy {
         },
         trust: Trust {
             authserv_ids: vec!["mx.desk.example".into()],
+            microsoft365: false,
             require_authentication: true,
         },
         hygiene: Hygiene {

@@ -2,7 +2,8 @@
 //! `Authentication-Results`.
 //!
 //! Anyone can write an `Authentication-Results` header, so only headers whose authserv-id
-//! is configured count, and of those only the topmost one (the one our MTA added last;
+//! is configured count (or, at Microsoft 365, the topmost header when it has none, as
+//! Exchange Online writes it), and of those only the topmost one (the one our MTA added last;
 //! RFC 8601 §5 asks MTAs to remove forged copies carrying their own id). The From domain
 //! is authenticated by DMARC pass, or by a DKIM or SPF pass whose domain is aligned with
 //! it (relaxed alignment: the same domain, or one under the other).
@@ -16,7 +17,8 @@ use super::model::Trust;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TrustVerdict {
     pub authenticated: bool,
-    /// `dmarc`, `dkim` or `spf` when authenticated.
+    /// `dmarc`, `dkim`, `spf`, `exchange` (Microsoft 365's own mark) or `link` (our
+    /// confirmation link) when authenticated.
     pub method: Option<&'static str>,
     /// A sentence for explanations.
     pub detail: String,
@@ -26,13 +28,50 @@ pub struct TrustVerdict {
     pub dmarc_failed: bool,
 }
 
-pub fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> TrustVerdict {
-    let trusted = |r: &&AuthResult| trust.authserv_ids.iter().any(|id| id == &r.authserv_id);
+/// `exchange_auth_as`: the message's `X-MS-Exchange-Organization-AuthAs` values. At
+/// Microsoft 365 (`trust.microsoft365`), mail between the tenant's own mailboxes gets no
+/// passing `Authentication-Results`, but Exchange Online marks it `Internal`; it strips
+/// its organization headers from mail coming in from outside (its "header firewall")
+/// and marks that `Anonymous`. Every such header must say `Internal`.
+pub fn verdict(
+    trust: &Trust,
+    from_domain: &str,
+    results: &[AuthResult],
+    exchange_auth_as: &[String],
+) -> TrustVerdict {
+    let v = from_results(trust, from_domain, results);
+    if !v.authenticated
+        && !v.dmarc_failed
+        && trust.microsoft365
+        && !exchange_auth_as.is_empty()
+        && exchange_auth_as.iter().all(|a| a == "internal")
+    {
+        return ok(
+            "exchange",
+            "Exchange Online marks it as sent from inside the organization \
+             (X-MS-Exchange-Organization-AuthAs: Internal)",
+        );
+    }
+    v
+}
+
+fn from_results(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> TrustVerdict {
+    // Exchange Online's header has no authserv-id; it is the topmost one (a sender's
+    // own, lower down, never counts).
+    let trusted = |r: &&AuthResult| {
+        trust.authserv_ids.iter().any(|id| id == &r.authserv_id)
+            || (trust.microsoft365 && r.authserv_id.is_empty() && r.header_index == 0)
+    };
     let Some(top) = results.iter().filter(trusted).map(|r| r.header_index).min() else {
         return TrustVerdict {
             authenticated: false,
             method: None,
-            detail: "no Authentication-Results header from a trusted authserv-id".into(),
+            detail: if trust.microsoft365 {
+                "no Authentication-Results header from Microsoft 365 or a trusted authserv-id"
+            } else {
+                "no Authentication-Results header from a trusted authserv-id"
+            }
+            .into(),
             dmarc_failed: false,
         };
     };
@@ -83,10 +122,11 @@ pub fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> Trus
             &format!("SPF passed for {d}, aligned with {from_domain}"),
         );
     }
-    let id = header
-        .first()
-        .map(|r| r.authserv_id.as_str())
-        .unwrap_or_default();
+    let id = match header.first().map(|r| r.authserv_id.as_str()) {
+        Some("") => "Microsoft 365",
+        Some(id) => id,
+        None => "",
+    };
     let dmarc_failed = dmarc("fail");
     TrustVerdict {
         authenticated: false,

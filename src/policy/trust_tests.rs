@@ -6,8 +6,14 @@ use crate::message::auth::parse_header;
 fn trust() -> Trust {
     Trust {
         authserv_ids: vec!["mx.desk.example".into()],
+        microsoft365: false,
         require_authentication: true,
     }
+}
+
+/// The verdict on `Authentication-Results` alone.
+fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> TrustVerdict {
+    super::verdict(trust, from_domain, results, &[])
 }
 
 fn results(headers: &[&str]) -> Vec<AuthResult> {
@@ -97,4 +103,70 @@ fn a_topmost_header_reporting_nothing_shadows_a_forged_one_below() {
 fn dmarc_pass_without_header_from_does_not_count() {
     let r = results(&["mx.desk.example; dmarc=pass"]);
     assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+}
+
+fn microsoft365() -> Trust {
+    Trust {
+        authserv_ids: vec![],
+        microsoft365: true,
+        require_authentication: true,
+    }
+}
+
+/// At Microsoft 365 the topmost header, without an authserv-id, is Exchange Online's:
+/// believed with `microsoft365`, never without it, and a lower one never.
+#[test]
+fn microsoft_365_believes_only_the_topmost_header_without_an_id() {
+    let real = "spf=pass smtp.mailfrom=corp.example; dkim=pass header.d=corp.example;\
+                dmarc=pass action=none header.from=corp.example;compauth=pass reason=100";
+    let r = results(&[real]);
+    assert_eq!(
+        verdict(&microsoft365(), "corp.example", &r).method,
+        Some("dmarc")
+    );
+    assert!(!verdict(&trust(), "corp.example", &r).authenticated);
+    // The sender's own, below Exchange Online's failing one, does not count.
+    let r = results(&[
+        "spf=pass smtp.mailfrom=evil.example; dmarc=fail action=oreject header.from=corp.example",
+        real,
+    ]);
+    let v = verdict(&microsoft365(), "corp.example", &r);
+    assert!(!v.authenticated && v.dmarc_failed, "{v:?}");
+    // Nor below a header with some other id on top.
+    let r = results(&["mx.elsewhere.example; none", real]);
+    assert!(!verdict(&microsoft365(), "corp.example", &r).authenticated);
+    // A configured id still counts beside it.
+    let both = Trust {
+        authserv_ids: vec!["mx.desk.example".into()],
+        ..microsoft365()
+    };
+    let r = results(&["mx.desk.example; dkim=pass header.d=corp.example"]);
+    assert!(verdict(&both, "corp.example", &r).authenticated);
+}
+
+/// Mail between the tenant's own mailboxes: no passing header, but Exchange Online marks
+/// it Internal. Believed only with `microsoft365`, only when every such mark says so,
+/// and never against a DMARC fail.
+#[test]
+fn microsoft_365_believes_its_internal_mark() {
+    let none =
+        results(&["dkim=none header.d=none;dmarc=none action=none header.from=corp.example"]);
+    let internal = vec!["internal".to_string()];
+    let v = super::verdict(&microsoft365(), "corp.example", &none, &internal);
+    assert_eq!(v.method, Some("exchange"), "{v:?}");
+    let v = super::verdict(&microsoft365(), "corp.example", &[], &internal);
+    assert_eq!(v.method, Some("exchange"), "{v:?}");
+    assert!(!super::verdict(&trust(), "corp.example", &none, &internal).authenticated);
+    for marks in [
+        vec![],
+        vec!["anonymous".to_string()],
+        vec!["internal".to_string(), "anonymous".to_string()],
+    ] {
+        let v = super::verdict(&microsoft365(), "corp.example", &none, &marks);
+        assert!(!v.authenticated, "{marks:?}: {v:?}");
+    }
+    let failed = results(&[
+        "spf=fail smtp.mailfrom=evil.example;dmarc=fail action=oreject header.from=corp.example",
+    ]);
+    assert!(!super::verdict(&microsoft365(), "corp.example", &failed, &internal).authenticated);
 }

@@ -261,6 +261,8 @@ struct SignalsRecord {
     loop_ids: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message_id_domain: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    exchange_auth_as: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -369,6 +371,7 @@ impl From<&Signals> for SignalsRecord {
             null_return_path,
             loop_ids,
             message_id_domain,
+            exchange_auth_as,
         } = s.clone();
         SignalsRecord {
             auto_submitted,
@@ -384,6 +387,7 @@ impl From<&Signals> for SignalsRecord {
             null_return_path,
             loop_ids,
             message_id_domain,
+            exchange_auth_as,
         }
     }
 }
@@ -404,6 +408,7 @@ impl From<SignalsRecord> for Signals {
             null_return_path,
             loop_ids,
             message_id_domain,
+            exchange_auth_as,
         } = s;
         Signals {
             auto_submitted,
@@ -419,6 +424,7 @@ impl From<SignalsRecord> for Signals {
             null_return_path,
             loop_ids,
             message_id_domain,
+            exchange_auth_as,
         }
     }
 }

@@ -39,6 +39,7 @@ fn full_facts() -> Facts {
             null_return_path: true,
             loop_ids: vec!["intake.desk.example".into()],
             message_id_domain: Some("outside.example".into()),
+            exchange_auth_as: vec!["internal".into()],
         },
         auth_results: vec![AuthResult {
             header_index: 0,

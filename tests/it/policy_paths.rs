@@ -274,6 +274,61 @@ fn trust_rule_on_internal_senders() {
     }
 }
 
+/// A Microsoft 365 mailbox: Exchange Online writes its `Authentication-Results` without
+/// an authserv-id. With `trust.microsoft365` the topmost such header is believed; a
+/// sender's own, lower down, is not; without the setting none is.
+#[test]
+fn trust_rule_at_microsoft_365() {
+    for backend in BACKENDS {
+        let env = env(backend);
+        let rejected = Expect {
+            action: "reject",
+            reason: "unauthenticated_sender",
+            account: "none",
+            participants: &[],
+            emails: &[],
+        };
+        let d = env.explain("m365-authenticated.eml");
+        assert_decision(&d, &rejected, "m365-authenticated.eml without microsoft365");
+        let d = env.explain("m365-colleague.eml");
+        assert_decision(&d, &rejected, "m365-colleague.eml without microsoft365");
+
+        let text = std::fs::read_to_string(&env.config).unwrap();
+        let on = text.replace("[trust]\n", "[trust]\nmicrosoft365 = true\n");
+        assert_ne!(on, text, "no [trust] section to change");
+        std::fs::write(&env.config, on).unwrap();
+        explain_then_process(
+            &env,
+            "m365-authenticated.eml",
+            &Expect {
+                action: "create_request",
+                reason: "new_request",
+                account: "create_internal",
+                participants: &[],
+                emails: &[("ida@corp.example", "invitation")],
+            },
+        );
+        // A colleague in the same tenant: no passing header, Exchange Online's mark.
+        explain_then_process(
+            &env,
+            "m365-colleague.eml",
+            &Expect {
+                action: "create_request",
+                reason: "new_request",
+                account: "create_internal",
+                participants: &[],
+                emails: &[("carl@corp.example", "invitation")],
+            },
+        );
+        let d = explain_then_process(&env, "m365-forged.eml", &rejected);
+        assert!(
+            d.to_string()
+                .contains("Microsoft 365 reports DMARC fail for corp.example"),
+            "{d:#}"
+        );
+    }
+}
+
 #[test]
 fn hygiene_ignores_automatic_mail() {
     for backend in BACKENDS {
