@@ -87,6 +87,17 @@ fn explain_then_process(env: &Env, fixture_name: &str, e: &Expect<'_>) -> Value 
     d
 }
 
+/// A new request from an internal sender, who gets an account and `emails`.
+fn internal_account_created<'a>(emails: &'a [(&'a str, &'a str)]) -> Expect<'a> {
+    Expect {
+        action: "create_request",
+        reason: "new_request",
+        account: "create_internal",
+        participants: &[],
+        emails,
+    }
+}
+
 fn env(backend: Backend) -> Env {
     Env::new(backend, &Site::default(), &DeskSettings::default())
 }
@@ -248,13 +259,7 @@ fn trust_rule_on_internal_senders() {
         explain_then_process(
             &env,
             "internal-authenticated.eml",
-            &Expect {
-                action: "create_request",
-                reason: "new_request",
-                account: "create_internal",
-                participants: &[],
-                emails: &[("ida@corp.example", "invitation")],
-            },
+            &internal_account_created(&[("ida@corp.example", "invitation")]),
         );
         explain_then_process(
             &env,
@@ -300,25 +305,13 @@ fn trust_rule_at_microsoft_365() {
         explain_then_process(
             &env,
             "m365-authenticated.eml",
-            &Expect {
-                action: "create_request",
-                reason: "new_request",
-                account: "create_internal",
-                participants: &[],
-                emails: &[("ida@corp.example", "invitation")],
-            },
+            &internal_account_created(&[("ida@corp.example", "invitation")]),
         );
         // A colleague in the same tenant: no passing header, Exchange Online's mark.
         explain_then_process(
             &env,
             "m365-colleague.eml",
-            &Expect {
-                action: "create_request",
-                reason: "new_request",
-                account: "create_internal",
-                participants: &[],
-                emails: &[("carl@corp.example", "invitation")],
-            },
+            &internal_account_created(&[("carl@corp.example", "invitation")]),
         );
         let d = explain_then_process(&env, "m365-forged.eml", &rejected);
         assert!(
