@@ -1,7 +1,9 @@
 //! Confirming an address: what the verification page shows (nothing changes on GET, since
 //! mail scanners and link previews fetch links) and what confirming does (POST): the token
 //! is used up, the account becomes active, and the person's held requests are released,
-//! their To/Cc decided under the policy in force now.
+//! their To/Cc decided under the policy in force now. The page lists those requests,
+//! each with a box to untick: someone who did not write one (a message forged in their
+//! name while the link waited) leaves it held, and it expires.
 
 use crate::address::EmailAddress;
 use crate::keys::RequestKey;
@@ -64,11 +66,26 @@ pub async fn inspect(
     Ok(state(info, now))
 }
 
-/// Confirms the address behind `token`, in one transaction.
+/// The requests confirming `info`'s address would open: (key, subject).
+pub async fn held(
+    pipeline: &Pipeline,
+    info: &TokenInfo,
+) -> Result<Vec<(RequestKey, String)>, PipelineError> {
+    let mut conn = pipeline.store().acquire().await?;
+    Ok(store::held_requests_of(&mut conn, info.account_id)
+        .await?
+        .into_iter()
+        .map(|h| (h.key, h.subject))
+        .collect())
+}
+
+/// Confirms the address behind `token`, in one transaction, opening its held requests
+/// (with `only`, just those of them).
 pub async fn confirm(
     pipeline: &Pipeline,
     token: &str,
     display_name: Option<&str>,
+    only: Option<&[RequestKey]>,
     now: i64,
 ) -> Result<Confirmation, PipelineError> {
     if !well_formed(token) {
@@ -95,6 +112,11 @@ pub async fn confirm(
     let mut deferred = Deferred::default();
     let mut released = Vec::new();
     for h in held {
+        if only.is_some_and(|keys| !keys.contains(&h.key)) {
+            // Unticked on the page: not theirs. It stays held and expires.
+            tracing::info!(request = %h.key, "held request left held: unticked on the confirmation page");
+            continue;
+        }
         // The held message's To/Cc, decided as if it arrived now from the confirmed person.
         let msg = InboundMessage::synthetic(
             Mailbox {

@@ -242,6 +242,32 @@ async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -
                     ),
                 )
             };
+            let held = match verify::held(&state.pipeline, &info).await {
+                Ok(h) => h,
+                Err(e) => return error_page(&e),
+            };
+            // Each request waiting, ticked: one the person did not write (forged in
+            // their name while the link waited) they untick, and it is not opened.
+            let listed = if held.is_empty() {
+                String::new()
+            } else {
+                let items: Vec<String> = held
+                    .iter()
+                    .map(|(key, subject)| {
+                        let key = html_escape(&key.to_string());
+                        format!(
+                            "<li><label><input type=\"checkbox\" name=\"open:{key}\" value=\"1\" checked> \
+                             {key}: {}</label></li>",
+                            html_escape(subject)
+                        )
+                    })
+                    .collect();
+                format!(
+                    "<p>Requests waiting for this confirmation; untick any you did not send, and it will not be opened:</p>\n\
+                     <ul id=\"held\">{}</ul>\n<input type=\"hidden\" name=\"listed\" value=\"1\">\n",
+                    items.join("")
+                )
+            };
             // The form posts back to this page's own URL (no `action`): behind a proxy
             // that serves intake under a path prefix, `/verify/...` would miss it.
             page(
@@ -249,7 +275,7 @@ async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -
                 title,
                 &format!(
                     "{what}\n<p>Opening this page changed nothing; only the button below does.</p>\n\
-                     <form method=\"post\">\n\
+                     <form method=\"post\">\n{listed}\
                      <label for=\"display_name\">Your name, as it should be shown (optional)</label>\n\
                      <input type=\"text\" id=\"display_name\" name=\"display_name\" value=\"{name}\" maxlength=\"200\" autocomplete=\"name\">\n\
                      <button type=\"submit\" id=\"confirm\">Confirm my address</button>\n\
@@ -284,6 +310,11 @@ fn unknown_page() -> Response {
 #[derive(Debug, Deserialize)]
 struct ConfirmForm {
     display_name: Option<String>,
+    /// Present when the page listed the held requests: then only those ticked
+    /// (`open:KEY`) are opened. Without it (a form from before the list), all are.
+    listed: Option<String>,
+    #[serde(flatten)]
+    ticked: std::collections::HashMap<String, String>,
 }
 
 async fn confirm(
@@ -292,7 +323,22 @@ async fn confirm(
     Form(form): Form<ConfirmForm>,
 ) -> Response {
     let name = form.display_name.filter(|n| !n.trim().is_empty());
-    match verify::confirm(&state.pipeline, &token, name.as_deref(), crate::now()).await {
+    let only: Option<Vec<crate::keys::RequestKey>> = form.listed.map(|_| {
+        form.ticked
+            .keys()
+            .filter_map(|k| k.strip_prefix("open:"))
+            .filter_map(|k| crate::keys::RequestKey::parse(k).ok())
+            .collect()
+    });
+    match verify::confirm(
+        &state.pipeline,
+        &token,
+        name.as_deref(),
+        only.as_deref(),
+        crate::now(),
+    )
+    .await
+    {
         Ok(Confirmation::Confirmed { address, released }) => {
             let opened = if released.is_empty() {
                 String::new()

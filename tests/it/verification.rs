@@ -254,14 +254,13 @@ fn get_never_confirms_and_expired_or_unknown_links_say_so() {
 /// A daemon under signup = verify that held the mail in `fixture_name` and sent its
 /// sender a link: the relay (keep it alive), the environment, the daemon and the
 /// link's path.
-fn held_with_a_link(backend: Backend, fixture_name: &str) -> (Smtp, Env, Daemon, String) {
+fn held_with_a_link(
+    backend: Backend,
+    desk: &DeskSettings,
+    fixture_name: &str,
+) -> (Smtp, Env, Daemon, String) {
     let smtp = Smtp::start(Mode::Plain, None);
-    let env = Env::with_extra(
-        backend,
-        &verify_site(),
-        &DeskSettings::default(),
-        &smtp.toml(""),
-    );
+    let env = Env::with_extra(backend, &verify_site(), desk, &smtp.toml(""));
     let daemon = start_daemon(&env);
     drop_in_maildir(
         &env,
@@ -274,13 +273,75 @@ fn held_with_a_link(backend: Backend, fixture_name: &str) -> (Smtp, Env, Daemon,
     (smtp, env, daemon, path)
 }
 
+/// The confirmation page lists the requests waiting, each ticked: one the person did
+/// not send (written in their name while the link waited, Cc'ing someone) they untick,
+/// and it stays held — nobody on it is invited — while the rest opens.
+#[test]
+fn a_request_unticked_on_the_confirmation_page_stays_held() {
+    for backend in BACKENDS {
+        let (smtp, env, daemon, path) =
+            held_with_a_link(backend, &DeskSettings::sharing_any(), "outsider-new.eml");
+        drop_in_maildir(
+            &env,
+            "2.eml",
+            b"From: Olga Outsider <olga@outside.example>\r\nTo: it@desk.example\r\n\
+              Cc: Vic Tim <vic@target.example>\r\nSubject: Please add my colleague\r\n\
+              Message-ID: <forged-olga@evil.example>\r\n\r\nAdd them to everything.\r\n",
+        );
+        daemon.wait_for("the second held request", WAIT, || {
+            env.requests().len() == 2
+        });
+        assert_eq!(env.request("IT-2")["status"], "held");
+
+        let browser = Browser::start();
+        browser.goto(&format!("http://127.0.0.1:{}{path}", env.http_port));
+        let page = browser.text();
+        assert!(page.contains("IT-1: Printer on fire"), "{page}");
+        assert!(page.contains("IT-2: Please add my colleague"), "{page}");
+        browser.click("input[name='open:IT-2']");
+        browser.click("#confirm");
+        let start = std::time::Instant::now();
+        while !browser.text().contains("is confirmed") {
+            assert!(start.elapsed() < WAIT, "{}", browser.text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let page = browser.text();
+        assert!(page.contains("IT-1") && !page.contains("IT-2"), "{page}");
+        assert_eq!(env.request("IT-1")["status"], "open");
+        assert_eq!(env.request("IT-2")["status"], "held");
+        // Bob, on IT-1, is invited; Vic, on the unticked one, gets nothing.
+        let mails = wait_for_messages(&smtp, 2, WAIT);
+        daemon.stop();
+        let to: Vec<String> = smtp
+            .messages()
+            .iter()
+            .map(|m| header(&String::from_utf8_lossy(m), "To").concat())
+            .collect();
+        assert_eq!(mails.len(), to.len());
+        assert!(to.iter().any(|t| t.contains("bob@ext.example")), "{to:?}");
+        assert!(
+            !to.iter().any(|t| t.contains("vic@target.example")),
+            "{to:?}"
+        );
+        let accounts = env.account_addresses();
+        assert!(
+            !accounts.contains(&"vic@target.example".to_string()),
+            "{accounts:?}"
+        );
+    }
+}
+
 /// Under signup = verify, a new colleague from an approved domain (authenticated, or
 /// they would be rejected) is held like anyone; confirming the link opens the request,
 /// the link standing for the authentication the held message had.
 #[test]
 fn a_confirmed_colleague_from_an_approved_domain_gets_the_request_opened() {
     for backend in BACKENDS {
-        let (_smtp, env, daemon, path) = held_with_a_link(backend, "internal-authenticated.eml");
+        let (_smtp, env, daemon, path) = held_with_a_link(
+            backend,
+            &DeskSettings::default(),
+            "internal-authenticated.eml",
+        );
         assert_eq!(env.request("IT-1")["status"], "held");
         let (status, _, body) = http(
             env.http_port,
@@ -303,7 +364,8 @@ fn a_confirmed_colleague_from_an_approved_domain_gets_the_request_opened() {
 #[test]
 fn a_link_to_a_deactivated_account_confirms_nothing() {
     for backend in BACKENDS {
-        let (_smtp, env, daemon, path) = held_with_a_link(backend, "outsider-new.eml");
+        let (_smtp, env, daemon, path) =
+            held_with_a_link(backend, &DeskSettings::default(), "outsider-new.eml");
         env.json(&["accounts", "deactivate", "olga@outside.example", "--json"]);
         let (status, _, body) = http(env.http_port, "GET", &path, None);
         assert_eq!(status, 403, "{body}");
