@@ -44,7 +44,7 @@ pub fn parse_header(header_index: usize, value: &str) -> Vec<AuthResult> {
     };
     // An authserv-id is a token or quoted string: `=` cannot be in one unquoted, so a
     // first part like `spf=pass` is a result, and there is no id.
-    let (authserv_id, resinfos) = if id.contains('=') {
+    let (authserv_id, resinfos) = if id.contains('=') && !id.starts_with('"') {
         (String::new(), &parts[..])
     } else {
         let id = unquote(id).to_ascii_lowercase();

@@ -95,3 +95,15 @@ fn a_header_without_an_authserv_id_as_exchange_online_writes_it() {
     let r = parse_header(0, "mx.example.com; spf=pass smtp.mailfrom=corp.example");
     assert_eq!((r.len(), r[0].authserv_id.as_str()), (1, "mx.example.com"));
 }
+
+/// A quoted authserv-id may hold `=`: it is still the id, not a result.
+#[test]
+fn a_quoted_id_with_an_equals_sign_is_an_id() {
+    let r = parse_header(0, "\"mx=1.desk.example\"; dkim=pass header.d=corp.example");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].authserv_id, "mx=1.desk.example");
+    assert_eq!(
+        (r[0].method.as_str(), r[0].result.as_str()),
+        ("dkim", "pass")
+    );
+}

@@ -921,5 +921,6 @@ fn sender_verdict(facts: &Facts, policy: &Policy, from_domain: &str) -> TrustVer
         from_domain,
         &facts.auth_results,
         &facts.signals.exchange_auth_as,
+        policy.access.is_approved(from_domain),
     )
 }

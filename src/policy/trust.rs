@@ -32,16 +32,20 @@ pub struct TrustVerdict {
 /// Microsoft 365 (`trust.microsoft365`), mail between the tenant's own mailboxes gets no
 /// passing `Authentication-Results`, but Exchange Online marks it `Internal`; it strips
 /// its organization headers from mail coming in from outside (its "header firewall")
-/// and marks that `Anonymous`. Every such header must say `Internal`.
+/// and marks that `Anonymous`. Every such header must say `Internal`, and the From
+/// domain must be one of ours (`from_is_ours`: an approved domain) — the mark says
+/// where the mail came from, not whose address the From is.
 pub fn verdict(
     trust: &Trust,
     from_domain: &str,
     results: &[AuthResult],
     exchange_auth_as: &[String],
+    from_is_ours: bool,
 ) -> TrustVerdict {
     let v = from_results(trust, from_domain, results);
     if !v.authenticated
         && !v.dmarc_failed
+        && from_is_ours
         && trust.microsoft365
         && !exchange_auth_as.is_empty()
         && exchange_auth_as.iter().all(|a| a == "internal")
@@ -85,17 +89,35 @@ fn from_results(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> Tru
             .filter(move |r| r.method == method && r.result == "pass")
     };
     // The MTA names the From domain it evaluated; without it, a DMARC result says
-    // nothing about this From (every MTA we know writes it).
+    // nothing about this From (every MTA we know writes it). Compared canonically: a
+    // trailing dot or a Unicode spelling is the same domain.
+    let from = canonical(from_domain);
     let dmarc = |result: &str| {
         header.iter().any(|r| {
             r.method == "dmarc"
                 && r.result == result
                 && r.property("header.from")
-                    .is_some_and(|d| d.eq_ignore_ascii_case(from_domain))
+                    .and_then(canonical)
+                    .is_some_and(|d| Some(&d) == from.as_ref())
         })
+    };
+    let id = match header.first().map(|r| r.authserv_id.as_str()) {
+        Some("") => "Microsoft 365",
+        Some(id) => id,
+        None => "",
     };
     if dmarc("pass") {
         return ok("dmarc", "DMARC passed");
+    }
+    // A DMARC fail stands, whatever else passed: a domain with strict alignment fails a
+    // DKIM or SPF pass for one of its subdomains (a vendor's, an ESP's) on purpose.
+    if dmarc("fail") {
+        return TrustVerdict {
+            authenticated: false,
+            method: None,
+            detail: format!("{id} reports DMARC fail for {from_domain}"),
+            dmarc_failed: true,
+        };
     }
     if let Some(r) = pass("dkim").find(|r| {
         r.property("header.d")
@@ -122,22 +144,21 @@ fn from_results(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> Tru
             &format!("SPF passed for {d}, aligned with {from_domain}"),
         );
     }
-    let id = match header.first().map(|r| r.authserv_id.as_str()) {
-        Some("") => "Microsoft 365",
-        Some(id) => id,
-        None => "",
-    };
-    let dmarc_failed = dmarc("fail");
     TrustVerdict {
         authenticated: false,
         method: None,
-        detail: if dmarc_failed {
-            format!("{id} reports DMARC fail for {from_domain}")
-        } else {
-            format!("{id} reports no DMARC pass and no aligned DKIM or SPF pass for {from_domain}")
-        },
-        dmarc_failed,
+        detail: format!(
+            "{id} reports no DMARC pass and no aligned DKIM or SPF pass for {from_domain}"
+        ),
+        dmarc_failed: false,
     }
+}
+
+/// The canonical form of a domain (lowercase, IDNA ASCII, no trailing dot), if it is one.
+fn canonical(domain: &str) -> Option<String> {
+    crate::address::Domain::parse(domain)
+        .ok()
+        .map(|d| d.as_str().to_string())
 }
 
 fn ok(method: &'static str, detail: &str) -> TrustVerdict {
@@ -157,11 +178,14 @@ fn domain_of(value: &str) -> &str {
 /// other where the parent has at least two labels (so `com` never aligns with
 /// anything). DMARC's relaxed alignment (same organizational domain) also aligns
 /// `mail.corp.example` with `corp.example` either way round; siblings
-/// (`a.corp.example`, `b.corp.example`) would need the list and do not align here.
+/// (`a.corp.example`, `b.corp.example`) would need the list and do not align here. Nor
+/// does the list stop a From on a two-label public suffix (`co.uk`) aligning with a
+/// domain under it; no address there has rights to guard.
 fn aligned(from: &str, auth: &str) -> bool {
-    let from = from.trim_end_matches('.').to_ascii_lowercase();
-    let auth = auth.trim_end_matches('.').to_ascii_lowercase();
-    !auth.is_empty() && (from == auth || under(&from, &auth) || under(&auth, &from))
+    let (Some(from), Some(auth)) = (canonical(from), canonical(auth)) else {
+        return false;
+    };
+    from == auth || under(&from, &auth) || under(&auth, &from)
 }
 
 /// `child` is a subdomain of `parent`, and `parent` is no single label.

@@ -13,7 +13,7 @@ fn trust() -> Trust {
 
 /// The verdict on `Authentication-Results` alone.
 fn verdict(trust: &Trust, from_domain: &str, results: &[AuthResult]) -> TrustVerdict {
-    super::verdict(trust, from_domain, results, &[])
+    super::verdict(trust, from_domain, results, &[], true)
 }
 
 fn results(headers: &[&str]) -> Vec<AuthResult> {
@@ -152,21 +152,70 @@ fn microsoft_365_believes_its_internal_mark() {
     let none =
         results(&["dkim=none header.d=none;dmarc=none action=none header.from=corp.example"]);
     let internal = vec!["internal".to_string()];
-    let v = super::verdict(&microsoft365(), "corp.example", &none, &internal);
+    let v = super::verdict(&microsoft365(), "corp.example", &none, &internal, true);
     assert_eq!(v.method, Some("exchange"), "{v:?}");
-    let v = super::verdict(&microsoft365(), "corp.example", &[], &internal);
+    let v = super::verdict(&microsoft365(), "corp.example", &[], &internal, true);
     assert_eq!(v.method, Some("exchange"), "{v:?}");
-    assert!(!super::verdict(&trust(), "corp.example", &none, &internal).authenticated);
+    assert!(!super::verdict(&trust(), "corp.example", &none, &internal, true).authenticated);
     for marks in [
         vec![],
         vec!["anonymous".to_string()],
         vec!["internal".to_string(), "anonymous".to_string()],
     ] {
-        let v = super::verdict(&microsoft365(), "corp.example", &none, &marks);
+        let v = super::verdict(&microsoft365(), "corp.example", &none, &marks, true);
         assert!(!v.authenticated, "{marks:?}: {v:?}");
     }
     let failed = results(&[
         "spf=fail smtp.mailfrom=evil.example;dmarc=fail action=oreject header.from=corp.example",
     ]);
-    assert!(!super::verdict(&microsoft365(), "corp.example", &failed, &internal).authenticated);
+    assert!(
+        !super::verdict(&microsoft365(), "corp.example", &failed, &internal, true).authenticated
+    );
+}
+
+/// A DMARC fail stands whatever else passed: a domain with strict alignment fails a pass
+/// for a subdomain (a vendor's, an ESP's) on purpose.
+#[test]
+fn a_dmarc_fail_is_not_overridden_by_a_relaxed_pass() {
+    for header in [
+        "mx.desk.example; spf=pass smtp.mailfrom=x@em.corp.example; dmarc=fail header.from=corp.example",
+        "mx.desk.example; dkim=pass header.d=vendor.corp.example; dmarc=fail header.from=corp.example",
+        "mx.desk.example; dkim=pass header.d=corp.example; dmarc=fail header.from=corp.example",
+    ] {
+        let v = verdict(&trust(), "corp.example", &results(&[header]));
+        assert!(!v.authenticated && v.dmarc_failed, "{header}: {v:?}");
+    }
+    let m365 = results(&[
+        "spf=pass smtp.mailfrom=em.corp.example;dmarc=fail action=oreject header.from=corp.example;compauth=fail reason=000",
+    ]);
+    let v = verdict(&microsoft365(), "corp.example", &m365);
+    assert!(!v.authenticated && v.dmarc_failed, "{v:?}");
+    // DMARC none (no policy published): the aligned pass decides.
+    let r = results(&[
+        "mx.desk.example; dkim=pass header.d=mail.corp.example; dmarc=none header.from=corp.example",
+    ]);
+    assert_eq!(verdict(&trust(), "corp.example", &r).method, Some("dkim"));
+}
+
+/// The domain the MTA names is compared canonically: a trailing dot, case or a Unicode
+/// spelling is the same domain, for a pass as for a fail.
+#[test]
+fn dmarc_domains_are_compared_canonically() {
+    let r = results(&["mx.desk.example; dmarc=fail header.from=Corp.Example."]);
+    assert!(verdict(&trust(), "corp.example", &r).dmarc_failed);
+    let r = results(&["mx.desk.example; dmarc=fail header.from=bücher.example"]);
+    assert!(verdict(&trust(), "xn--bcher-kva.example", &r).dmarc_failed);
+    let r = results(&["mx.desk.example; dmarc=pass header.from=bücher.example"]);
+    assert!(verdict(&trust(), "xn--bcher-kva.example", &r).authenticated);
+    let r = results(&["mx.desk.example; dkim=pass header.d=BÜCHER.example."]);
+    assert!(verdict(&trust(), "xn--bcher-kva.example", &r).authenticated);
+}
+
+/// Exchange's Internal mark says where the mail came from, not whose the From is: it
+/// vouches only for our own (approved) domains.
+#[test]
+fn the_internal_mark_vouches_only_for_our_domains() {
+    let internal = vec!["internal".to_string()];
+    let v = super::verdict(&microsoft365(), "partner.example", &[], &internal, false);
+    assert!(!v.authenticated, "{v:?}");
 }
