@@ -322,6 +322,8 @@ pub struct DrainReport {
     pub sent: usize,
     pub failed: usize,
     pub dead: usize,
+    /// Claimed but given back untried: too little of the claim was left for a send.
+    pub given_back: usize,
 }
 
 /// Drains the outbox.
@@ -479,6 +481,7 @@ impl Worker {
                         held,
                         "too little of the claim on this mail was left for a send; it is left to the next claim"
                     );
+                    report.given_back += 1;
                     continue;
                 }
                 let result = match build_message(&row, &self.stamp) {

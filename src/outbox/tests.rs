@@ -132,7 +132,8 @@ async fn a_long_pass_does_not_burn_a_failed_mails_retries() {
         DrainReport {
             sent: 0,
             failed: 1,
-            dead: 0
+            dead: 0,
+            given_back: 0,
         }
     );
     let rows = store.list_outbox(None, 10).await.unwrap();
@@ -445,6 +446,33 @@ async fn a_relay_refusing_everyone_does_not_make_everyone_undeliverable() {
     assert_eq!(w.drain_once(now).await.unwrap().dead, 1);
     let gone = store.show_account("gone@example.com").await.unwrap();
     assert!(gone.undeliverable_at.is_some(), "{gone:?}");
+}
+
+/// Past the first half of its claim, a mail starts only if the claim holds for a whole
+/// send more (a send started near its end could still run when another worker claims
+/// the mail): the second mail of a claim whose lease is nearly gone after a slow first
+/// send is given back uncounted, for the next claim.
+#[tokio::test]
+async fn a_mail_is_not_started_on_a_claim_too_short_for_a_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path()).await;
+    let now = crate::now();
+    queue(&store, "ann@example.com", now - 10).await;
+    queue(&store, "bob@example.com", now - 10).await;
+    let port = slow_relay(OK, OK, OK, Duration::from_millis(1200)).await;
+    let mut w = worker(&store, Transport::Smtp(smtp_transport(port)));
+    w.claim_lease_secs = 2;
+    let report = w.drain_while(now, || true).await.unwrap();
+    // The first went out; the second, claimed with it, was given back, then claimed
+    // again (due at once) and sent in the same pass, on a fresh claim.
+    assert_eq!((report.sent, report.given_back), (2, 1), "{report:?}");
+    let rows = store.list_outbox(None, 10).await.unwrap();
+    let attempts: Vec<i64> = rows.iter().map(|r| r.attempts).collect();
+    assert_eq!(
+        attempts,
+        [1, 1],
+        "the mail given back counted no attempt: {rows:?}"
+    );
 }
 
 /// A relay that cannot be reached kills no mail (a long outage used to make every
