@@ -30,6 +30,8 @@ pub enum Confirmation {
     Confirmed {
         address: String,
         released: Vec<RequestKey>,
+        /// Held requests not opened: unticked on the page (or held after it was shown).
+        left_held: Vec<RequestKey>,
     },
     Expired,
     Used,
@@ -111,10 +113,12 @@ pub async fn confirm(
     let index = DirectoryIndex::load(wtx.conn()).await?;
     let mut deferred = Deferred::default();
     let mut released = Vec::new();
+    let mut left_held = Vec::new();
     for h in held {
         if only.is_some_and(|keys| !keys.contains(&h.key)) {
             // Unticked on the page: not theirs. It stays held and expires.
             tracing::info!(request = %h.key, "held request left held: unticked on the confirmation page");
+            left_held.push(h.key);
             continue;
         }
         // The held message's To/Cc, decided as if it arrived now from the confirmed person.
@@ -192,5 +196,6 @@ pub async fn confirm(
     Ok(Confirmation::Confirmed {
         address: address.to_string(),
         released,
+        left_held,
     })
 }

@@ -248,8 +248,10 @@ async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -
             };
             // Each request waiting, ticked: one the person did not write (forged in
             // their name while the link waited) they untick, and it is not opened.
+            // `listed` always goes with the form: a request held after the page was
+            // opened is not ticked, so it is not opened.
             let listed = if held.is_empty() {
-                String::new()
+                "<input type=\"hidden\" name=\"listed\" value=\"1\">\n".to_string()
             } else {
                 let items: Vec<String> = held
                     .iter()
@@ -339,19 +341,29 @@ async fn confirm(
     )
     .await
     {
-        Ok(Confirmation::Confirmed { address, released }) => {
-            let opened = if released.is_empty() {
-                String::new()
-            } else {
-                let keys: Vec<String> = released
-                    .iter()
+        Ok(Confirmation::Confirmed {
+            address,
+            released,
+            left_held,
+        }) => {
+            let list = |keys: &[crate::keys::RequestKey]| -> String {
+                keys.iter()
                     .map(|k| format!("<li>{}</li>", html_escape(&k.to_string())))
-                    .collect();
-                format!(
-                    "<p>These requests are now open:</p>\n<ul id=\"released\">{}</ul>",
-                    keys.join("")
-                )
+                    .collect()
             };
+            let mut opened = String::new();
+            if !released.is_empty() {
+                opened.push_str(&format!(
+                    "<p>These requests are now open:</p>\n<ul id=\"released\">{}</ul>\n",
+                    list(&released)
+                ));
+            }
+            if !left_held.is_empty() {
+                opened.push_str(&format!(
+                    "<p>These were not opened, and will expire:</p>\n<ul id=\"left-held\">{}</ul>\n",
+                    list(&left_held)
+                ));
+            }
             page(
                 StatusCode::OK,
                 "Thank you — your address is confirmed",

@@ -105,14 +105,29 @@ pub fn decide(facts: &Facts, policy: &Policy) -> Decision {
         ""
     };
 
-    // Threading: only people already on the request (or agents) may comment on it.
+    // Threading: only people already on the request (or agents) may comment on it. A
+    // held request waits for its reporter's confirmation: only they, while still
+    // pending, add to it (an agent may too). Once confirmed, one still held is one they
+    // left unticked (or the policy refused to open): a reply to it opens a new request
+    // instead of adding its To/Cc to the one they disowned.
+    let pending = sender
+        .account
+        .as_ref()
+        .is_some_and(|a| a.status == AccountStatus::Pending);
+    let disowned =
+        |t: &&Thread| t.status == super::facts::RequestStatus::Held && !is_agent && !pending;
     let thread = facts.thread.as_ref().filter(|t| {
-        is_agent
-            || t.involves(&sender.address)
-            || (t.matched_by == super::facts::ThreadMatch::MessageId
-                && desk.stranger_replies == super::model::StrangerReplies::Comment)
+        !disowned(t)
+            && (is_agent
+                || t.involves(&sender.address)
+                || (t.matched_by == super::facts::ThreadMatch::MessageId
+                    && desk.stranger_replies == super::model::StrangerReplies::Comment))
     });
     let stranger_note = match (&facts.thread, thread) {
+        (Some(t), None) if disowned(&t) => format!(
+            "; it refers to {}, which is held and was not opened when its reporter confirmed, so it is treated as new",
+            t.key
+        ),
         (Some(t), None) => format!(
             "; it refers to {} but {} is not on that request, so it is treated as new",
             t.key, sender.address

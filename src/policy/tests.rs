@@ -1172,6 +1172,37 @@ fn replies_thread_only_for_people_on_the_request() {
     assert_eq!(decide(&f, &p).action, Action::AddComment);
 }
 
+/// A request still held after its reporter confirmed is one they left unticked on the
+/// confirmation page (forged in their name): a reply to it — theirs, or the forger's with
+/// the Message-ID they know — opens a new request, and its Cc's are not added to the
+/// disowned one. An agent may still comment on it.
+#[test]
+fn a_reply_to_a_held_request_its_confirmed_reporter_disowned_is_new() {
+    let p = policy();
+    let mut s = stranger("ann@ext.example");
+    s.account = Some(account(AccountKind::PortalOnly, AccountStatus::Active));
+    let mut f = facts(s, vec![stranger("bob@ext.example")]);
+    let mut t = thread("ann@ext.example", &[], ThreadMatch::MessageId);
+    t.status = RequestStatus::Held;
+    f.thread = Some(t.clone());
+    let d = decide(&f, &p);
+    assert_eq!(d.action, Action::CreateRequest, "{}", d.to_text());
+    assert!(d.request.is_none(), "{}", d.to_text());
+    assert!(
+        d.explanation.contains("IT-42, which is held"),
+        "{}",
+        d.explanation
+    );
+
+    let mut agent = member("agnes@corp.example", AccountKind::Internal, &[]);
+    agent.agent = true;
+    let mut f = facts(agent, vec![]);
+    f.auth_results = dmarc_pass("corp.example");
+    f.thread = Some(t);
+    let d = decide(&f, &p);
+    assert_eq!(d.action, Action::AddComment, "{}", d.to_text());
+}
+
 #[test]
 fn pending_sender_replying_to_held_request_joins_it() {
     let p = policy();

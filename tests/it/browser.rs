@@ -183,12 +183,46 @@ impl Browser {
             .to_string()
     }
 
+    /// The page's text; empty while a page is loading (after a form was submitted,
+    /// there is a moment with no body to read).
     pub fn text(&self) -> String {
-        let body = self.find("body");
-        self.call("GET", &format!("/element/{body}/text"), None)
-            .as_str()
+        let (status, _, found) = http(
+            self.port,
+            "POST",
+            &format!("/session/{}/element", self.session),
+            Some((
+                "application/json",
+                json!({ "using": "css selector", "value": "body" })
+                    .to_string()
+                    .as_bytes(),
+            )),
+        );
+        if status == 404 {
+            return String::new();
+        }
+        let found: Value = serde_json::from_str(&found)
+            .unwrap_or_else(|e| panic!("chromedriver find body: {e}: {found}"));
+        let Some(body) = found["value"]
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|id| id.as_str())
+        else {
+            return String::new();
+        };
+        let (status, _, text) = http(
+            self.port,
+            "GET",
+            &format!("/session/{}/element/{body}/text", self.session),
+            None,
+        );
+        if status >= 400 {
+            // The body went stale: the next page replaced it meanwhile.
+            return String::new();
+        }
+        serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["value"].as_str().map(String::from))
             .unwrap_or_default()
-            .to_string()
     }
 
     pub fn title(&self) -> String {

@@ -305,20 +305,47 @@ fn a_request_unticked_on_the_confirmation_page_stays_held() {
             assert!(start.elapsed() < WAIT, "{}", browser.text());
             std::thread::sleep(Duration::from_millis(50));
         }
-        let page = browser.text();
-        assert!(page.contains("IT-1") && !page.contains("IT-2"), "{page}");
+        let page = browser.source();
+        assert!(
+            page.contains("<ul id=\"released\"><li>IT-1</li></ul>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("<ul id=\"left-held\"><li>IT-2</li></ul>"),
+            "{page}"
+        );
         assert_eq!(env.request("IT-1")["status"], "open");
         assert_eq!(env.request("IT-2")["status"], "held");
-        // Bob, on IT-1, is invited; Vic, on the unticked one, gets nothing.
-        let mails = wait_for_messages(&smtp, 2, WAIT);
+        // A reply to the disowned request (the forger knows its Message-ID) does not
+        // revive it: it opens a request of its own.
+        drop_in_maildir(
+            &env,
+            "3.eml",
+            b"From: Olga Outsider <olga@outside.example>\r\nTo: it@desk.example\r\n\
+              Cc: Wes <wes@target.example>\r\nSubject: Re: Please add my colleague\r\n\
+              Message-ID: <forged-olga-2@evil.example>\r\n\
+              In-Reply-To: <forged-olga@evil.example>\r\n\r\nAnd them.\r\n",
+        );
+        daemon.wait_for("the reply as a request of its own", WAIT, || {
+            env.requests().len() == 3
+        });
+        let it2 = env.request("IT-2");
+        assert_eq!(it2["status"], "held", "{it2:#}");
+        assert_eq!(it2["comments"], 0, "{it2:#}");
+        // Bob, on IT-1, is invited, and Wes on the new request; Vic, on the unticked
+        // one, gets nothing.
+        wait_for_messages(&smtp, 3, WAIT);
         daemon.stop();
         let to: Vec<String> = smtp
             .messages()
             .iter()
             .map(|m| header(&String::from_utf8_lossy(m), "To").concat())
             .collect();
-        assert_eq!(mails.len(), to.len());
         assert!(to.iter().any(|t| t.contains("bob@ext.example")), "{to:?}");
+        assert!(
+            to.iter().any(|t| t.contains("wes@target.example")),
+            "{to:?}"
+        );
         assert!(
             !to.iter().any(|t| t.contains("vic@target.example")),
             "{to:?}"
