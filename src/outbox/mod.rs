@@ -351,13 +351,25 @@ pub struct Worker {
 pub struct RelayState {
     failures: u32,
     paused_until: Option<std::time::Instant>,
-    refused: std::collections::BTreeSet<String>,
+    /// Address → the refusals of it believed (outbox id, when its account was marked).
+    refused: std::collections::BTreeMap<String, Vec<(i64, i64)>>,
+}
+
+/// What a recipient refusal (5.1.x) is taken for.
+enum Refusal {
+    /// The address: the mail is dead, the account undeliverable.
+    Believed,
+    /// The relay: retried like a failure. `undo` holds the refusals believed earlier in
+    /// the same run (address, outbox id, when marked), to be taken back: the run
+    /// reached [`REFUSED_IN_A_ROW`] with this one.
+    Suspect { undo: Vec<(String, i64, i64)> },
 }
 
 /// Different recipients refused (5.1.x) in a row, with no mail taken in between, from
 /// which the relay is suspected rather than the addresses: a relay whose recipient
 /// lookup is broken refuses everyone, and each address would be marked undeliverable.
-/// From this one on, a refusal is an ordinary failure (retried with backoff, dead after
+/// Then the marks of the run so far are taken back (their mail is retried), and from
+/// this one on a refusal is an ordinary failure (retried with backoff, dead after
 /// `max_attempts`), until the relay takes a mail again.
 const REFUSED_IN_A_ROW: usize = 5;
 
@@ -526,19 +538,44 @@ impl Worker {
                             }
                             return Ok(report);
                         }
-                        if e.is_recipient_refused() && self.believe_refusal(&row.to) {
+                        // The time a believed refusal marks the account with: taking the
+                        // mark back matches it.
+                        let at = clock();
+                        let refusal = e
+                            .is_recipient_refused()
+                            .then(|| self.judge_refusal(&row.to, row.id, at));
+                        if let Some(Refusal::Suspect { undo }) = &refusal
+                            && !undo.is_empty()
+                        {
+                            let revived = self
+                                .store
+                                .outbox_unrefuse(
+                                    undo,
+                                    clock() + backoff_secs(1, self.retry_first_secs),
+                                    clock(),
+                                )
+                                .await?;
+                            let addresses: Vec<&str> =
+                                undo.iter().map(|(a, _, _)| a.as_str()).collect();
+                            tracing::error!(
+                                ?addresses,
+                                revived,
+                                "the SMTP relay refused {REFUSED_IN_A_ROW} different recipients in a row and took no mail: these addresses are not marked undeliverable after all, and their mail is retried"
+                            );
+                        }
+                        if let Some(Refusal::Believed) = refusal {
                             // Dead, and the address undeliverable as after a permanent
                             // bounce: no more invitations or links are queued for it.
                             let held = self
                                 .store
-                                .outbox_refused(row.claim(), &row.to, &text, clock())
+                                .outbox_refused(row.claim(), &row.to, &text, at)
                                 .await?;
                             lost_claim(row.id, held);
                             report.dead += 1;
                             tracing::error!(outbox_id = row.id, to = %row.to, error = %text, "the relay refused the recipient; the mail is dead and the address undeliverable");
                             continue;
                         }
-                        let suspect = e.is_recipient_refused();
+                        let suspect = refusal.is_some();
                         let dead = (e.is_permanent() && !suspect)
                             || row.attempts >= i64::from(self.max_attempts);
                         // From the time of the failure, not the start of the pass: a
@@ -584,13 +621,34 @@ impl Worker {
         }
     }
 
-    /// The relay refused `to` (5.1.x): true when that is believed (fewer than
-    /// [`REFUSED_IN_A_ROW`] different recipients refused since it last took a mail).
-    fn believe_refusal(&self, to: &str) -> bool {
-        self.relay.lock().is_ok_and(|mut r| {
-            r.refused.insert(to.to_ascii_lowercase());
-            r.refused.len() < REFUSED_IN_A_ROW
-        })
+    /// The relay refused `to` (5.1.x) for mail `outbox_id`: believed while fewer than
+    /// [`REFUSED_IN_A_ROW`] different recipients were refused since it last took a mail
+    /// (the account is then marked at `now`).
+    fn judge_refusal(&self, to: &str, outbox_id: i64, now: i64) -> Refusal {
+        let Ok(mut r) = self.relay.lock() else {
+            return Refusal::Believed;
+        };
+        let tripped = r.refused.len() >= REFUSED_IN_A_ROW;
+        let entry = r.refused.entry(to.to_ascii_lowercase()).or_default();
+        if tripped {
+            return Refusal::Suspect { undo: Vec::new() };
+        }
+        entry.push((outbox_id, now));
+        if r.refused.len() < REFUSED_IN_A_ROW {
+            return Refusal::Believed;
+        }
+        let undo = r
+            .refused
+            .iter_mut()
+            .flat_map(|(a, marks)| {
+                std::mem::take(marks)
+                    .into_iter()
+                    .map(|(id, at)| (a.clone(), id, at))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|(_, id, _)| *id != outbox_id)
+            .collect();
+        Refusal::Suspect { undo }
     }
 
     /// The relay was unavailable again: the pause before the next try (`retry_first`,

@@ -378,10 +378,10 @@ async fn a_refused_recipient_is_marked_undeliverable() {
     assert!(ann.undeliverable_at.is_some_and(|at| at >= now), "{ann:?}");
 }
 
-/// A relay whose recipient lookup is broken refuses everyone with 5.1.1: after a few
-/// different recipients refused in a row, with no mail taken in between, the relay is
-/// suspected, not the addresses — the rest are retried, not marked undeliverable —
-/// until it takes a mail again.
+/// A relay whose recipient lookup is broken refuses everyone with 5.1.1: once a few
+/// different recipients were refused in a row, with no mail taken in between, the relay
+/// is suspected, not the addresses — the marks made in that run are taken back and their
+/// mail retried, and the rest are retried too — until it takes a mail again.
 #[tokio::test]
 async fn a_relay_refusing_everyone_does_not_make_everyone_undeliverable() {
     let dir = tempfile::tempdir().unwrap();
@@ -402,31 +402,17 @@ async fn a_relay_refusing_everyone_does_not_make_everyone_undeliverable() {
             REFUSED_IN_A_ROW - 1,
             people.len() - (REFUSED_IN_A_ROW - 1)
         ),
-        "{report:?}"
+        "as they happened: {report:?}"
     );
-    let mut marked = 0;
     for p in &people {
-        if store
-            .show_account(p)
-            .await
-            .unwrap()
-            .undeliverable_at
-            .is_some()
-        {
-            marked += 1;
-        }
+        let a = store.show_account(p).await.unwrap();
+        assert!(a.undeliverable_at.is_none(), "{p} is still marked: {a:?}");
     }
-    assert_eq!(marked, REFUSED_IN_A_ROW - 1);
     let rows = store.list_outbox(None, 10).await.unwrap();
-    let waiting: Vec<_> = rows.iter().filter(|r| r.status == "pending").collect();
-    assert_eq!(
-        waiting.len(),
-        people.len() - (REFUSED_IN_A_ROW - 1),
-        "{rows:?}"
-    );
     assert!(
-        waiting.iter().all(|r| r.next_attempt_at > now),
-        "{waiting:?}"
+        rows.iter()
+            .all(|r| r.status == "pending" && r.next_attempt_at > now),
+        "{rows:?}"
     );
 
     // The relay takes a mail: refusals are believed again.

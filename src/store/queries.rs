@@ -864,6 +864,44 @@ impl Store {
         Ok(held)
     }
 
+    /// Takes back refusals believed before the relay was suspected (see the outbox's
+    /// `REFUSED_IN_A_ROW`): each (address, outbox id, when marked) — the account's mark,
+    /// if it is still the one made then, is cleared, and the mail, if still dead, is
+    /// due again at `retry_at`. Returns how many mails were revived.
+    pub async fn outbox_unrefuse(
+        &self,
+        marks: &[(String, i64, i64)],
+        retry_at: i64,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let mut wtx = self.begin_write().await?;
+        let mut revived = 0;
+        for (address, id, at) in marks {
+            sqlx::query(
+                "UPDATE accounts SET undeliverable_at = NULL, updated_at = $1 \
+                 WHERE address = $2 AND undeliverable_at = $3",
+            )
+            .bind(now)
+            .bind(address)
+            .bind(at)
+            .execute(wtx.conn())
+            .await
+            .ctx("take back an undeliverable mark")?;
+            revived += sqlx::query(
+                "UPDATE outbox SET status = 'pending', next_attempt_at = $1 \
+                 WHERE id = $2 AND status = 'dead'",
+            )
+            .bind(retry_at)
+            .bind(id)
+            .execute(wtx.conn())
+            .await
+            .ctx("retry mail refused by a suspect relay")?
+            .rows_affected();
+        }
+        wtx.commit().await?;
+        Ok(revived)
+    }
+
     /// Gives a claimed mail back unsent (a worker stopping before it got to it, a relay
     /// that was unavailable): pending again, due at `now`, and the attempt the claim
     /// counted is not counted. `error`, when given, becomes its last error, so `outbox
