@@ -46,10 +46,10 @@ pub fn router(state: AppState) -> Router {
 /// These pages are reachable from outside (the links are mailed to customers), so no
 /// client may hold a connection for long: one must send its request headers within
 /// `http.read_timeout` (an idle keep-alive connection is closed after it too), a request
-/// must be read and answered within twice that (a body dripped in), and a connection lives at most [`CONNECTION_LIFETIME`] (then it
-/// finishes its request and closes; cut [`SHUTDOWN_GRACE`] later, as for a client that
-/// never reads its responses). At most `http.max_connections` are served at once; more
-/// wait in the kernel's accept queue.
+/// must be read and answered within twice that (a body dripped in), and a connection
+/// lives at most [`CONNECTION_LIFETIME`] (then it finishes its request and closes; cut
+/// [`SHUTDOWN_GRACE`] later, as for a client that never reads its responses). At most
+/// `http.max_connections` are served at once; more wait in the kernel's accept queue.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
