@@ -169,6 +169,9 @@ impl MaildirSource {
                 .unwrap_or(std::time::UNIX_EPOCH)
         });
         let skip = self.skipped();
+        // A file here being skipped (it could not be read a moment ago) is not looked
+        // at now: the window must not move past it.
+        let held_back = skip.iter().any(|p| p.parent() == Some(cur.as_path()));
         let dir = cur.clone();
         let mut found = tokio::task::spawn_blocking(move || {
             oldest_files(&dir, usize::MAX, &skip, |name| {
@@ -196,7 +199,7 @@ impl MaildirSource {
                 .map_err(|source| self.store_error(source))?;
             found.retain(|p| !known.contains(&Self::base_name(p)));
         }
-        let complete = found.len() <= limit;
+        let complete = found.len() <= limit && !held_back;
         found.truncate(limit);
         // The window moves on only once what this sweep found is committed (the end of
         // `run_once`); a sweep cut short keeps it, so the next one sees the rest.
@@ -292,8 +295,29 @@ impl MaildirSource {
         .await
     }
 
-    /// Acknowledges a processed message (after the commit).
+    /// Acknowledges a processed message (after the commit). When it is no longer where
+    /// it was read — another program serving this Maildir (an IMAP server with a client
+    /// on the folder) moved it to `cur/` meanwhile — it is acknowledged there: left
+    /// behind, a quarantined message could never be released from where the ledger says
+    /// it went, and in seen mode a processed one would stay unread.
     pub async fn ack(&self, path: &Path, outcome: &Outcome) -> std::io::Result<()> {
+        match self.ack_at(path, outcome).await {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let cur = self.cfg.path.join("cur");
+                let base = Self::base_name(path);
+                let moved = tokio::task::spawn_blocking(move || in_dir(&cur, &base))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                match moved {
+                    Some(m) if m != path => self.ack_at(&m, outcome).await,
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn ack_at(&self, path: &Path, outcome: &Outcome) -> std::io::Result<()> {
         let base = Self::base_name(path);
         if outcome.is_quarantined() {
             return tokio::fs::rename(path, self.quarantine_path(path)).await;
@@ -327,25 +351,30 @@ impl MaildirSource {
         {
             match (&result, next) {
                 // Everything the sweep found is committed: the window moves on.
-                (Ok(_), Some(next)) => s.started = next,
-                (Ok(_), None) => {}
-                // Not all of it (a database outage, say): the next pass sweeps again,
-                // over the same window.
-                (Err(_), _) => s.dir_changed = std::time::UNIX_EPOCH,
+                (Ok((_, true)), Some(next)) => s.started = next,
+                (Ok((_, true)), None) => {}
+                // Not all of it (a database outage, a file that could not be read, the
+                // lease given up halfway): the next pass sweeps again, over the same
+                // window.
+                (Ok((_, false)) | Err(_), _) => s.dir_changed = std::time::UNIX_EPOCH,
             }
         }
-        result
+        result.map(|(n, _)| n)
     }
 
     /// [`MaildirSource::run_once`]'s work: what the sweep of `cur/` found, then `new/`.
+    /// Returns how many were committed, and whether everything the sweep found was.
     async fn work_through(
         &self,
         pipeline: &Pipeline,
         shutdown: &CancellationToken,
-    ) -> Result<usize, SourceError> {
+    ) -> Result<(usize, bool), SourceError> {
         let mut total = 0;
         let max = pipeline.config().max_message_size;
+        let cur = self.cfg.path.join("cur");
+        let from_sweep = |p: &Path| p.parent() == Some(cur.as_path());
         let mut listed: VecDeque<PathBuf> = self.sweep_cur(pipeline, LISTED).await?.into();
+        let mut swept_all = true;
         while !shutdown.is_cancelled() {
             if listed.is_empty() {
                 listed = self
@@ -379,6 +408,7 @@ impl MaildirSource {
                     Err(e) => {
                         tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot read message; skipping it for now");
                         self.skip_for_a_while(&path);
+                        swept_all &= !from_sweep(&path);
                     }
                 }
             }
@@ -408,7 +438,8 @@ impl MaildirSource {
             self.note_own(acked);
             total += outcomes.len();
         }
-        Ok(total)
+        swept_all &= !listed.iter().any(|p| from_sweep(p));
+        Ok((total, swept_all))
     }
 
     fn io_error(&self, what: &'static str, source: std::io::Error) -> SourceError {
@@ -480,6 +511,17 @@ pub enum SourceError {
 }
 
 /// A Maildir file name without its info suffix (`:2,FLAGS`).
+/// The file in `dir` whose name has the base `base` (any flags), if any.
+fn in_dir(dir: &Path, base: &str) -> std::io::Result<Option<PathBuf>> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if base_of(&entry.file_name().to_string_lossy()) == base {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
 fn base_of(name: &str) -> String {
     match name.split_once(':') {
         Some((base, _)) => base.to_string(),

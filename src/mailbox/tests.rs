@@ -70,3 +70,98 @@ fn a_scan_keeps_the_oldest_names_and_leaves_out_hidden_skipped_and_directories()
     assert_eq!(all.len(), 59);
     assert!(all.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// A message another program (an IMAP server with a client on the folder) moved from
+/// `new/` to `cur/` between our read and our acknowledgement is acknowledged where it is
+/// now: a quarantined one reaches the quarantine folder the ledger names, a processed
+/// one is flagged Seen, its other flags kept.
+#[tokio::test]
+async fn a_message_moved_to_cur_after_it_was_read_is_acknowledged_there() {
+    use crate::config::{After, MaildirConfig};
+    use crate::pipeline::Outcome;
+    use crate::policy::{Decision, Reason};
+    let dir = tempfile::tempdir().unwrap();
+    let source = maildir::MaildirSource::new(
+        "mb".into(),
+        DeskKey::parse("IT").unwrap(),
+        MaildirConfig {
+            path: dir.path().to_path_buf(),
+            poll_interval: Duration::from_secs(60),
+            after: After::Seen,
+            quarantine_folder: "Quarantine".into(),
+        },
+    );
+    source.ensure_dirs().await.unwrap();
+    let new = dir.path().join("new");
+    let cur = dir.path().join("cur");
+    for (name, flags) in [("1700000000.M1P1.host", "F"), ("1700000001.M2P1.host", "")] {
+        std::fs::write(new.join(name), "x").unwrap();
+        std::fs::rename(new.join(name), cur.join(format!("{name}:2,{flags}"))).unwrap();
+    }
+    let quarantined = Outcome::Quarantined {
+        reason: Reason::Unparseable,
+        detail: "test".into(),
+        ledger_id: 1,
+    };
+    source
+        .ack(&new.join("1700000000.M1P1.host"), &quarantined)
+        .await
+        .unwrap();
+    assert!(
+        dir.path()
+            .join(".Quarantine/cur/1700000000.M1P1.host:2,")
+            .exists()
+    );
+    let processed = Outcome::Duplicate {
+        decision: Box::new(Decision::ignored(Reason::DuplicateMessage, "test")),
+    };
+    source
+        .ack(&new.join("1700000001.M2P1.host"), &processed)
+        .await
+        .unwrap();
+    assert!(cur.join("1700000001.M2P1.host:2,S").exists());
+    // Gone altogether: the error stands.
+    let gone = source
+        .ack(&new.join("1700000002.M3P1.host"), &processed)
+        .await;
+    assert_eq!(gone.unwrap_err().kind(), std::io::ErrorKind::NotFound);
+}
+
+/// What a sweep of `cur/` found but did not get to (the lease given up, a shutdown) is
+/// swept again by the next pass: the window did not move past it.
+#[tokio::test]
+async fn a_sweep_cut_short_leaves_its_window_for_the_next_pass() {
+    use crate::config::{After, MaildirConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = crate::testing::pipeline(dir.path()).await;
+    let md = dir.path().join("md");
+    let source = maildir::MaildirSource::new(
+        "mb".into(),
+        DeskKey::parse("IT").unwrap(),
+        MaildirConfig {
+            path: md.clone(),
+            poll_interval: Duration::from_secs(60),
+            after: After::Seen,
+            quarantine_folder: "Quarantine".into(),
+        },
+    );
+    source.ensure_dirs().await.unwrap();
+    let running = tokio_util::sync::CancellationToken::new();
+    assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
+    // Another program moved two new messages into cur/ before we read them.
+    let t = crate::now() + 5;
+    for i in 0..2 {
+        std::fs::write(
+            md.join("cur").join(format!("{t}.M{i}P1.host:2,")),
+            format!(
+                "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
+                 Message-ID: <cut-{i}@cust.example>\r\n\r\nhello\r\n"
+            ),
+        )
+        .unwrap();
+    }
+    let stopped = tokio_util::sync::CancellationToken::new();
+    stopped.cancel();
+    assert_eq!(source.run_once(&pipeline, &stopped).await.unwrap(), 0);
+    assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 2);
+}
