@@ -550,10 +550,25 @@ impl ImapSource {
         let (mut last_uid, fresh) = self
             .starting_uid(&mut session, pipeline, uidvalidity, &mailbox)
             .await?;
-        if fresh {
-            // A new start (or a new UIDVALIDITY): nothing is acknowledged yet.
-            self.acked.store(0, std::sync::atomic::Ordering::Relaxed);
-        }
+        // A new start (or a new UIDVALIDITY): nothing is acknowledged yet. Otherwise
+        // what the database says, not what this process last held: another instance
+        // may have worked the mailbox since (under another UIDVALIDITY, even), and a
+        // stale value written back would hide leftovers below it for good.
+        let acked = if fresh {
+            0
+        } else {
+            pipeline
+                .store()
+                .mailbox_acked_uid(&self.name)
+                .await
+                .map_err(|source| ImapError::Store {
+                    mailbox: self.name.clone(),
+                    source,
+                })?
+                .unwrap_or(0)
+        };
+        self.acked
+            .store(acked, std::sync::atomic::Ordering::Relaxed);
         // What was refused last session is tried again by the leftover pass below.
         if let Ok(mut r) = self.refused.lock() {
             *r = Refused::default();
@@ -1555,6 +1570,13 @@ impl ImapSource {
                     .process_listed(session, pipeline, uidvalidity, &listed, &mut progress, ops)
                     .await?;
                 if n == 0 {
+                    // The first could not be fetched now (a throttling server): these
+                    // wait for the next connection, and `acked` stays below them until
+                    // then, or they would never be looked for again.
+                    if let (Some(&(first, _)), Ok(mut r)) = (listed.first(), self.refused.lock()) {
+                        r.from = Some(r.from.map_or(first, |f| f.min(first)));
+                        r.overflow = true;
+                    }
                     break;
                 }
                 listed.drain(..n.min(listed.len()));
