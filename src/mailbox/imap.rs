@@ -541,6 +541,14 @@ impl ImapSource {
         let idle = self.cfg.idle && caps.has_str("IDLE");
         let can_move = caps.has_str("MOVE");
         let uidplus = caps.has_str("UIDPLUS");
+        let expunges = match &self.cfg.after {
+            After::Delete => true,
+            After::Move(_) => !can_move,
+            After::Seen => false,
+        };
+        if expunges && !uidplus {
+            tracing::warn!(mailbox = %self.name, address = %self.address(), "the server has no UIDPLUS: acknowledging needs a plain EXPUNGE, which also removes any other message someone flagged \\Deleted in the folder meanwhile");
+        }
         self.ensure_folders(&mut session).await?;
         let mailbox = session
             .select(&self.cfg.folder)
