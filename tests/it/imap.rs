@@ -861,6 +861,8 @@ fn a_refused_acknowledgement_leaves_mail_in_place_and_the_mailbox_goes_on() {
             imap.status("INBOX").0 == 0 && imap.status("Processed").0 == 4
         });
         let failures = daemon.log().matches("mailbox connection failed").count();
+        const LEFTOVERS: &str = "processing again messages committed before the last disconnect";
+        let leftover_passes = daemon.log().matches(LEFTOVERS).count();
 
         // Refused again, then allowed: the next batch takes the refused ones along.
         dovecot.set_acl("Processed owner lrwstekxa\n");
@@ -873,10 +875,14 @@ fn a_refused_acknowledgement_leaves_mail_in_place_and_the_mailbox_goes_on() {
         daemon.wait_for("both moved with the next batch", WAIT, || {
             imap.status("INBOX").0 == 0 && imap.status("Processed").0 == 6
         });
+        // By the retry after the batch; on a loaded machine the session may have been
+        // started again meanwhile (a lease renewed late, say), and then the new
+        // session's leftover pass moved it.
+        let log = daemon.log();
         assert!(
-            daemon
-                .log()
-                .contains("messages the server refused before are acknowledged now")
+            log.contains("messages the server refused before are acknowledged now")
+                || log.matches(LEFTOVERS).count() > leftover_passes,
+            "{log}"
         );
 
         imap.command("DELETE Processed");
