@@ -250,8 +250,8 @@ async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -
             // their name while the link waited) they untick, and it is not opened.
             // `listed` always goes with the form: a request held after the page was
             // opened is not ticked, so it is not opened.
-            let listed = if held.is_empty() {
-                "<input type=\"hidden\" name=\"listed\" value=\"1\">\n".to_string()
+            let mut listed = if held.is_empty() {
+                String::new()
             } else {
                 let items: Vec<String> = held
                     .iter()
@@ -266,10 +266,11 @@ async fn verify_page(State(state): State<AppState>, Path(token): Path<String>) -
                     .collect();
                 format!(
                     "<p>Requests waiting for this confirmation; untick any you did not send, and it will not be opened:</p>\n\
-                     <ul id=\"held\">{}</ul>\n<input type=\"hidden\" name=\"listed\" value=\"1\">\n",
+                     <ul id=\"held\">{}</ul>\n",
                     items.join("")
                 )
             };
+            listed.push_str("<input type=\"hidden\" name=\"listed\" value=\"1\">\n");
             // The form posts back to this page's own URL (no `action`): behind a proxy
             // that serves intake under a path prefix, `/verify/...` would miss it.
             page(

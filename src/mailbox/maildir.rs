@@ -305,10 +305,14 @@ impl MaildirSource {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let cur = self.cfg.path.join("cur");
                 let base = Self::base_name(path);
-                let moved = tokio::task::spawn_blocking(move || in_dir(&cur, &base))
-                    .await
-                    .map_err(std::io::Error::other)??;
-                match moved {
+                let moved = tokio::task::spawn_blocking(move || {
+                    oldest_files(&cur, 1, &HashSet::new(), |name| {
+                        base_of(&name.to_string_lossy()) == base
+                    })
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                match moved.into_iter().next() {
                     Some(m) if m != path => self.ack_at(&m, outcome).await,
                     _ => Err(e),
                 }
@@ -511,17 +515,6 @@ pub enum SourceError {
 }
 
 /// A Maildir file name without its info suffix (`:2,FLAGS`).
-/// The file in `dir` whose name has the base `base` (any flags), if any.
-fn in_dir(dir: &Path, base: &str) -> std::io::Result<Option<PathBuf>> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if base_of(&entry.file_name().to_string_lossy()) == base {
-            return Ok(Some(entry.path()));
-        }
-    }
-    Ok(None)
-}
-
 fn base_of(name: &str) -> String {
     match name.split_once(':') {
         Some((base, _)) => base.to_string(),

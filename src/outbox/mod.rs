@@ -575,7 +575,7 @@ impl Worker {
                             tracing::error!(outbox_id = row.id, to = %row.to, error = %text, "the relay refused the recipient; the mail is dead and the address undeliverable");
                             continue;
                         }
-                        let suspect = refusal.is_some();
+                        let suspect = matches!(refusal, Some(Refusal::Suspect { .. }));
                         let dead = (e.is_permanent() && !suspect)
                             || row.attempts >= i64::from(self.max_attempts);
                         // From the time of the failure, not the start of the pass: a
