@@ -7,7 +7,8 @@
 //! client) moves mail from `new/` to `cur/` as soon as a session looks at the folder,
 //! before intake may have read it, and a person may read it there. So `cur/` is swept
 //! too, for messages delivered since intake first watched the mailbox (older mail
-//! there was never meant for it): with `after = "seen"` for
+//! there was never meant for it; but a message listed in `new/` that vanished before
+//! we read it is taken from `cur/` whatever its age): with `after = "seen"` for
 //! those the ledger does not know (mail staff marked unread again stays unread),
 //! otherwise for all (processed mail leaves `cur/`). A sweep looks at the files changed
 //! since the one before (ctime: a rename sets it), and runs when `cur/` changed by
@@ -72,6 +73,9 @@ pub struct MaildirSource {
     acked_since_sweep: std::sync::Mutex<HashSet<String>>,
     /// When intake first watched this mailbox (Unix seconds), once read.
     watched_since: std::sync::Mutex<Option<i64>>,
+    /// Base names of messages listed in `new/` that another program moved before we
+    /// read them: the next sweep takes them from `cur/` however old they are.
+    vanished: std::sync::Mutex<HashSet<String>>,
 }
 
 impl MaildirSource {
@@ -85,6 +89,17 @@ impl MaildirSource {
             sweep_next: Default::default(),
             acked_since_sweep: Default::default(),
             watched_since: Default::default(),
+            vanished: Default::default(),
+        }
+    }
+
+    /// A message listed in `new/` was gone when we came to read it: another program
+    /// serving this Maildir moved it, most likely to `cur/`. The next sweep takes it
+    /// from there even when it was delivered before intake first watched the mailbox
+    /// (mail waiting at the first start) or outside the sweep's window.
+    pub(super) fn note_vanished(&self, path: &Path) {
+        if let Ok(mut v) = self.vanished.lock() {
+            v.insert(Self::base_name(path));
         }
     }
 
@@ -152,7 +167,10 @@ impl MaildirSource {
             .and_then(|m| m.modified())
             .map_err(|e| self.io_error("read", e))?;
         let last = self.swept.lock().ok().and_then(|s| *s);
-        if last.is_some_and(|l| l.dir_changed == changed && l.at.elapsed() < SWEEP_EVERY) {
+        let vanished: HashSet<String> = self.vanished.lock().map(|v| v.clone()).unwrap_or_default();
+        if vanished.is_empty()
+            && last.is_some_and(|l| l.dir_changed == changed && l.at.elapsed() < SWEEP_EVERY)
+        {
             return Ok(Vec::new());
         }
         let started = std::time::SystemTime::now();
@@ -173,11 +191,16 @@ impl MaildirSource {
         // at now: the window must not move past it.
         let held_back = skip.iter().any(|p| p.parent() == Some(cur.as_path()));
         let dir = cur.clone();
+        let looked_for = vanished.clone();
         let mut found = tokio::task::spawn_blocking(move || {
             oldest_files(&dir, usize::MAX, &skip, |name| {
                 let name = name.to_string_lossy();
-                if own.contains(&base_of(&name)) {
+                let base = base_of(&name);
+                if own.contains(&base) {
                     return false;
+                }
+                if looked_for.contains(&base) {
+                    return true;
                 }
                 let path = dir.join(name.as_ref());
                 delivered_at(&path, &name).is_some_and(|t| t >= since)
@@ -201,6 +224,27 @@ impl MaildirSource {
         }
         let complete = found.len() <= limit && !held_back;
         found.truncate(limit);
+        // What was looked for is handed over: found now (the batch that reads it is
+        // what counts from here, like any swept file), or, after a complete sweep,
+        // not in cur/ at all (deleted, or moved elsewhere: not ours to chase).
+        if !vanished.is_empty()
+            && let Ok(mut v) = self.vanished.lock()
+        {
+            if complete {
+                v.retain(|name| !vanished.contains(name));
+            } else {
+                for path in &found {
+                    v.remove(&Self::base_name(path));
+                }
+            }
+            let missing = vanished
+                .iter()
+                .filter(|name| !found.iter().any(|p| &Self::base_name(p) == *name))
+                .count();
+            if complete && missing > 0 {
+                tracing::info!(mailbox = %self.name, count = missing, "messages moved out of new/ before they were read are not in cur/ either (deleted, or moved to another folder)");
+            }
+        }
         // The window moves on only once what this sweep found is committed (the end of
         // `run_once`); a sweep cut short keeps it, so the next one sees the rest.
         let kept = last.map_or(std::time::UNIX_EPOCH, |l| l.started);
@@ -408,6 +452,9 @@ impl MaildirSource {
                         // serving this Maildir (an IMAP server, a mail client) moved it,
                         // most likely to cur/, where the next sweep finds it.
                         tracing::info!(mailbox = %self.name, path = %path.display(), "the message file was moved before it was read; it is looked for in cur/");
+                        if !from_sweep(&path) {
+                            self.note_vanished(&path);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(mailbox = %self.name, path = %path.display(), error = %e, "cannot read message; skipping it for now");
