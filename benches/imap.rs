@@ -23,7 +23,7 @@
 
 #[path = "../tests/it/dovecot.rs"]
 mod dovecot;
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../tests/it/harness.rs"]
 mod harness;
 

@@ -1,22 +1,25 @@
 //! Unit tests for `src/daemon.rs`.
 
 use super::*;
-use crate::testing::store;
+use crate::testing::{BACKENDS, store};
 
 /// A connection still in use (a batch blocked on a row lock after the shutdown
 /// deadline) must not keep the process from exiting.
 #[tokio::test]
 async fn closing_the_store_does_not_wait_for_a_connection_in_use() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let busy = store.acquire().await.unwrap();
-    let closed = tokio::time::timeout(
-        Duration::from_secs(5),
-        close_store(&store, Duration::from_millis(200)),
-    )
-    .await;
-    drop(busy);
-    assert!(closed.is_ok(), "close waited for the connection in use");
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let busy = store.acquire().await.unwrap();
+        let closed = tokio::time::timeout(
+            Duration::from_secs(5),
+            close_store(&store, Duration::from_millis(200)),
+        )
+        .await;
+        drop(busy);
+        assert!(closed.is_ok(), "close waited for the connection in use");
+    }
 }
 
 /// A mailbox task that panics is noticed: it counts as died (the supervisor stops the

@@ -1,6 +1,6 @@
 use super::*;
 use crate::policy::{Action, Reason};
-use crate::testing::pipeline;
+use crate::testing::{BACKENDS, pipeline};
 
 /// A delivery report (RFC 3464) from a customer's mail server.
 fn dsn(id: &str) -> Vec<u8> {
@@ -60,32 +60,35 @@ fn a_delivery_report_is_read_whatever_size_the_source_announced() {
 /// And end to end: such a report is not a request.
 #[tokio::test]
 async fn a_delivery_report_with_another_announced_size_opens_no_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = pipeline(dir.path()).await;
-    let raw = dsn("dsn-2");
-    let env = Envelope {
-        size: raw.len() as u64 + 4096,
-        raw,
-        source: SourceRef {
-            source: "test".into(),
-            reference: "2".into(),
-        },
-        desk: None,
-        quarantine_ref: String::new(),
-        content_hash: None,
-        fetch_error: None,
-        truncated: false,
-    };
-    let outcomes = pipeline.process_batch(&[env], crate::now()).await.unwrap();
-    let Outcome::Decided { decision, .. } = &outcomes[0] else {
-        panic!("{:?}", outcomes[0]);
-    };
-    assert_eq!(
-        decision.reason,
-        Reason::DeliveryStatusNotification,
-        "{decision:?}"
-    );
-    assert_ne!(decision.action, Action::CreateRequest);
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path(), backend).await;
+        let raw = dsn("dsn-2");
+        let env = Envelope {
+            size: raw.len() as u64 + 4096,
+            raw,
+            source: SourceRef {
+                source: "test".into(),
+                reference: "2".into(),
+            },
+            desk: None,
+            quarantine_ref: String::new(),
+            content_hash: None,
+            fetch_error: None,
+            truncated: false,
+        };
+        let outcomes = pipeline.process_batch(&[env], crate::now()).await.unwrap();
+        let Outcome::Decided { decision, .. } = &outcomes[0] else {
+            panic!("{:?}", outcomes[0]);
+        };
+        assert_eq!(
+            decision.reason,
+            Reason::DeliveryStatusNotification,
+            "{decision:?}"
+        );
+        assert_ne!(decision.action, Action::CreateRequest);
+    }
 }
 
 /// Only the head of a message that was over the limit when the source read it: still
@@ -93,20 +96,23 @@ async fn a_delivery_report_with_another_announced_size_opens_no_request() {
 /// (and acknowledged) as if the head were all of it.
 #[tokio::test]
 async fn a_head_read_under_a_lower_limit_is_quarantined_whatever_the_limit_is_now() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = pipeline(dir.path()).await;
-    let head = "From: Olga <olga@outside.example>\r\nTo: support@desk.example\r\n\
-                Subject: Logs\r\nMessage-ID: <head-1@outside.example>\r\n\r\nThe logs:\r\n";
-    let mut env = envelope("head-1", head.to_string());
-    env.size = 200_000;
-    env.truncated = true;
-    assert!(env.size < pipeline.config().max_message_size);
-    let outcomes = pipeline.process_batch(&[env], crate::now()).await.unwrap();
-    let Outcome::Quarantined { reason, detail, .. } = &outcomes[0] else {
-        panic!("{:?}", outcomes[0]);
-    };
-    assert_eq!(*reason, Reason::Oversized);
-    assert!(detail.contains("only its head"), "{detail}");
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path(), backend).await;
+        let head = "From: Olga <olga@outside.example>\r\nTo: support@desk.example\r\n\
+                    Subject: Logs\r\nMessage-ID: <head-1@outside.example>\r\n\r\nThe logs:\r\n";
+        let mut env = envelope("head-1", head.to_string());
+        env.size = 200_000;
+        env.truncated = true;
+        assert!(env.size < pipeline.config().max_message_size);
+        let outcomes = pipeline.process_batch(&[env], crate::now()).await.unwrap();
+        let Outcome::Quarantined { reason, detail, .. } = &outcomes[0] else {
+            panic!("{:?}", outcomes[0]);
+        };
+        assert_eq!(*reason, Reason::Oversized);
+        assert!(detail.contains("only its head"), "{detail}");
+    }
 }
 
 fn envelope(reference: &str, raw: String) -> Envelope {
@@ -129,48 +135,51 @@ fn envelope(reference: &str, raw: String) -> Envelope {
 /// and the one a reply in the same batch joined.
 #[tokio::test]
 async fn a_batch_returns_the_keys_of_the_requests_it_made() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = pipeline(dir.path()).await;
-    let first = envelope(
-        "1",
-        "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\nSubject: Printer\r\n\
-         Message-ID: <p1@outside.example>\r\n\r\nIt is broken.\r\n"
-            .into(),
-    );
-    let second = envelope(
-        "2",
-        "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\nSubject: Re: Printer\r\n\
-         Message-ID: <p2@outside.example>\r\nIn-Reply-To: <p1@outside.example>\r\n\r\nStill.\r\n"
-            .into(),
-    );
-    let third = envelope(
-        "3",
-        "From: Piet <piet@outside.example>\r\nTo: it@desk.example\r\nSubject: Screen\r\n\
-         Message-ID: <p3@outside.example>\r\n\r\nDark.\r\n"
-            .into(),
-    );
-    let outcomes = pipeline
-        .process_batch(&[first, second, third], crate::now())
-        .await
-        .unwrap();
-    let keys: Vec<(Option<String>, Option<String>)> = outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Decided { decision, applied } => (
-                applied.request.as_ref().map(|k| k.to_string()),
-                decision.request.as_ref().map(|k| k.to_string()),
-            ),
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    assert_eq!(
-        keys,
-        vec![
-            (Some("IT-1".into()), None),
-            (Some("IT-1".into()), Some("IT-1".into())),
-            (Some("IT-2".into()), None),
-        ]
-    );
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path(), backend).await;
+        let first = envelope(
+            "1",
+            "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\nSubject: Printer\r\n\
+             Message-ID: <p1@outside.example>\r\n\r\nIt is broken.\r\n"
+                .into(),
+        );
+        let second = envelope(
+            "2",
+            "From: Olga <olga@outside.example>\r\nTo: it@desk.example\r\nSubject: Re: Printer\r\n\
+             Message-ID: <p2@outside.example>\r\nIn-Reply-To: <p1@outside.example>\r\n\r\nStill.\r\n"
+                .into(),
+        );
+        let third = envelope(
+            "3",
+            "From: Piet <piet@outside.example>\r\nTo: it@desk.example\r\nSubject: Screen\r\n\
+             Message-ID: <p3@outside.example>\r\n\r\nDark.\r\n"
+                .into(),
+        );
+        let outcomes = pipeline
+            .process_batch(&[first, second, third], crate::now())
+            .await
+            .unwrap();
+        let keys: Vec<(Option<String>, Option<String>)> = outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Decided { decision, applied } => (
+                    applied.request.as_ref().map(|k| k.to_string()),
+                    decision.request.as_ref().map(|k| k.to_string()),
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (Some("IT-1".into()), None),
+                (Some("IT-1".into()), Some("IT-1".into())),
+                (Some("IT-2".into()), None),
+            ]
+        );
+    }
 }
 
 /// A panic of ours while processing one message (a bug that message meets) quarantines
@@ -179,68 +188,71 @@ async fn a_batch_returns_the_keys_of_the_requests_it_made() {
 /// daemon, which met the same message again after its restart.
 #[tokio::test]
 async fn a_message_that_panics_is_quarantined_and_the_batch_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = pipeline(dir.path()).await;
-    let mail = |n: u32, from: &str, subject: &str| {
-        envelope(
-            &n.to_string(),
-            format!(
-                "From: {from}\r\nTo: it@desk.example\r\nSubject: {subject}\r\n\
-                 Message-ID: <panic-{n}@outside.example>\r\n\r\nHello.\r\n"
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path(), backend).await;
+        let mail = |n: u32, from: &str, subject: &str| {
+            envelope(
+                &n.to_string(),
+                format!(
+                    "From: {from}\r\nTo: it@desk.example\r\nSubject: {subject}\r\n\
+                     Message-ID: <panic-{n}@outside.example>\r\n\r\nHello.\r\n"
+                ),
+            )
+        };
+        let batch = [
+            mail(1, "olga@outside.example", "Printer"),
+            mail(
+                2,
+                "mallory@outside.example",
+                "Screen [intake-test-panic:apply]",
             ),
-        )
-    };
-    let batch = [
-        mail(1, "olga@outside.example", "Printer"),
-        mail(
-            2,
-            "mallory@outside.example",
-            "Screen [intake-test-panic:apply]",
-        ),
-        mail(3, "piet@outside.example", "Mouse"),
-    ];
-    let outcomes = pipeline.process_batch(&batch, crate::now()).await.unwrap();
-    let requests: Vec<Option<String>> = outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Decided { applied, .. } => applied.request.as_ref().map(|k| k.to_string()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        requests,
-        vec![Some("IT-1".into()), None, Some("IT-2".into())]
-    );
-    let Outcome::Quarantined { reason, detail, .. } = &outcomes[1] else {
-        panic!("{:?}", outcomes[1]);
-    };
-    assert_eq!(*reason, Reason::ProcessingFailed);
-    assert!(
-        detail.contains("panicked: asked to by the test message"),
-        "{detail}"
-    );
-    // Mallory's account went with the rolled-back message: a later one creates it.
-    let later = pipeline
-        .process_batch(
-            &[mail(4, "mallory@outside.example", "Screen")],
-            crate::now(),
-        )
-        .await
-        .unwrap();
-    let Outcome::Decided { applied, .. } = &later[0] else {
-        panic!("{:?}", later[0]);
-    };
-    assert_eq!(
-        applied.request.as_ref().map(|k| k.to_string()),
-        Some("IT-3".into())
-    );
-    assert!(
-        applied
-            .accounts_created
+            mail(3, "piet@outside.example", "Mouse"),
+        ];
+        let outcomes = pipeline.process_batch(&batch, crate::now()).await.unwrap();
+        let requests: Vec<Option<String>> = outcomes
             .iter()
-            .any(|(a, _)| a.as_str() == "mallory@outside.example"),
-        "{applied:?}"
-    );
+            .map(|o| match o {
+                Outcome::Decided { applied, .. } => applied.request.as_ref().map(|k| k.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            requests,
+            vec![Some("IT-1".into()), None, Some("IT-2".into())]
+        );
+        let Outcome::Quarantined { reason, detail, .. } = &outcomes[1] else {
+            panic!("{:?}", outcomes[1]);
+        };
+        assert_eq!(*reason, Reason::ProcessingFailed);
+        assert!(
+            detail.contains("panicked: asked to by the test message"),
+            "{detail}"
+        );
+        // Mallory's account went with the rolled-back message: a later one creates it.
+        let later = pipeline
+            .process_batch(
+                &[mail(4, "mallory@outside.example", "Screen")],
+                crate::now(),
+            )
+            .await
+            .unwrap();
+        let Outcome::Decided { applied, .. } = &later[0] else {
+            panic!("{:?}", later[0]);
+        };
+        assert_eq!(
+            applied.request.as_ref().map(|k| k.to_string()),
+            Some("IT-3".into())
+        );
+        assert!(
+            applied
+                .accounts_created
+                .iter()
+                .any(|(a, _)| a.as_str() == "mallory@outside.example"),
+            "{applied:?}"
+        );
+    }
 }
 
 /// A panic while reading ahead for the batch fails only that pass: the careful pass
@@ -248,28 +260,31 @@ async fn a_message_that_panics_is_quarantined_and_the_batch_goes_on() {
 /// every message goes through.
 #[tokio::test]
 async fn a_panic_while_reading_ahead_leaves_the_batch_to_the_careful_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = pipeline(dir.path()).await;
-    let mail = |n: u32, subject: &str| {
-        envelope(
-            &n.to_string(),
-            format!(
-                "From: olga@outside.example\r\nTo: it@desk.example\r\nSubject: {subject}\r\n\
-                 Message-ID: <ahead-{n}@outside.example>\r\n\r\nHello.\r\n"
-            ),
-        )
-    };
-    let batch = [
-        mail(1, "Printer"),
-        mail(2, "Screen [intake-test-panic:ahead]"),
-    ];
-    let outcomes = pipeline.process_batch(&batch, crate::now()).await.unwrap();
-    let requests: Vec<Option<String>> = outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Decided { applied, .. } => applied.request.as_ref().map(|k| k.to_string()),
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    assert_eq!(requests, vec![Some("IT-1".into()), Some("IT-2".into())]);
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path(), backend).await;
+        let mail = |n: u32, subject: &str| {
+            envelope(
+                &n.to_string(),
+                format!(
+                    "From: olga@outside.example\r\nTo: it@desk.example\r\nSubject: {subject}\r\n\
+                     Message-ID: <ahead-{n}@outside.example>\r\n\r\nHello.\r\n"
+                ),
+            )
+        };
+        let batch = [
+            mail(1, "Printer"),
+            mail(2, "Screen [intake-test-panic:ahead]"),
+        ];
+        let outcomes = pipeline.process_batch(&batch, crate::now()).await.unwrap();
+        let requests: Vec<Option<String>> = outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Decided { applied, .. } => applied.request.as_ref().map(|k| k.to_string()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(requests, vec![Some("IT-1".into()), Some("IT-2".into())]);
+    }
 }

@@ -1,5 +1,7 @@
-//! What unit tests share: a minimal configuration on SQLite in a temporary directory,
-//! and the store and pipeline on it.
+//! What unit tests share: a minimal configuration in a temporary directory, on SQLite
+//! or on a fresh database of a throwaway PostgreSQL cluster (`backends`, shared with the
+//! integration tests), and the store and pipeline on it. A test of the store runs on
+//! each of [`BACKENDS`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,11 +11,18 @@ use crate::config::{Config, ConfigSource};
 use crate::pipeline::Pipeline;
 use crate::store::Store;
 
-/// One desk (IT, it@desk.example), no authentication required, SQLite and the outbox
-/// in `dir`.
-pub fn config(dir: &Path) -> Arc<Config> {
+mod backends;
+pub use backends::{BACKENDS, Backend};
+
+/// One desk (IT, it@desk.example), no authentication required, the outbox in `dir`;
+/// the database in `dir` (SQLite) or a fresh one (PostgreSQL).
+pub fn config(dir: &Path, backend: Backend) -> Arc<Config> {
+    let url = match backend {
+        Backend::Sqlite => format!("sqlite://{}/intake.db", dir.display()),
+        Backend::Postgres => backends::postgres_database(),
+    };
     let toml = format!(
-        "[database]\nurl = \"sqlite://{d}/intake.db\"\n\
+        "[database]\nurl = \"{url}\"\n\
          [[desks]]\nkey = \"IT\"\naddresses = [\"it@desk.example\"]\n\
          [trust]\nrequire_authentication = false\n[outbox]\ndir = \"{d}/outbox\"\n",
         d = dir.display()
@@ -23,14 +32,14 @@ pub fn config(dir: &Path) -> Arc<Config> {
     Arc::new(Config::load_with_env(&ConfigSource::File(path), Some(HashMap::new())).unwrap())
 }
 
-/// The store of [`config`]`(dir)`, migrated.
-pub async fn store(dir: &Path) -> Store {
-    Store::open(&config(dir).database).await.unwrap()
+/// The store of [`config`]`(dir, backend)`, migrated.
+pub async fn store(dir: &Path, backend: Backend) -> Store {
+    Store::open(&config(dir, backend).database).await.unwrap()
 }
 
-/// A pipeline on [`config`]`(dir)`.
-pub async fn pipeline(dir: &Path) -> Pipeline {
-    let config = config(dir);
+/// A pipeline on [`config`]`(dir, backend)`.
+pub async fn pipeline(dir: &Path, backend: Backend) -> Pipeline {
+    let config = config(dir, backend);
     let store = Store::open(&config.database).await.unwrap();
     let templates = crate::outbox::Templates::from_config(&config).unwrap();
     Pipeline::new(store, config, templates)

@@ -1,7 +1,7 @@
 //! Unit tests for `src/mailbox/lease.rs`.
 
 use super::*;
-use crate::testing::pipeline;
+use crate::testing::{BACKENDS, pipeline};
 
 fn names(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -294,27 +294,30 @@ fn work(
 /// live and halve the others' fair share: one of two mailboxes was never worked.
 #[tokio::test]
 async fn an_instance_without_mailboxes_does_not_starve_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = pipeline(dir.path()).await;
-    let ttl = Duration::from_secs(1);
-    let http_only = Board::new("w".into(), ttl, Vec::new());
-    beat(pipeline.store(), &http_only).await;
-    let board = Arc::new(Board::new("a".into(), ttl, names(&["m1", "m2"])));
-    beat(pipeline.store(), &board).await;
-    let shutdown = CancellationToken::new();
-    let worked = Shared::default();
-    let tasks = work(&pipeline, &board, &["m1", "m2"], &shutdown, &worked);
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path(), backend).await;
+        let ttl = Duration::from_secs(1);
+        let http_only = Board::new("w".into(), ttl, Vec::new());
         beat(pipeline.store(), &http_only).await;
+        let board = Arc::new(Board::new("a".into(), ttl, names(&["m1", "m2"])));
         beat(pipeline.store(), &board).await;
+        let shutdown = CancellationToken::new();
+        let worked = Shared::default();
+        let tasks = work(&pipeline, &board, &["m1", "m2"], &shutdown, &worked);
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            beat(pipeline.store(), &http_only).await;
+            beat(pipeline.store(), &board).await;
+        }
+        let now = worked.lock().unwrap().now.clone();
+        shutdown.cancel();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(now.len(), 2, "worked: {now:?}");
     }
-    let now = worked.lock().unwrap().now.clone();
-    shutdown.cancel();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(now.len(), 2, "worked: {now:?}");
 }
 
 /// Another instance is configured for both mailboxes and, by the shares, has room for
@@ -322,38 +325,41 @@ async fn an_instance_without_mailboxes_does_not_starve_one() {
 /// the share after a lease time, and the turns settle: nothing is handed back and forth.
 #[tokio::test]
 async fn a_mailbox_nobody_takes_is_taken_above_the_share_and_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = pipeline(dir.path()).await;
-    let ttl = Duration::from_secs(1);
-    let idle = Board::new("p".into(), ttl, names(&["m1", "m2"]));
-    beat(pipeline.store(), &idle).await;
-    let board = Arc::new(Board::new("a".into(), ttl, names(&["m1", "m2"])));
-    beat(pipeline.store(), &board).await;
-    assert_eq!(board.shares().share, 1);
-    let shutdown = CancellationToken::new();
-    let worked = Shared::default();
-    let tasks = work(&pipeline, &board, &["m1", "m2"], &shutdown, &worked);
-    // Taken at once: one mailbox within the share. After a lease time the other, above
-    // it; one of the two then goes back to the idle instance, which does not take it,
-    // and is taken again a lease time later, for good (about 3.5 s in all).
-    let mut settled = None;
-    for round in 0..30 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path(), backend).await;
+        let ttl = Duration::from_secs(1);
+        let idle = Board::new("p".into(), ttl, names(&["m1", "m2"]));
         beat(pipeline.store(), &idle).await;
+        let board = Arc::new(Board::new("a".into(), ttl, names(&["m1", "m2"])));
         beat(pipeline.store(), &board).await;
-        if round == 19 {
-            settled = Some(worked.lock().unwrap().turns.clone());
+        assert_eq!(board.shares().share, 1);
+        let shutdown = CancellationToken::new();
+        let worked = Shared::default();
+        let tasks = work(&pipeline, &board, &["m1", "m2"], &shutdown, &worked);
+        // Taken at once: one mailbox within the share. After a lease time the other, above
+        // it; one of the two then goes back to the idle instance, which does not take it,
+        // and is taken again a lease time later, for good (about 3.5 s in all).
+        let mut settled = None;
+        for round in 0..30 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            beat(pipeline.store(), &idle).await;
+            beat(pipeline.store(), &board).await;
+            if round == 19 {
+                settled = Some(worked.lock().unwrap().turns.clone());
+            }
         }
+        let (now, turns) = {
+            let w = worked.lock().unwrap();
+            (w.now.clone(), w.turns.clone())
+        };
+        shutdown.cancel();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(now.len(), 2, "worked: {now:?}");
+        assert_eq!(settled, Some(turns.clone()), "no turns in the last 3 s");
+        assert!(turns.values().all(|n| *n <= 2), "turns: {turns:?}");
     }
-    let (now, turns) = {
-        let w = worked.lock().unwrap();
-        (w.now.clone(), w.turns.clone())
-    };
-    shutdown.cancel();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(now.len(), 2, "worked: {now:?}");
-    assert_eq!(settled, Some(turns.clone()), "no turns in the last 3 s");
-    assert!(turns.values().all(|n| *n <= 2), "turns: {turns:?}");
 }

@@ -131,37 +131,87 @@ async fn a_message_moved_to_cur_after_it_was_read_is_acknowledged_there() {
 /// swept again by the next pass: the window did not move past it.
 #[tokio::test]
 async fn a_sweep_cut_short_leaves_its_window_for_the_next_pass() {
-    use crate::config::{After, MaildirConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = crate::testing::pipeline(dir.path()).await;
-    let md = dir.path().join("md");
-    let source = maildir::MaildirSource::new(
-        "mb".into(),
-        DeskKey::parse("IT").unwrap(),
-        MaildirConfig {
-            path: md.clone(),
-            poll_interval: Duration::from_secs(60),
-            after: After::Seen,
-            quarantine_folder: "Quarantine".into(),
-        },
-    );
-    source.ensure_dirs().await.unwrap();
-    let running = tokio_util::sync::CancellationToken::new();
-    assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
-    // Another program moved two new messages into cur/ before we read them.
-    let t = crate::now() + 5;
-    for i in 0..2 {
-        std::fs::write(
-            md.join("cur").join(format!("{t}.M{i}P1.host:2,")),
-            format!(
-                "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
-                 Message-ID: <cut-{i}@cust.example>\r\n\r\nhello\r\n"
-            ),
-        )
-        .unwrap();
+    for backend in crate::testing::BACKENDS {
+        eprintln!("on {backend:?}");
+        use crate::config::{After, MaildirConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = crate::testing::pipeline(dir.path(), backend).await;
+        let md = dir.path().join("md");
+        let source = maildir::MaildirSource::new(
+            "mb".into(),
+            DeskKey::parse("IT").unwrap(),
+            MaildirConfig {
+                path: md.clone(),
+                poll_interval: Duration::from_secs(60),
+                after: After::Seen,
+                quarantine_folder: "Quarantine".into(),
+            },
+        );
+        source.ensure_dirs().await.unwrap();
+        let running = tokio_util::sync::CancellationToken::new();
+        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
+        // Another program moved two new messages into cur/ before we read them.
+        let t = crate::now() + 5;
+        for i in 0..2 {
+            std::fs::write(
+                md.join("cur").join(format!("{t}.M{i}P1.host:2,")),
+                format!(
+                    "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
+                     Message-ID: <cut-{i}@cust.example>\r\n\r\nhello\r\n"
+                ),
+            )
+            .unwrap();
+        }
+        let stopped = tokio_util::sync::CancellationToken::new();
+        stopped.cancel();
+        assert_eq!(source.run_once(&pipeline, &stopped).await.unwrap(), 0);
+        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 2);
     }
-    let stopped = tokio_util::sync::CancellationToken::new();
-    stopped.cancel();
-    assert_eq!(source.run_once(&pipeline, &stopped).await.unwrap(), 0);
-    assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 2);
+}
+
+/// A message listed in `new/` that another program moved to `cur/` before we read it is
+/// taken from there by the next pass, though it was delivered before intake first
+/// watched the mailbox (mail waiting at the first start), which a sweep leaves alone.
+#[tokio::test]
+async fn a_message_moved_away_before_it_was_read_is_taken_from_cur() {
+    for backend in crate::testing::BACKENDS {
+        eprintln!("on {backend:?}");
+        use crate::config::{After, MaildirConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = crate::testing::pipeline(dir.path(), backend).await;
+        let md = dir.path().join("md");
+        let source = maildir::MaildirSource::new(
+            "mb".into(),
+            DeskKey::parse("IT").unwrap(),
+            MaildirConfig {
+                path: md.clone(),
+                poll_interval: Duration::from_secs(60),
+                after: After::Seen,
+                quarantine_folder: "Quarantine".into(),
+            },
+        );
+        source.ensure_dirs().await.unwrap();
+        let running = tokio_util::sync::CancellationToken::new();
+        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
+        // Two messages from before the first start, now in cur/: one was listed in new/
+        // and vanished, the other was never ours to see.
+        let old = crate::now() - 3600;
+        for i in 0..2 {
+            std::fs::write(
+                md.join("cur").join(format!("{old}.M{i}P1.host:2,")),
+                format!(
+                    "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
+                     Message-ID: <moved-{i}@cust.example>\r\n\r\nhello\r\n"
+                ),
+            )
+            .unwrap();
+        }
+        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
+        source.note_vanished(&md.join("new").join(format!("{old}.M0P1.host")));
+        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 1);
+        assert!(md.join("cur").join(format!("{old}.M0P1.host:2,S")).exists());
+        assert!(md.join("cur").join(format!("{old}.M1P1.host:2,")).exists());
+        // Handed over: not looked for again.
+        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
+    }
 }

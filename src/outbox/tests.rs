@@ -1,7 +1,7 @@
 //! Unit tests for `src/outbox/mod.rs`.
 
 use super::*;
-use crate::testing::store;
+use crate::testing::{BACKENDS, store};
 
 fn row() -> OutboxRow {
     OutboxRow {
@@ -115,35 +115,38 @@ fn worker(store: &Store, transport: Transport) -> Worker {
 /// row, and was dead within seconds of a transient failure.
 #[tokio::test]
 async fn a_long_pass_does_not_burn_a_failed_mails_retries() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let real_now = crate::now();
-    queue(&store, "ann@example.com", real_now - 10).await;
-    // Writing fails every time (the directory is a regular file): a transient error.
-    let blocker = dir.path().join("not-a-dir");
-    std::fs::write(&blocker, "x").unwrap();
-    let worker = worker(
-        &store,
-        Transport::File(FileTransport::new(blocker.join("sub"))),
-    );
-    let report = worker.drain_once(real_now - 7200).await.unwrap();
-    assert_eq!(
-        report,
-        DrainReport {
-            sent: 0,
-            failed: 1,
-            dead: 0,
-            given_back: 0,
-        }
-    );
-    let rows = store.list_outbox(None, 10).await.unwrap();
-    assert_eq!(rows[0].attempts, 1);
-    assert_eq!(rows[0].status, "pending");
-    assert!(
-        rows[0].next_attempt_at >= real_now + 30,
-        "retry at {} (now {real_now})",
-        rows[0].next_attempt_at
-    );
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let real_now = crate::now();
+        queue(&store, "ann@example.com", real_now - 10).await;
+        // Writing fails every time (the directory is a regular file): a transient error.
+        let blocker = dir.path().join("not-a-dir");
+        std::fs::write(&blocker, "x").unwrap();
+        let worker = worker(
+            &store,
+            Transport::File(FileTransport::new(blocker.join("sub"))),
+        );
+        let report = worker.drain_once(real_now - 7200).await.unwrap();
+        assert_eq!(
+            report,
+            DrainReport {
+                sent: 0,
+                failed: 1,
+                dead: 0,
+                given_back: 0,
+            }
+        );
+        let rows = store.list_outbox(None, 10).await.unwrap();
+        assert_eq!(rows[0].attempts, 1);
+        assert_eq!(rows[0].status, "pending");
+        assert!(
+            rows[0].next_attempt_at >= real_now + 30,
+            "retry at {} (now {real_now})",
+            rows[0].next_attempt_at
+        );
+    }
 }
 
 /// A relay on loopback that answers MAIL FROM with `mail`, RCPT TO with `rcpt` and the
@@ -329,53 +332,59 @@ async fn a_refused_sender_is_retried_and_a_refused_recipient_is_not() {
 /// Through the worker: a refused sender leaves the mail pending for a retry.
 #[tokio::test]
 async fn a_refused_sender_leaves_the_mail_queued() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let now = crate::now();
-    account(&store, "ann@example.com").await;
-    queue(&store, "ann@example.com", now - 10).await;
-    let port = fake_relay(
-        "553 5.7.1 <it@desk.example>: Sender address rejected: not owned by user intake",
-        OK,
-        OK,
-    )
-    .await;
-    let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
-    let report = worker.drain_once(now).await.unwrap();
-    assert_eq!(report.failed, 1, "{report:?}");
-    assert_eq!(report.dead, 0, "{report:?}");
-    let rows = store.list_outbox(None, 10).await.unwrap();
-    assert_eq!(rows[0].status, "pending");
-    let error = rows[0].last_error.as_deref().unwrap();
-    assert!(error.contains("Sender address rejected"), "{error}");
-    let ann = store.show_account("ann@example.com").await.unwrap();
-    assert_eq!(ann.undeliverable_at, None, "our sender, not her address");
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let now = crate::now();
+        account(&store, "ann@example.com").await;
+        queue(&store, "ann@example.com", now - 10).await;
+        let port = fake_relay(
+            "553 5.7.1 <it@desk.example>: Sender address rejected: not owned by user intake",
+            OK,
+            OK,
+        )
+        .await;
+        let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
+        let report = worker.drain_once(now).await.unwrap();
+        assert_eq!(report.failed, 1, "{report:?}");
+        assert_eq!(report.dead, 0, "{report:?}");
+        let rows = store.list_outbox(None, 10).await.unwrap();
+        assert_eq!(rows[0].status, "pending");
+        let error = rows[0].last_error.as_deref().unwrap();
+        assert!(error.contains("Sender address rejected"), "{error}");
+        let ann = store.show_account("ann@example.com").await.unwrap();
+        assert_eq!(ann.undeliverable_at, None, "our sender, not her address");
+    }
 }
 
 /// A recipient the relay refuses for good is as undeliverable as one a permanent bounce
 /// named: the mail is dead and the account marked, so nothing more is queued for it.
 #[tokio::test]
 async fn a_refused_recipient_is_marked_undeliverable() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let now = crate::now();
-    account(&store, "ann@example.com").await;
-    queue(&store, "ann@example.com", now - 10).await;
-    let port = fake_relay(
-        OK,
-        "550 5.1.1 <ann@example.com>: Recipient address rejected: User unknown",
-        OK,
-    )
-    .await;
-    let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
-    let report = worker.drain_once(now).await.unwrap();
-    assert_eq!(report.dead, 1, "{report:?}");
-    let rows = store.list_outbox(None, 10).await.unwrap();
-    assert_eq!(rows[0].status, "dead");
-    let error = rows[0].last_error.as_deref().unwrap();
-    assert!(error.contains("User unknown"), "{error}");
-    let ann = store.show_account("ann@example.com").await.unwrap();
-    assert!(ann.undeliverable_at.is_some_and(|at| at >= now), "{ann:?}");
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let now = crate::now();
+        account(&store, "ann@example.com").await;
+        queue(&store, "ann@example.com", now - 10).await;
+        let port = fake_relay(
+            OK,
+            "550 5.1.1 <ann@example.com>: Recipient address rejected: User unknown",
+            OK,
+        )
+        .await;
+        let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
+        let report = worker.drain_once(now).await.unwrap();
+        assert_eq!(report.dead, 1, "{report:?}");
+        let rows = store.list_outbox(None, 10).await.unwrap();
+        assert_eq!(rows[0].status, "dead");
+        let error = rows[0].last_error.as_deref().unwrap();
+        assert!(error.contains("User unknown"), "{error}");
+        let ann = store.show_account("ann@example.com").await.unwrap();
+        assert!(ann.undeliverable_at.is_some_and(|at| at >= now), "{ann:?}");
+    }
 }
 
 /// A relay whose recipient lookup is broken refuses everyone with 5.1.1: once a few
@@ -384,54 +393,57 @@ async fn a_refused_recipient_is_marked_undeliverable() {
 /// mail retried, and the rest are retried too — until it takes a mail again.
 #[tokio::test]
 async fn a_relay_refusing_everyone_does_not_make_everyone_undeliverable() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let now = crate::now();
-    let people: Vec<String> = (0..7).map(|i| format!("p{i}@example.com")).collect();
-    for p in &people {
-        account(&store, p).await;
-        queue(&store, p, now - 10).await;
-    }
-    let refusing = fake_relay(OK, "550 5.1.1 User unknown in virtual alias table", OK).await;
-    let w = worker(&store, Transport::Smtp(smtp_transport(refusing)));
-    let report = w.drain_once(now).await.unwrap();
-    assert_eq!(
-        (report.sent, report.dead, report.failed),
-        (
-            0,
-            REFUSED_IN_A_ROW - 1,
-            people.len() - (REFUSED_IN_A_ROW - 1)
-        ),
-        "as they happened: {report:?}"
-    );
-    for p in &people {
-        let a = store.show_account(p).await.unwrap();
-        assert!(a.undeliverable_at.is_none(), "{p} is still marked: {a:?}");
-    }
-    let rows = store.list_outbox(None, 10).await.unwrap();
-    assert!(
-        rows.iter()
-            .all(|r| r.status == "pending" && r.next_attempt_at > now),
-        "{rows:?}"
-    );
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let now = crate::now();
+        let people: Vec<String> = (0..7).map(|i| format!("p{i}@example.com")).collect();
+        for p in &people {
+            account(&store, p).await;
+            queue(&store, p, now - 10).await;
+        }
+        let refusing = fake_relay(OK, "550 5.1.1 User unknown in virtual alias table", OK).await;
+        let w = worker(&store, Transport::Smtp(smtp_transport(refusing)));
+        let report = w.drain_once(now).await.unwrap();
+        assert_eq!(
+            (report.sent, report.dead, report.failed),
+            (
+                0,
+                REFUSED_IN_A_ROW - 1,
+                people.len() - (REFUSED_IN_A_ROW - 1)
+            ),
+            "as they happened: {report:?}"
+        );
+        for p in &people {
+            let a = store.show_account(p).await.unwrap();
+            assert!(a.undeliverable_at.is_none(), "{p} is still marked: {a:?}");
+        }
+        let rows = store.list_outbox(None, 10).await.unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r.status == "pending" && r.next_attempt_at > now),
+            "{rows:?}"
+        );
 
-    // The relay takes a mail: refusals are believed again.
-    let accepting = fake_relay(OK, OK, OK).await;
-    let w = Worker {
-        transport: Transport::Smtp(smtp_transport(accepting)),
-        ..w
-    };
-    queue(&store, "fine@example.com", now - 10).await;
-    assert_eq!(w.drain_once(now).await.unwrap().sent, 1);
-    let w = Worker {
-        transport: Transport::Smtp(smtp_transport(refusing)),
-        ..w
-    };
-    account(&store, "gone@example.com").await;
-    queue(&store, "gone@example.com", now - 10).await;
-    assert_eq!(w.drain_once(now).await.unwrap().dead, 1);
-    let gone = store.show_account("gone@example.com").await.unwrap();
-    assert!(gone.undeliverable_at.is_some(), "{gone:?}");
+        // The relay takes a mail: refusals are believed again.
+        let accepting = fake_relay(OK, OK, OK).await;
+        let w = Worker {
+            transport: Transport::Smtp(smtp_transport(accepting)),
+            ..w
+        };
+        queue(&store, "fine@example.com", now - 10).await;
+        assert_eq!(w.drain_once(now).await.unwrap().sent, 1);
+        let w = Worker {
+            transport: Transport::Smtp(smtp_transport(refusing)),
+            ..w
+        };
+        account(&store, "gone@example.com").await;
+        queue(&store, "gone@example.com", now - 10).await;
+        assert_eq!(w.drain_once(now).await.unwrap().dead, 1);
+        let gone = store.show_account("gone@example.com").await.unwrap();
+        assert!(gone.undeliverable_at.is_some(), "{gone:?}");
+    }
 }
 
 /// Past the first half of its claim, a mail starts only if the claim holds for a whole
@@ -440,25 +452,28 @@ async fn a_relay_refusing_everyone_does_not_make_everyone_undeliverable() {
 /// send is given back uncounted, for the next claim.
 #[tokio::test]
 async fn a_mail_is_not_started_on_a_claim_too_short_for_a_send() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let now = crate::now();
-    queue(&store, "ann@example.com", now - 10).await;
-    queue(&store, "bob@example.com", now - 10).await;
-    let port = slow_relay(OK, OK, OK, Duration::from_millis(1200)).await;
-    let mut w = worker(&store, Transport::Smtp(smtp_transport(port)));
-    w.claim_lease_secs = 2;
-    let report = w.drain_while(now, || true).await.unwrap();
-    // The first went out; the second, claimed with it, was given back, then claimed
-    // again (due at once) and sent in the same pass, on a fresh claim.
-    assert_eq!((report.sent, report.given_back), (2, 1), "{report:?}");
-    let rows = store.list_outbox(None, 10).await.unwrap();
-    let attempts: Vec<i64> = rows.iter().map(|r| r.attempts).collect();
-    assert_eq!(
-        attempts,
-        [1, 1],
-        "the mail given back counted no attempt: {rows:?}"
-    );
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let now = crate::now();
+        queue(&store, "ann@example.com", now - 10).await;
+        queue(&store, "bob@example.com", now - 10).await;
+        let port = slow_relay(OK, OK, OK, Duration::from_millis(1200)).await;
+        let mut w = worker(&store, Transport::Smtp(smtp_transport(port)));
+        w.claim_lease_secs = 2;
+        let report = w.drain_while(now, || true).await.unwrap();
+        // The first went out; the second, claimed with it, was given back, then claimed
+        // again (due at once) and sent in the same pass, on a fresh claim.
+        assert_eq!((report.sent, report.given_back), (2, 1), "{report:?}");
+        let rows = store.list_outbox(None, 10).await.unwrap();
+        let attempts: Vec<i64> = rows.iter().map(|r| r.attempts).collect();
+        assert_eq!(
+            attempts,
+            [1, 1],
+            "the mail given back counted no attempt: {rows:?}"
+        );
+    }
 }
 
 /// A relay that cannot be reached kills no mail (a long outage used to make every
@@ -467,67 +482,70 @@ async fn a_mail_is_not_started_on_a_claim_too_short_for_a_send() {
 /// the relay alone for a pause before trying again, then sends.
 #[tokio::test]
 async fn an_unreachable_relay_counts_no_attempt_and_pauses_the_queue() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let now = crate::now();
-    queue(&store, "ann@example.com", now - 10).await;
-    queue(&store, "bob@example.com", now - 10).await;
-    // A port nobody listens on (bound, then closed).
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut w = worker(&store, Transport::Smtp(smtp_transport(port)));
-    w.retry_first_secs = 1;
-    let report = w.drain_once(now).await.unwrap();
-    assert_eq!(
-        (report.sent, report.failed, report.dead),
-        (0, 1, 0),
-        "{report:?}"
-    );
-    let mut rows: Vec<(String, i64)> = store
-        .list_outbox(None, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .inspect(|r| assert!(r.last_error.is_some(), "{r:?}"))
-        .map(|r| (r.status, r.attempts))
-        .collect();
-    rows.sort();
-    assert_eq!(rows, [("pending".into(), 0), ("pending".into(), 1)]);
-    // At its last attempt, a mail does not die of the relay being away.
-    let mut c = store.acquire().await.unwrap();
-    sqlx::query("UPDATE outbox SET attempts = 12")
-        .execute(&mut *c)
-        .await
-        .unwrap();
-    drop(c);
-    // Paused: a pass right away does not even try.
-    let report = w.drain_once(crate::now()).await.unwrap();
-    assert_eq!(report, DrainReport::default());
-    // After the pause it tries again; still away, and nothing dies of it.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let report = w.drain_once(crate::now()).await.unwrap();
-    assert_eq!((report.failed, report.dead), (1, 0), "{report:?}");
-    assert!(
-        store
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let now = crate::now();
+        queue(&store, "ann@example.com", now - 10).await;
+        queue(&store, "bob@example.com", now - 10).await;
+        // A port nobody listens on (bound, then closed).
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut w = worker(&store, Transport::Smtp(smtp_transport(port)));
+        w.retry_first_secs = 1;
+        let report = w.drain_once(now).await.unwrap();
+        assert_eq!(
+            (report.sent, report.failed, report.dead),
+            (0, 1, 0),
+            "{report:?}"
+        );
+        let mut rows: Vec<(String, i64)> = store
             .list_outbox(None, 10)
             .await
             .unwrap()
-            .iter()
-            .all(|r| r.status == "pending")
-    );
-    // The relay is back (here: on another port), and the pause (now doubled) over.
-    let back = fake_relay(OK, OK, OK).await;
-    let w = Worker {
-        transport: Transport::Smtp(smtp_transport(back)),
-        ..w
-    };
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let report = w.drain_once(crate::now()).await.unwrap();
-    assert_eq!(report.sent, 2, "{report:?}");
-    for row in store.list_outbox(None, 10).await.unwrap() {
-        assert_eq!(row.status, "sent", "{row:?}");
+            .into_iter()
+            .inspect(|r| assert!(r.last_error.is_some(), "{r:?}"))
+            .map(|r| (r.status, r.attempts))
+            .collect();
+        rows.sort();
+        assert_eq!(rows, [("pending".into(), 0), ("pending".into(), 1)]);
+        // At its last attempt, a mail does not die of the relay being away.
+        let mut c = store.acquire().await.unwrap();
+        sqlx::query("UPDATE outbox SET attempts = 12")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        drop(c);
+        // Paused: a pass right away does not even try.
+        let report = w.drain_once(crate::now()).await.unwrap();
+        assert_eq!(report, DrainReport::default());
+        // After the pause it tries again; still away, and nothing dies of it.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let report = w.drain_once(crate::now()).await.unwrap();
+        assert_eq!((report.failed, report.dead), (1, 0), "{report:?}");
+        assert!(
+            store
+                .list_outbox(None, 10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| r.status == "pending")
+        );
+        // The relay is back (here: on another port), and the pause (now doubled) over.
+        let back = fake_relay(OK, OK, OK).await;
+        let w = Worker {
+            transport: Transport::Smtp(smtp_transport(back)),
+            ..w
+        };
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let report = w.drain_once(crate::now()).await.unwrap();
+        assert_eq!(report.sent, 2, "{report:?}");
+        for row in store.list_outbox(None, 10).await.unwrap() {
+            assert_eq!(row.status, "sent", "{row:?}");
+        }
     }
 }
 
@@ -535,35 +553,38 @@ async fn an_unreachable_relay_counts_no_attempt_and_pauses_the_queue() {
 /// bounce of other mail) is not sent: it would only bounce too. Mail to others is.
 #[tokio::test]
 async fn due_mail_to_an_address_marked_undeliverable_meanwhile_is_not_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let now = crate::now();
-    account(&store, "ann@example.com").await;
-    queue(&store, "ann@example.com", now - 10).await;
-    queue(&store, "bob@example.com", now - 10).await;
-    let mut c = store.acquire().await.unwrap();
-    sqlx::query("UPDATE accounts SET undeliverable_at = $1 WHERE address = 'ann@example.com'")
-        .bind(now - 5)
-        .execute(&mut *c)
-        .await
-        .unwrap();
-    drop(c);
-    // What a pass does first, then its claims.
-    store.outbox_drop_undeliverable(now).await.unwrap();
-    let claimed = store.claim_outbox(10, now, 30).await.unwrap();
-    let to: Vec<&str> = claimed.iter().map(|r| r.to.as_str()).collect();
-    assert_eq!(to, ["bob@example.com"]);
-    let rows = store.list_outbox(Some("dead"), 10).await.unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].to, "ann@example.com");
-    assert!(
-        rows[0]
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("undeliverable")),
-        "{:?}",
-        rows[0]
-    );
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let now = crate::now();
+        account(&store, "ann@example.com").await;
+        queue(&store, "ann@example.com", now - 10).await;
+        queue(&store, "bob@example.com", now - 10).await;
+        let mut c = store.acquire().await.unwrap();
+        sqlx::query("UPDATE accounts SET undeliverable_at = $1 WHERE address = 'ann@example.com'")
+            .bind(now - 5)
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        drop(c);
+        // What a pass does first, then its claims.
+        store.outbox_drop_undeliverable(now).await.unwrap();
+        let claimed = store.claim_outbox(10, now, 30).await.unwrap();
+        let to: Vec<&str> = claimed.iter().map(|r| r.to.as_str()).collect();
+        assert_eq!(to, ["bob@example.com"]);
+        let rows = store.list_outbox(Some("dead"), 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].to, "ann@example.com");
+        assert!(
+            rows[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("undeliverable")),
+            "{:?}",
+            rows[0]
+        );
+    }
 }
 
 /// The last pass at shutdown starts no mail after its deadline but lets the one being
@@ -571,43 +592,46 @@ async fn due_mail_to_an_address_marked_undeliverable_meanwhile_is_not_sent() {
 /// the restart. The other claimed mail is given back unsent, its attempt not counted.
 #[tokio::test]
 async fn the_last_pass_lets_the_mail_in_flight_finish_and_gives_the_rest_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let now = crate::now();
-    for to in ["ann@example.com", "bob@example.com", "cy@example.com"] {
-        queue(&store, to, now - 10).await;
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let now = crate::now();
+        for to in ["ann@example.com", "bob@example.com", "cy@example.com"] {
+            queue(&store, to, now - 10).await;
+        }
+        let slow = Duration::from_millis(1500);
+        let port = slow_relay(OK, OK, OK, slow).await;
+        let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
+        let started = std::time::Instant::now();
+        let report = worker
+            .drain_before(now, started + Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() >= slow,
+            "the mail in flight was cut short"
+        );
+        assert_eq!(report.sent, 1, "{report:?}");
+        let rows = store.list_outbox(None, 10).await.unwrap();
+        let status: Vec<(&str, i64)> = rows
+            .iter()
+            .map(|r| (r.status.as_str(), r.attempts))
+            .collect();
+        assert_eq!(
+            status.iter().filter(|s| **s == ("sent", 1)).count(),
+            1,
+            "{status:?}"
+        );
+        assert_eq!(
+            status.iter().filter(|s| **s == ("pending", 0)).count(),
+            2,
+            "{status:?}"
+        );
+        // Given back due at once: the next start sends them without waiting for a lease.
+        let due = store.claim_outbox(10, crate::now(), 30).await.unwrap();
+        assert_eq!(due.len(), 2);
     }
-    let slow = Duration::from_millis(1500);
-    let port = slow_relay(OK, OK, OK, slow).await;
-    let worker = worker(&store, Transport::Smtp(smtp_transport(port)));
-    let started = std::time::Instant::now();
-    let report = worker
-        .drain_before(now, started + Duration::from_millis(300))
-        .await
-        .unwrap();
-    assert!(
-        started.elapsed() >= slow,
-        "the mail in flight was cut short"
-    );
-    assert_eq!(report.sent, 1, "{report:?}");
-    let rows = store.list_outbox(None, 10).await.unwrap();
-    let status: Vec<(&str, i64)> = rows
-        .iter()
-        .map(|r| (r.status.as_str(), r.attempts))
-        .collect();
-    assert_eq!(
-        status.iter().filter(|s| **s == ("sent", 1)).count(),
-        1,
-        "{status:?}"
-    );
-    assert_eq!(
-        status.iter().filter(|s| **s == ("pending", 0)).count(),
-        2,
-        "{status:?}"
-    );
-    // Given back due at once: the next start sends them without waiting for a lease.
-    let due = store.claim_outbox(10, crate::now(), 30).await.unwrap();
-    assert_eq!(due.len(), 2);
 }
 
 /// The last pass waits for the running worker's pass, which starts no mail once
@@ -615,45 +639,48 @@ async fn the_last_pass_lets_the_mail_in_flight_finish_and_gives_the_rest_back() 
 /// by side, and nothing is left claimed.
 #[tokio::test]
 async fn the_last_pass_waits_for_the_running_workers_mail_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let now = crate::now();
-    for to in ["ann@example.com", "bob@example.com", "cy@example.com"] {
-        queue(&store, to, now - 10).await;
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let now = crate::now();
+        for to in ["ann@example.com", "bob@example.com", "cy@example.com"] {
+            queue(&store, to, now - 10).await;
+        }
+        let slow = Duration::from_millis(1500);
+        let port = slow_relay(OK, OK, OK, slow).await;
+        let worker = std::sync::Arc::new(worker(&store, Transport::Smtp(smtp_transport(port))));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = {
+            let worker = worker.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                worker
+                    .drain_while(now, || !shutdown.is_cancelled())
+                    .await
+                    .unwrap()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        shutdown.cancel();
+        let started = std::time::Instant::now();
+        let last = worker
+            .drain_before(now, started + Duration::from_millis(200))
+            .await
+            .unwrap();
+        let first = running.await.unwrap();
+        assert_eq!(first.sent, 1, "{first:?}");
+        // It waited for the mail in flight, by then its own time was up: it sent nothing.
+        assert!(started.elapsed() >= Duration::from_millis(1000));
+        assert_eq!(last.sent, 0, "{last:?}");
+        let rows = store.list_outbox(None, 10).await.unwrap();
+        let mut status: Vec<(&str, i64)> = rows
+            .iter()
+            .map(|r| (r.status.as_str(), r.attempts))
+            .collect();
+        status.sort();
+        assert_eq!(status, [("pending", 0), ("pending", 0), ("sent", 1)]);
     }
-    let slow = Duration::from_millis(1500);
-    let port = slow_relay(OK, OK, OK, slow).await;
-    let worker = std::sync::Arc::new(worker(&store, Transport::Smtp(smtp_transport(port))));
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = {
-        let worker = worker.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            worker
-                .drain_while(now, || !shutdown.is_cancelled())
-                .await
-                .unwrap()
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    shutdown.cancel();
-    let started = std::time::Instant::now();
-    let last = worker
-        .drain_before(now, started + Duration::from_millis(200))
-        .await
-        .unwrap();
-    let first = running.await.unwrap();
-    assert_eq!(first.sent, 1, "{first:?}");
-    // It waited for the mail in flight, by then its own time was up: it sent nothing.
-    assert!(started.elapsed() >= Duration::from_millis(1000));
-    assert_eq!(last.sent, 0, "{last:?}");
-    let rows = store.list_outbox(None, 10).await.unwrap();
-    let mut status: Vec<(&str, i64)> = rows
-        .iter()
-        .map(|r| (r.status.as_str(), r.attempts))
-        .collect();
-    status.sort();
-    assert_eq!(status, [("pending", 0), ("pending", 0), ("sent", 1)]);
 }
 
 /// A worker frozen past its claim's lease finds, when it wakes, that another worker has
@@ -661,53 +688,59 @@ async fn the_last_pass_waits_for_the_running_workers_mail_in_flight() {
 /// would have put a sent mail back in the queue) changes nothing.
 #[tokio::test]
 async fn a_claim_another_worker_took_over_records_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let t = crate::now();
-    queue(&store, "ann@example.com", t - 10).await;
-    let first = store.claim_outbox(2, t, 1).await.unwrap();
-    assert_eq!(first.len(), 1);
-    let a = first[0].claim();
-    assert!(store.outbox_claim_holds(a, t).await.unwrap());
-    // The lease ran out: another worker claims the mail and sends it.
-    let second = store.claim_outbox(2, t + 5, 30).await.unwrap();
-    let b = second[0].claim();
-    assert_eq!((b.id, b.attempts), (a.id, a.attempts + 1));
-    assert!(!store.outbox_claim_holds(a, t + 5).await.unwrap());
-    assert!(store.outbox_sent(b, t + 6).await.unwrap());
-    // The first worker wakes up with a failure to record.
-    assert!(
-        !store
-            .outbox_failed(a, "timed out", Some(t + 60))
-            .await
-            .unwrap()
-    );
-    assert!(!store.outbox_sent(a, t + 7).await.unwrap());
-    let row = &store.list_outbox(None, 10).await.unwrap()[0];
-    assert_eq!(row.status, "sent");
-    assert_eq!(row.attempts, 2);
-    assert_eq!(row.last_error, None);
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let t = crate::now();
+        queue(&store, "ann@example.com", t - 10).await;
+        let first = store.claim_outbox(2, t, 1).await.unwrap();
+        assert_eq!(first.len(), 1);
+        let a = first[0].claim();
+        assert!(store.outbox_claim_holds(a, t).await.unwrap());
+        // The lease ran out: another worker claims the mail and sends it.
+        let second = store.claim_outbox(2, t + 5, 30).await.unwrap();
+        let b = second[0].claim();
+        assert_eq!((b.id, b.attempts), (a.id, a.attempts + 1));
+        assert!(!store.outbox_claim_holds(a, t + 5).await.unwrap());
+        assert!(store.outbox_sent(b, t + 6).await.unwrap());
+        // The first worker wakes up with a failure to record.
+        assert!(
+            !store
+                .outbox_failed(a, "timed out", Some(t + 60))
+                .await
+                .unwrap()
+        );
+        assert!(!store.outbox_sent(a, t + 7).await.unwrap());
+        let row = &store.list_outbox(None, 10).await.unwrap()[0];
+        assert_eq!(row.status, "sent");
+        assert_eq!(row.attempts, 2);
+        assert_eq!(row.last_error, None);
+    }
 }
 
 /// `outbox retry` starts a dead mail's attempts again, so a later claim can have the
 /// attempts of a claim long gone: its lease's end tells them apart.
 #[tokio::test]
 async fn a_claim_from_before_a_retry_does_not_hold() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = store(dir.path()).await;
-    let t = crate::now();
-    queue(&store, "ann@example.com", t - 10).await;
-    let a = store.claim_outbox(2, t - 5, 1).await.unwrap()[0].claim();
-    let b = store.claim_outbox(2, t, 30).await.unwrap()[0].claim();
-    assert!(store.outbox_failed(b, "refused", None).await.unwrap());
-    assert_eq!(store.outbox_retry(Some(a.id), t).await.unwrap(), 1);
-    let c = store.claim_outbox(2, t + 1, 30).await.unwrap()[0].claim();
-    assert_eq!(
-        c.attempts, a.attempts,
-        "the retry started the attempts again"
-    );
-    assert!(!store.outbox_claim_holds(a, t + 1).await.unwrap());
-    assert!(!store.outbox_sent(a, t + 2).await.unwrap());
-    assert!(store.outbox_claim_holds(c, t + 1).await.unwrap());
-    assert!(store.outbox_sent(c, t + 2).await.unwrap());
+    for backend in BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), backend).await;
+        let t = crate::now();
+        queue(&store, "ann@example.com", t - 10).await;
+        let a = store.claim_outbox(2, t - 5, 1).await.unwrap()[0].claim();
+        let b = store.claim_outbox(2, t, 30).await.unwrap()[0].claim();
+        assert!(store.outbox_failed(b, "refused", None).await.unwrap());
+        assert_eq!(store.outbox_retry(Some(a.id), t).await.unwrap(), 1);
+        let c = store.claim_outbox(2, t + 1, 30).await.unwrap()[0].claim();
+        assert_eq!(
+            c.attempts, a.attempts,
+            "the retry started the attempts again"
+        );
+        assert!(!store.outbox_claim_holds(a, t + 1).await.unwrap());
+        assert!(!store.outbox_sent(a, t + 2).await.unwrap());
+        assert!(store.outbox_claim_holds(c, t + 1).await.unwrap());
+        assert!(store.outbox_sent(c, t + 2).await.unwrap());
+    }
 }

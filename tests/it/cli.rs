@@ -189,37 +189,39 @@ fn explain_text_format_reads_well() {
 /// `intake ... | head`: output to a reader that has gone is no panic and no error.
 #[test]
 fn listings_into_a_closed_pipe_end_quietly() {
-    let env = Env::new(Backend::Sqlite, &Site::default(), &DeskSettings::default());
-    env.process(&["helpdesk-cc-outsider.eml"]);
-    let bad = env.path("bad.toml");
-    std::fs::write(&bad, "[customer_access]\nsignup = \"sometimes\"\n").unwrap();
-    let explain = fixture("helpdesk-cc-outsider.eml");
-    let explain = explain.to_str().unwrap();
-    for (config, args, code) in [
-        (&env.config, &["requests", "list"][..], 0),
-        (&env.config, &["accounts", "list"], 0),
-        (&env.config, &["outbox", "list"], 0),
-        (&env.config, &["explain", explain], 0),
-        (&env.config, &["check-config"], 0),
-        // A failure being reported stays one.
-        (&bad, &["check-config"], 78),
-    ] {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .current_dir(env.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Close the read end before intake writes anything: every write is EPIPE.
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    for backend in BACKENDS {
+        let env = Env::new(backend, &Site::default(), &DeskSettings::default());
+        env.process(&["helpdesk-cc-outsider.eml"]);
+        let bad = env.path("bad.toml");
+        std::fs::write(&bad, "[customer_access]\nsignup = \"sometimes\"\n").unwrap();
+        let explain = fixture("helpdesk-cc-outsider.eml");
+        let explain = explain.to_str().unwrap();
+        for (config, args, code) in [
+            (&env.config, &["requests", "list"][..], 0),
+            (&env.config, &["accounts", "list"], 0),
+            (&env.config, &["outbox", "list"], 0),
+            (&env.config, &["explain", explain], 0),
+            (&env.config, &["check-config"], 0),
+            // A failure being reported stays one.
+            (&bad, &["check-config"], 78),
+        ] {
+            let mut child = Command::new(BIN)
+                .arg("--config")
+                .arg(config)
+                .args(args)
+                .current_dir(env.dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Close the read end before intake writes anything: every write is EPIPE.
+            drop(child.stdout.take());
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+            assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        }
     }
 }
 
