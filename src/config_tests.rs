@@ -224,6 +224,58 @@ password = "p"
         panic!("accepted")
     };
     assert_eq!(issues[0].key, "mailboxes[0].reply_timeout");
+    // IDLE is re-issued every idle_timeout: 25 minutes unless told, and never 29 or
+    // more (RFC 2177: a server may end an IDLE after 29 minutes of inactivity).
+    let idle = |config: &Config| match &config.mailboxes[0].kind {
+        MailboxKind::Imap(imap) => imap.idle_timeout,
+        other => panic!("not imap: {other:?}"),
+    };
+    assert_eq!(
+        idle(&load(&mailbox(""), &[]).unwrap()),
+        Duration::from_secs(25 * 60)
+    );
+    let config = load(&mailbox("idle_timeout = \"10m\""), &[]).unwrap();
+    assert_eq!(idle(&config), Duration::from_secs(600));
+    for refused in ["29m", "1h", "0s"] {
+        let Err(ConfigError::Invalid(issues)) =
+            load(&mailbox(&format!("idle_timeout = \"{refused}\"")), &[])
+        else {
+            panic!("idle_timeout = {refused} accepted")
+        };
+        assert_eq!(issues[0].key, "mailboxes[0].idle_timeout");
+    }
+}
+
+/// No TLS sends the password in clear: only to a loopback address, or when the admin
+/// says so with `allow_plaintext`.
+#[test]
+fn imap_without_tls_only_on_loopback_or_when_allowed() {
+    let mailbox = |host: &str, extra: &str| {
+        format!(
+            r#"{MINIMAL}
+[[mailboxes]]
+name = "support"
+kind = "imap"
+desk = "IT"
+host = "{host}"
+tls = "none"
+username = "u"
+password = "p"
+{extra}
+"#
+        )
+    };
+    for host in ["127.0.0.1", "localhost", "::1", "127.0.0.2"] {
+        assert!(load(&mailbox(host, ""), &[]).is_ok(), "{host}");
+    }
+    for host in ["imap.example.com", "192.0.2.1", "10.0.0.5"] {
+        let Err(ConfigError::Invalid(issues)) = load(&mailbox(host, ""), &[]) else {
+            panic!("tls = none to {host} accepted")
+        };
+        assert_eq!(issues[0].key, "mailboxes[0].tls");
+        assert!(issues[0].message.contains(host), "{issues:?}");
+        assert!(load(&mailbox(host, "allow_plaintext = true"), &[]).is_ok());
+    }
 }
 
 #[test]

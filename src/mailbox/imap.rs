@@ -636,6 +636,7 @@ impl ImapSource {
                 let idle_for = self.wait_for(self.cfg.idle_timeout).await;
                 let mut handle = session.idle();
                 handle.init().await.map_err(self.protocol("start IDLE"))?;
+                tracing::debug!(mailbox = %self.name, for_secs = idle_for.as_secs(), "waiting in IDLE");
                 // Silence is what IDLE is; keep-alive probes watch the connection meanwhile.
                 self.reply_timeout.lift();
                 let stopped = {

@@ -5,13 +5,22 @@ use super::*;
 #[test]
 fn backoff_is_capped_and_resets() {
     let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    let first = b.next_pause();
-    assert!(first <= Duration::from_millis(100) && first >= Duration::from_millis(75));
-    for _ in 0..10 {
-        assert!(b.next_pause() <= Duration::from_secs(2));
+    // Doubling from the base up to the cap, each pause up to a quarter shorter.
+    for full in [100, 200, 400, 800, 1600, 2000, 2000, 2000] {
+        let full = Duration::from_millis(full);
+        let pause = b.next_pause();
+        assert!(
+            pause <= full && pause >= full.mul_f64(0.75),
+            "{pause:?} for {full:?}"
+        );
     }
     b.reset();
     assert!(b.next_pause() <= Duration::from_millis(100));
+    // The jitter varies: mailboxes failing together do not retry in step.
+    let pauses: std::collections::HashSet<Duration> = (0..20)
+        .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(2)).next_pause())
+        .collect();
+    assert!(pauses.len() > 1, "{pauses:?}");
 }
 
 #[tokio::test]

@@ -65,16 +65,18 @@ fn idle_pushes_new_mail_and_seen_mode_flags_it() {
         let mut imap = dovecot.client();
         imap.append("INBOX", &message(1, ""));
         // Polling every 10 minutes: only IDLE can deliver the second message in time.
-        // The server may be silent for a second when a reply is due, not in IDLE.
+        // The server may be silent for a second when a reply is due, not in IDLE. IDLE
+        // is re-issued every second (RFC 2177: the server may drop an IDLE after 29
+        // minutes; `idle_timeout` stays well inside), on the same connection.
         let env = env_with(
             &dovecot,
             backend,
-            "poll_interval = \"10m\"\nreply_timeout = \"1s\"",
+            "poll_interval = \"10m\"\nreply_timeout = \"1s\"\nidle_timeout = \"1s\"",
             "",
         );
-        let daemon = start_daemon(&env);
+        let daemon = start_daemon_with(&env, &[("INTAKE_LOG", "info,intake::mailbox::imap=debug")]);
         daemon.wait_for("the backlog", WAIT, || request_count(&env) == 1);
-        std::thread::sleep(Duration::from_millis(2500));
+        std::thread::sleep(Duration::from_millis(3500));
         imap.append("INBOX", &message(2, ""));
         daemon.wait_for("the message pushed by IDLE", WAIT, || {
             request_count(&env) == 2
@@ -82,6 +84,9 @@ fn idle_pushes_new_mail_and_seen_mode_flags_it() {
         daemon.wait_for("both flagged seen", WAIT, || imap.status("INBOX") == (2, 0));
         let log = daemon.stop();
         assert!(log.contains("idle=true"), "{log}");
+        assert_eq!(log.matches("connected").count(), 1, "{log}");
+        let idles = log.matches("waiting in IDLE").count();
+        assert!(idles >= 3, "IDLE re-issued {idles} times in 3.5 s:\n{log}");
         assert!(
             !log.contains("mailbox connection failed"),
             "a quiet IDLE is not a silent server:\n{log}"
@@ -128,17 +133,42 @@ fn move_and_delete_modes() {
         daemon.stop();
         assert_eq!(request_count(&env), 5);
 
+        // Deleting takes our own messages only (UID EXPUNGE, UIDPLUS): a message someone
+        // flagged \Deleted in their mail client, not yet expunged, stays (a plain
+        // EXPUNGE would take it too). It is older than our first start: not ours.
         let dovecot = Dovecot::start();
         let mut imap = dovecot.client();
+        imap.append("INBOX", &message(99, ""));
+        let mut other = dovecot.client();
+        other.command("SELECT INBOX");
+        other.command("UID STORE 1 +FLAGS (\\Deleted)");
+        other.logout();
+        let env = env_with(&dovecot, backend, "start = \"new\"\nafter = \"delete\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the mailbox to be watched", WAIT, || {
+            daemon.log().contains("idle=true")
+        });
         for i in 0..5 {
             imap.append("INBOX", &message(i, ""));
         }
-        let env = env_with(&dovecot, backend, "after = \"delete\"", "");
-        let daemon = start_daemon(&env);
-        daemon.wait_for("all deleted", WAIT, || imap.status("INBOX").0 == 0);
+        daemon.wait_for("all five processed and deleted", WAIT, || {
+            request_count(&env) == 5 && imap.status("INBOX").0 <= 1
+        });
         daemon.stop();
         assert_eq!(request_count(&env), 5);
         assert_eq!(imap.status("Quarantine").0, 0);
+        assert_eq!(
+            imap.status("INBOX").0,
+            1,
+            "the other client's \\Deleted message stays"
+        );
+        let mut other = dovecot.client();
+        other.command("EXAMINE INBOX");
+        let left = other.command("UID FETCH 1:* (UID FLAGS)").join("\n");
+        assert!(
+            left.contains("UID 1 ") && left.contains("\\Deleted"),
+            "{left}"
+        );
     }
 }
 
