@@ -169,11 +169,27 @@ const REFUSED_RETRY: Duration = Duration::from_secs(60);
 /// At most this many refused messages are tried again within a session.
 const MAX_REFUSED: usize = 5_000;
 
-/// UIDs as an IMAP sequence set: `1:5,7,9:12`.
+/// A compact UID set (`1:3,5,7:9`) of `uids`, in any order, duplicates allowed.
 pub fn uid_set(uids: &[u32]) -> String {
+    uid_sets_within(uids, usize::MAX).concat()
+}
+
+/// The longest UID set one command names: scattered UIDs (leftovers, a mailbox others
+/// share) make a long set, and servers limit a command line (Dovecot to 64 KB; RFC 7162
+/// asks clients to stay within 8,192 octets).
+const MAX_SET_BYTES: usize = 4000;
+
+/// [`uid_set`] cut into sets of at most [`MAX_SET_BYTES`], one command each; one set
+/// for the usual run of consecutive UIDs, none for none.
+pub fn uid_sets(uids: &[u32]) -> Vec<String> {
+    uid_sets_within(uids, MAX_SET_BYTES)
+}
+
+fn uid_sets_within(uids: &[u32], max: usize) -> Vec<String> {
     let mut sorted: Vec<u32> = uids.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
+    let mut sets = Vec::new();
     let mut out = String::new();
     let mut i = 0;
     while i < sorted.len() {
@@ -183,17 +199,24 @@ pub fn uid_set(uids: &[u32]) -> String {
             i += 1;
             end = sorted[i];
         }
+        let item = if start == end {
+            start.to_string()
+        } else {
+            format!("{start}:{end}")
+        };
+        if !out.is_empty() && out.len() + 1 + item.len() > max {
+            sets.push(std::mem::take(&mut out));
+        }
         if !out.is_empty() {
             out.push(',');
         }
-        if start == end {
-            out.push_str(&start.to_string());
-        } else {
-            out.push_str(&format!("{start}:{end}"));
-        }
+        out.push_str(&item);
         i += 1;
     }
-    out
+    if !out.is_empty() {
+        sets.push(out);
+    }
+    sets
 }
 
 /// The SASL XOAUTH2 exchange (Gmail, Microsoft 365): the token in answer to the first
@@ -978,11 +1001,11 @@ impl ImapSource {
             .map(|(u, _)| *u)
             .collect();
         let mut raw: HashMap<u32, Vec<u8>> = HashMap::new();
-        if !small.is_empty() {
+        for set in uid_sets(&small) {
             // Copied out as each response arrives, and the response dropped: a large
             // message is held once, not twice.
             let mut fetched = session
-                .uid_fetch(uid_set(&small), "(UID BODY.PEEK[])")
+                .uid_fetch(set, "(UID BODY.PEEK[])")
                 .await
                 .map_err(self.protocol("fetch messages"))?;
             while let Some(f) = fetched
@@ -1000,10 +1023,10 @@ impl ImapSource {
                 raw.insert(uid, body);
             }
         }
-        if !big.is_empty() {
+        for set in uid_sets(&big) {
             // Headers only: enough to say who sent it in the quarantine list.
             let fetched: Vec<_> = session
-                .uid_fetch(uid_set(&big), "(UID BODY.PEEK[HEADER])")
+                .uid_fetch(set, "(UID BODY.PEEK[HEADER])")
                 .await
                 .map_err(self.protocol("fetch headers"))?
                 .try_collect()
@@ -1353,13 +1376,11 @@ impl ImapSource {
         uids: &[u32],
         flags: &str,
     ) -> Result<(), ImapError> {
-        self.run_tagged(
-            session,
-            &format!("UID STORE {} {flags}", uid_set(uids)),
-            "set flags",
-        )
-        .await
-        .map(|_| ())
+        for set in uid_sets(uids) {
+            self.run_tagged(session, &format!("UID STORE {set} {flags}"), "set flags")
+                .await?;
+        }
+        Ok(())
     }
 
     async fn expunge(
@@ -1368,16 +1389,20 @@ impl ImapSource {
         uids: &[u32],
         ops: Ops,
     ) -> Result<(), ImapError> {
-        let command = if ops.uidplus {
-            format!("UID EXPUNGE {}", uid_set(uids))
+        let commands = if ops.uidplus {
+            uid_sets(uids)
+                .into_iter()
+                .map(|set| format!("UID EXPUNGE {set}"))
+                .collect()
         } else {
             // Without UIDPLUS only a plain EXPUNGE exists; it also removes other
             // messages someone flagged \Deleted.
-            "EXPUNGE".to_string()
+            vec!["EXPUNGE".to_string()]
         };
-        self.run_tagged(session, &command, "expunge")
-            .await
-            .map(|_| ())
+        for command in commands {
+            self.run_tagged(session, &command, "expunge").await?;
+        }
+        Ok(())
     }
 
     /// Moves messages (MOVE, or COPY + delete without it). Returns the destination's
@@ -1389,21 +1414,33 @@ impl ImapSource {
         folder: &str,
         ops: Ops,
     ) -> Result<Option<(u32, HashMap<u32, u32>)>, ImapError> {
-        let set = uid_set(uids);
-        let command = if ops.can_move {
-            format!("UID MOVE {set} {}", quote(folder))
-        } else {
-            format!("UID COPY {set} {}", quote(folder))
-        };
-        let copyuid = match self.run_tagged(session, &command, "move messages").await {
-            // The folder is gone (deleted in a mail client, say): create it, try again.
-            Err(e) if refusal(&e).is_some_and(|why| why.starts_with(TRYCREATE)) => {
-                tracing::warn!(mailbox = %self.name, folder = %folder, "the folder was gone");
-                self.ensure_folders(session).await?;
-                self.run_tagged(session, &command, "move messages").await?
-            }
-            other => other?,
-        };
+        // Each set's new UIDs; the whole only when every set reported them, in the
+        // same folder generation.
+        let mut copyuid: Option<(u32, HashMap<u32, u32>)> = None;
+        for (i, set) in uid_sets(uids).into_iter().enumerate() {
+            let command = if ops.can_move {
+                format!("UID MOVE {set} {}", quote(folder))
+            } else {
+                format!("UID COPY {set} {}", quote(folder))
+            };
+            let part = match self.run_tagged(session, &command, "move messages").await {
+                // The folder is gone (deleted in a mail client, say): create it, again.
+                Err(e) if refusal(&e).is_some_and(|why| why.starts_with(TRYCREATE)) => {
+                    tracing::warn!(mailbox = %self.name, folder = %folder, "the folder was gone");
+                    self.ensure_folders(session).await?;
+                    self.run_tagged(session, &command, "move messages").await?
+                }
+                other => other?,
+            };
+            copyuid = match (i, copyuid, part) {
+                (0, _, part) => part,
+                (_, Some((v, mut all)), Some((w, more))) if v == w => {
+                    all.extend(more);
+                    Some((v, all))
+                }
+                _ => None,
+            };
+        }
         if !ops.can_move {
             // Copied: from here on the messages count as moved. Refused to delete the
             // originals, trying again would copy them again, and again.
@@ -1420,7 +1457,7 @@ impl ImapSource {
                 tracing::warn!(
                     mailbox = %self.name,
                     folder = %folder,
-                    uids = %set,
+                    uids = %uid_set(uids),
                     reason = %why,
                     "copied to the folder, but the server refused to delete the originals; they stay where they were"
                 );

@@ -9,6 +9,19 @@ fn uid_sets_are_compact() {
     assert_eq!(uid_set(&[]), "");
 }
 
+/// Scattered UIDs (every other one of 5,000 at batch_size 5000) are named in several
+/// commands of at most 4,000 bytes of set each; a run of consecutive ones in one.
+#[test]
+fn long_uid_sets_are_cut_to_fit_a_command_line() {
+    let scattered: Vec<u32> = (0..5000).map(|i| 1_000_000 + 2 * i).collect();
+    let sets = uid_sets(&scattered);
+    assert!(sets.len() > 1, "{} bytes in one set", sets[0].len());
+    assert!(sets.iter().all(|s| s.len() <= 4000 && !s.is_empty()));
+    assert_eq!(sets.join(","), uid_set(&scattered));
+    assert_eq!(uid_sets(&(1..=5000).collect::<Vec<u32>>()), vec!["1:5000"]);
+    assert!(uid_sets(&[]).is_empty());
+}
+
 #[test]
 fn a_rescan_skips_the_leading_run_of_old_mail() {
     // (UID, INTERNALDATE); new_after = 100.

@@ -379,6 +379,15 @@ service anvil {{
         self.launch();
     }
 
+    /// Restarts with a command line limit of `bytes` (`imap_max_line_length`; Dovecot's
+    /// default is 64 KB, other servers allow less).
+    pub fn restart_with_line_limit(&self, bytes: usize) {
+        let mut conf = std::fs::read_to_string(&self.conf).expect("read dovecot.conf");
+        conf.push_str(&format!("imap_max_line_length = {bytes}\n"));
+        std::fs::write(&self.conf, conf).expect("write dovecot.conf");
+        self.restart();
+    }
+
     /// Kills this Dovecot and every process of it at once (as a crash or an OOM kill
     /// would: connections are cut mid-command), then starts it again.
     pub fn crash_restart(&self) {
