@@ -1152,6 +1152,9 @@ impl Validator<'_> {
         // Mailboxes.
         let mut mailboxes = Vec::new();
         let mut mailbox_names = HashSet::new();
+        // What each mailbox reads, and which mailbox read it first: two mailboxes on one
+        // folder would both take (move, flag, delete) every message.
+        let mut read_by: HashMap<String, String> = HashMap::new();
         for (i, m) in raw.mailboxes.into_iter().enumerate() {
             let k = format!("mailboxes[{i}]");
             let name = m.name.clone();
@@ -1239,6 +1242,45 @@ impl Validator<'_> {
                     None
                 }
             };
+            if let Some(kind) = &kind {
+                let (key, place) = match kind {
+                    MailboxKind::Maildir(md) => (
+                        format!("{k}.path"),
+                        // The same directory however it is spelled, when it exists.
+                        format!(
+                            "maildir {}",
+                            std::fs::canonicalize(&md.path)
+                                .unwrap_or_else(|_| md.path.clone())
+                                .display()
+                        ),
+                    ),
+                    MailboxKind::Imap(imap) => (
+                        format!("{k}.folder"),
+                        format!(
+                            "imap {}@{}:{} {}",
+                            imap.username,
+                            imap.host.to_ascii_lowercase(),
+                            imap.port,
+                            if imap.folder.eq_ignore_ascii_case("INBOX") {
+                                "INBOX"
+                            } else {
+                                &imap.folder
+                            }
+                        ),
+                    ),
+                };
+                match read_by.get(&place) {
+                    Some(first) => self.issue(
+                        &key,
+                        format!(
+                            "mailbox {name:?} reads the same folder as mailbox {first:?}: both would take every message; keep one"
+                        ),
+                    ),
+                    None => {
+                        read_by.insert(place, name.clone());
+                    }
+                }
+            }
             if let (Some(desk), Some(kind)) = (desk, kind) {
                 mailboxes.push(MailboxConfig { name, desk, kind });
             }
@@ -1456,7 +1498,7 @@ impl Validator<'_> {
                 ("none", SmtpTls::None),
             ],
         );
-        let loopback = matches!(host.as_str(), "localhost" | "::1")
+        let loopback = (host.eq_ignore_ascii_case("localhost") || host == "::1")
             || host
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
@@ -1522,7 +1564,7 @@ impl Validator<'_> {
                 ("none", ImapTls::None),
             ],
         );
-        let loopback = matches!(host.as_str(), "localhost" | "::1")
+        let loopback = (host.eq_ignore_ascii_case("localhost") || host == "::1")
             || host
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());

@@ -322,3 +322,51 @@ fn keep_sent_defaults_to_90_days_and_refuses_less_than_a_week() {
         assert!(e.contains("outbox.keep_sent"), "{bad}: {e}");
     }
 }
+
+/// Two mailboxes reading one folder would both take (move, flag, delete) every message:
+/// refused, naming the second and the first. The same server with another folder or
+/// user, or another Maildir, is fine.
+#[test]
+fn two_mailboxes_on_one_folder_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let md = dir.path().join("md");
+    std::fs::create_dir_all(&md).unwrap();
+    let maildir = |name: &str, path: &str| {
+        format!(
+            "[[mailboxes]]\nname = \"{name}\"\nkind = \"maildir\"\ndesk = \"IT\"\npath = \"{path}\"\n"
+        )
+    };
+    let imap = |name: &str, host: &str, user: &str, folder: &str| {
+        format!(
+            "[[mailboxes]]\nname = \"{name}\"\nkind = \"imap\"\ndesk = \"IT\"\nhost = \"{host}\"\n\
+             tls = \"none\"\nusername = \"{user}\"\npassword = \"p\"\nfolder = \"{folder}\"\n"
+        )
+    };
+    let refused = |mailboxes: String| {
+        let Err(ConfigError::Invalid(issues)) = load(&format!("{MINIMAL}{mailboxes}"), &[]) else {
+            panic!("accepted:\n{mailboxes}")
+        };
+        issues
+    };
+    // The same directory, spelled another way.
+    let issues = refused(
+        maildir("a", &md.display().to_string())
+            + &maildir("b", &format!("{}/./md/", dir.path().display())),
+    );
+    assert_eq!(issues[0].key, "mailboxes[1].path");
+    assert!(issues[0].message.contains("\"a\""), "{issues:?}");
+    // INBOX in any case, the host in any case.
+    let issues =
+        refused(imap("a", "127.0.0.1", "desk", "INBOX") + &imap("b", "127.0.0.1", "desk", "inbox"));
+    assert_eq!(issues[0].key, "mailboxes[1].folder");
+    let issues = refused(
+        imap("a", "localhost", "desk", "Support") + &imap("b", "LOCALHOST", "desk", "Support"),
+    );
+    assert_eq!(issues[0].key, "mailboxes[1].folder");
+    let fine = maildir("a", &md.display().to_string())
+        + &maildir("b", &dir.path().join("other").display().to_string())
+        + &imap("c", "127.0.0.1", "desk", "INBOX")
+        + &imap("d", "127.0.0.1", "desk", "Support")
+        + &imap("e", "127.0.0.1", "other", "INBOX");
+    load(&format!("{MINIMAL}{fine}"), &[]).unwrap();
+}
