@@ -267,6 +267,10 @@ pub struct ImapConfig {
     pub connect_timeout: Duration,
     /// How long the server may stay silent while a reply is due (not in IDLE).
     pub reply_timeout: Duration,
+    /// A message whose body the server keeps failing to return (a file it cannot read,
+    /// a broken message) is quarantined once it has failed for this long, in 3 tries
+    /// at least; the mail behind it waits until then.
+    pub unfetchable_after: Duration,
 }
 
 impl ImapConfig {
@@ -698,6 +702,7 @@ struct RawMailbox {
     start: Option<String>,
     connect_timeout: Option<String>,
     reply_timeout: Option<String>,
+    unfetchable_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -1704,6 +1709,19 @@ impl Validator<'_> {
         if reply_timeout < Duration::from_secs(1) {
             self.issue(&format!("{k}.reply_timeout"), "must be at least 1s");
         }
+        let unfetchable_after = self.duration(
+            &format!("{k}.unfetchable_after"),
+            m.unfetchable_after.as_deref(),
+            Duration::from_secs(600),
+        );
+        if unfetchable_after < Duration::from_secs(1)
+            || unfetchable_after > Duration::from_secs(7 * 24 * 3600)
+        {
+            self.issue(
+                &format!("{k}.unfetchable_after"),
+                "must be between 1s and 7d (a server that throttles refuses bodies for a while; the mail behind waits this long)",
+            );
+        }
         Some(ImapConfig {
             host,
             port,
@@ -1721,6 +1739,7 @@ impl Validator<'_> {
             start,
             connect_timeout,
             reply_timeout,
+            unfetchable_after,
         })
     }
 

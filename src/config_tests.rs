@@ -244,6 +244,22 @@ password = "p"
         };
         assert_eq!(issues[0].key, "mailboxes[0].idle_timeout");
     }
+    let unfetchable = |config: &Config| match &config.mailboxes[0].kind {
+        MailboxKind::Imap(imap) => imap.unfetchable_after,
+        other => panic!("not imap: {other:?}"),
+    };
+    let config = load(&mailbox(""), &[]).unwrap();
+    assert_eq!(unfetchable(&config), Duration::from_secs(600));
+    let config = load(&mailbox("unfetchable_after = \"1h\""), &[]).unwrap();
+    assert_eq!(unfetchable(&config), Duration::from_secs(3600));
+    for refused in ["0s", "30d"] {
+        let Err(ConfigError::Invalid(issues)) =
+            load(&mailbox(&format!("unfetchable_after = \"{refused}\"")), &[])
+        else {
+            panic!("unfetchable_after = {refused} accepted")
+        };
+        assert_eq!(issues[0].key, "mailboxes[0].unfetchable_after");
+    }
 }
 
 /// No TLS sends the password in clear: only to a loopback address, or when the admin

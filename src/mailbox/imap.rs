@@ -59,9 +59,8 @@ struct Fetched {
 /// Messages larger than this are fetched in pieces of this size.
 const FETCH_PIECE: u64 = 1024 * 1024;
 /// A message whose body the server keeps failing to return is quarantined after this many
-/// tries, and not before it has been failing for [`FETCH_FAILING_FOR`].
+/// tries, and not before it has been failing for the mailbox's `unfetchable_after`.
 const FETCH_ATTEMPTS: u32 = 3;
-const FETCH_FAILING_FOR: Duration = Duration::from_secs(600);
 /// How soon a message whose body did not come is tried again.
 const FETCH_RETRY: Duration = Duration::from_secs(60);
 
@@ -646,8 +645,12 @@ impl ImapSource {
             }
             // Caught up. Not at connect: a failure that repeats after every login (a
             // message the server will not move, a folder over quota) would reconnect
-            // about once a second for good.
-            backoff.reset();
+            // about once a second for good. Nor while a message's body is failing: a
+            // server that drops the session when it cannot read one (Dovecot does) would
+            // be logged into every second until the message is quarantined.
+            if self.fetch_failures.lock().await.is_empty() {
+                backoff.reset();
+            }
             if idle {
                 // Whatever the server announced while we were busy would not be announced
                 // again during IDLE: look first.
@@ -710,7 +713,7 @@ impl ImapSource {
 
     /// How long to wait for news: `usual`, or at most [`FETCH_RETRY`] while a message's
     /// body is failing to come, so it is tried again (and, failing on, quarantined after
-    /// [`FETCH_FAILING_FOR`]) rather than holding up the mail behind it until the next
+    /// `unfetchable_after`) rather than holding up the mail behind it until the next
     /// IDLE wake-up, which may be half an hour away.
     async fn wait_for(&self, usual: Duration) -> Duration {
         if self.fetch_failures.lock().await.is_empty() {
@@ -976,6 +979,12 @@ impl ImapSource {
         Ok(fetched.uids.len())
     }
 
+    /// Whether a message whose body failed to come `attempts` times, the first at
+    /// `first`, is given up on (quarantined without its body).
+    fn unfetchable(&self, attempts: u32, first: Instant) -> bool {
+        attempts >= FETCH_ATTEMPTS && first.elapsed() >= self.cfg.unfetchable_after
+    }
+
     /// Fetches `batch` (UID, size; in UID order) as envelopes, in UID order; stops at a
     /// message whose body did not come (see [`FETCH_ATTEMPTS`]).
     async fn fetch_batch(
@@ -985,21 +994,32 @@ impl ImapSource {
         batch: &[(u32, u64)],
         max: u64,
     ) -> Result<Fetched, ImapError> {
-        let small: Vec<u32> = batch
-            .iter()
+        // A message given up on is not asked for again: a server that ends the session
+        // when it cannot read one (Dovecot) would take the acknowledgement down with it.
+        let given_up: HashSet<u32> = {
+            let failures = self.fetch_failures.lock().await;
+            batch
+                .iter()
+                .filter(|(uid, _)| {
+                    failures
+                        .get(&(uidvalidity, *uid))
+                        .is_some_and(|(n, first)| self.unfetchable(*n + 1, *first))
+                })
+                .map(|(uid, _)| *uid)
+                .collect()
+        };
+        let wanted = batch.iter().filter(|(uid, _)| !given_up.contains(uid));
+        let small: Vec<u32> = wanted
+            .clone()
             .filter(|(_, s)| *s <= max.min(FETCH_PIECE))
             .map(|(u, _)| *u)
             .collect();
-        let large: Vec<(u32, u64)> = batch
-            .iter()
+        let large: Vec<(u32, u64)> = wanted
+            .clone()
             .filter(|(_, s)| *s > FETCH_PIECE && *s <= max)
             .copied()
             .collect();
-        let big: Vec<u32> = batch
-            .iter()
-            .filter(|(_, s)| *s > max)
-            .map(|(u, _)| *u)
-            .collect();
+        let big: Vec<u32> = wanted.filter(|(_, s)| *s > max).map(|(u, _)| *u).collect();
         let mut raw: HashMap<u32, Vec<u8>> = HashMap::new();
         for set in uid_sets(&small) {
             // Copied out as each response arrives, and the response dropped: a large
@@ -1057,7 +1077,7 @@ impl ImapSource {
                         .entry((uidvalidity, *uid))
                         .or_insert((0, Instant::now()));
                     *n += 1;
-                    if *n < FETCH_ATTEMPTS || first.elapsed() < FETCH_FAILING_FOR {
+                    if !self.unfetchable(*n, *first) {
                         tracing::warn!(mailbox = %self.name, uid, attempt = *n, "server returned no body; will retry");
                         break;
                     }

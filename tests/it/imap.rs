@@ -1009,3 +1009,62 @@ fn without_move_mail_is_copied_and_expunged() {
         assert_each_message_once(&env, 3);
     }
 }
+
+/// A message the server cannot read (Dovecot logs the error and ends the session at the
+/// FETCH) is tried again, with growing pauses between logins, and quarantined once it
+/// has failed for `unfetchable_after`; the mail behind it then flows. Before, intake
+/// logged in again every second, and the setting was a fixed ten minutes.
+#[test]
+fn a_message_the_server_cannot_read_is_quarantined_and_the_rest_flows() {
+    for backend in BACKENDS {
+        let dovecot = Dovecot::start();
+        append_backlog(&dovecot, 3);
+        // The second message's file (Maildir: names sort in delivery order).
+        let new = dovecot
+            .dir
+            .path()
+            .join("mail")
+            .join(crate::dovecot::USER)
+            .join("new");
+        let mut files: Vec<_> = std::fs::read_dir(&new)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 3);
+        let status = std::process::Command::new("chmod")
+            .arg("000")
+            .arg(&files[1])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let env = env_with(&dovecot, backend, "unfetchable_after = \"3s\"", "");
+        let daemon = start_daemon(&env);
+        daemon.wait_for("the two readable messages", WAIT, || {
+            request_count(&env) == 2
+        });
+        let mut imap = dovecot.client();
+        daemon.wait_for("the unreadable one quarantined", WAIT, || {
+            imap.status("Quarantine").0 == 1
+        });
+        let log = daemon.stop();
+        assert!(
+            log.contains("server keeps returning no body; quarantining"),
+            "{log}"
+        );
+        let quarantined = env.json(&["quarantine", "list", "--json"]);
+        let rows = quarantined.as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{quarantined}");
+        assert!(rows[0].to_string().contains("no body"), "{quarantined}");
+        // Backing off: a handful of logins over those seconds, not one a second.
+        let logins = dovecot.log().matches("Login: user=<desk>").count();
+        assert!(logins <= 6, "{logins} logins:\n{log}");
+        let reporters: Vec<String> = env
+            .requests()
+            .iter()
+            .map(|r| r["reporter"].as_str().unwrap().to_string())
+            .collect();
+        assert!(reporters.contains(&"sender0@outside.example".to_string()));
+        assert!(reporters.contains(&"sender2@outside.example".to_string()));
+    }
+}
