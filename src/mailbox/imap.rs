@@ -170,7 +170,34 @@ const MAX_REFUSED: usize = 5_000;
 
 /// A compact UID set (`1:3,5,7:9`) of `uids`, in any order, duplicates allowed.
 pub fn uid_set(uids: &[u32]) -> String {
-    uid_sets_within(uids, usize::MAX).concat()
+    let mut sorted: Vec<u32> = uids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    runs(&sorted)
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}:{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The runs of consecutive UIDs in `sorted` (ascending, no duplicates), as (first, last).
+fn runs(sorted: &[u32]) -> impl Iterator<Item = (u32, u32)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let start = *sorted.get(i)?;
+        let mut end = start;
+        while sorted.get(i + 1) == Some(&(end + 1)) {
+            i += 1;
+            end = sorted[i];
+        }
+        i += 1;
+        Some((start, end))
+    })
 }
 
 /// The longest UID set one command names: scattered UIDs (leftovers, a mailbox others
@@ -178,44 +205,37 @@ pub fn uid_set(uids: &[u32]) -> String {
 /// asks clients to stay within 8,192 octets).
 const MAX_SET_BYTES: usize = 4000;
 
-/// [`uid_set`] cut into sets of at most [`MAX_SET_BYTES`], one command each; one set
-/// for the usual run of consecutive UIDs, none for none.
-pub fn uid_sets(uids: &[u32]) -> Vec<String> {
-    uid_sets_within(uids, MAX_SET_BYTES)
-}
-
-fn uid_sets_within(uids: &[u32], max: usize) -> Vec<String> {
+/// `uids`, sorted, cut so that each part's [`uid_set`] is at most [`MAX_SET_BYTES`]: what
+/// one command names. One part for the usual run of consecutive UIDs, none for none.
+pub fn uid_chunks(uids: &[u32]) -> Vec<Vec<u32>> {
     let mut sorted: Vec<u32> = uids.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
-    let mut sets = Vec::new();
-    let mut out = String::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
-            i += 1;
-            end = sorted[i];
-        }
-        let item = if start == end {
-            start.to_string()
+    let digits = |n: u32| n.checked_ilog10().unwrap_or(0) as usize + 1;
+    let mut chunks = Vec::new();
+    let (mut chunk, mut len) = (Vec::new(), 0);
+    for (a, b) in runs(&sorted) {
+        let item = if a == b {
+            digits(a)
         } else {
-            format!("{start}:{end}")
+            digits(a) + 1 + digits(b)
         };
-        if !out.is_empty() && out.len() + 1 + item.len() > max {
-            sets.push(std::mem::take(&mut out));
+        if !chunk.is_empty() && len + 1 + item > MAX_SET_BYTES {
+            chunks.push(std::mem::take(&mut chunk));
+            len = 0;
         }
-        if !out.is_empty() {
-            out.push(',');
-        }
-        out.push_str(&item);
-        i += 1;
+        len += if chunk.is_empty() { item } else { 1 + item };
+        chunk.extend(a..=b);
     }
-    if !out.is_empty() {
-        sets.push(out);
+    if !chunk.is_empty() {
+        chunks.push(chunk);
     }
-    sets
+    chunks
+}
+
+/// [`uid_chunks`] as UID sets.
+pub fn uid_sets(uids: &[u32]) -> Vec<String> {
+    uid_chunks(uids).iter().map(|c| uid_set(c)).collect()
 }
 
 /// The SASL XOAUTH2 exchange (Gmail, Microsoft 365): the token in answer to the first
@@ -243,9 +263,6 @@ impl async_imap::Authenticator for XOAuth2 {
         String::new()
     }
 }
-
-/// UIDs named in one command when a set of scattered ones is listed.
-const LIST_CHUNK: usize = 500;
 
 /// How long `token_command` may run.
 const TOKEN_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1003,7 +1020,7 @@ impl ImapSource {
                 .filter(|(uid, _)| {
                     failures
                         .get(&(uidvalidity, *uid))
-                        .is_some_and(|(n, first)| self.unfetchable(*n + 1, *first))
+                        .is_some_and(|(n, first)| self.unfetchable(*n, *first))
                 })
                 .map(|(uid, _)| *uid)
                 .collect()
@@ -1021,7 +1038,43 @@ impl ImapSource {
             .collect();
         let big: Vec<u32> = wanted.filter(|(_, s)| *s > max).map(|(u, _)| *u).collect();
         let mut raw: HashMap<u32, Vec<u8>> = HashMap::new();
-        for set in uid_sets(&small) {
+        let fetched = self
+            .fetch_bodies(session, &small, &large, &big, max, &mut raw)
+            .await;
+        if let Err(e) = fetched {
+            // A server that ends the session when it cannot read a message (Dovecot)
+            // fails the next command, not the FETCH: the first message without its body
+            // counts as a failed try all the same, or it would never be given up on.
+            if let Some((uid, _)) = batch
+                .iter()
+                .find(|(uid, _)| !raw.contains_key(uid) && !given_up.contains(uid))
+            {
+                let mut failures = self.fetch_failures.lock().await;
+                let (n, _) = failures
+                    .entry((uidvalidity, *uid))
+                    .or_insert((0, Instant::now()));
+                *n += 1;
+                tracing::warn!(mailbox = %self.name, uid, attempt = *n, "server returned no body; will retry");
+            }
+            return Err(e);
+        }
+        self.envelopes_of(uidvalidity, batch, max, raw, &given_up)
+            .await
+    }
+
+    /// The bodies of `small` (at most [`FETCH_PIECE`] each), `large` (in pieces) and the
+    /// headers of `big` (over the limit) into `raw`, by UID; what the server did not
+    /// return is left out.
+    async fn fetch_bodies(
+        &self,
+        session: &mut ImapSession,
+        small: &[u32],
+        large: &[(u32, u64)],
+        big: &[u32],
+        max: u64,
+        raw: &mut HashMap<u32, Vec<u8>>,
+    ) -> Result<(), ImapError> {
+        for set in uid_sets(small) {
             // Copied out as each response arrives, and the response dropped: a large
             // message is held once, not twice.
             let mut fetched = session
@@ -1038,12 +1091,12 @@ impl ImapSource {
                 }
             }
         }
-        for (uid, size) in large {
+        for &(uid, size) in large {
             if let Some(body) = self.fetch_in_pieces(session, uid, size, max).await? {
                 raw.insert(uid, body);
             }
         }
-        for set in uid_sets(&big) {
+        for set in uid_sets(big) {
             // Headers only: enough to say who sent it in the quarantine list.
             let fetched: Vec<_> = session
                 .uid_fetch(set, "(UID BODY.PEEK[HEADER])")
@@ -1058,8 +1111,20 @@ impl ImapSource {
                 }
             }
         }
-        // Build envelopes in UID order; stop at a message whose body did not come (the
-        // progress can only move past UIDs that were handled), unless it failed too often.
+        Ok(())
+    }
+
+    /// Envelopes in UID order of what [`ImapSource::fetch_bodies`] brought; stops at a
+    /// message whose body did not come (the progress can only move past UIDs that were
+    /// handled), unless it failed too often or was `given_up` on (not asked for).
+    async fn envelopes_of(
+        &self,
+        uidvalidity: i64,
+        batch: &[(u32, u64)],
+        max: u64,
+        mut raw: HashMap<u32, Vec<u8>>,
+        given_up: &HashSet<u32>,
+    ) -> Result<Fetched, ImapError> {
         let mut envelopes = Vec::with_capacity(batch.len());
         let mut uids = Vec::with_capacity(batch.len());
         let mut failures = self.fetch_failures.lock().await;
@@ -1076,7 +1141,10 @@ impl ImapSource {
                     let (n, first) = failures
                         .entry((uidvalidity, *uid))
                         .or_insert((0, Instant::now()));
-                    *n += 1;
+                    // Given up on: not asked for this time, so no try to count.
+                    if !given_up.contains(uid) {
+                        *n += 1;
+                    }
                     if !self.unfetchable(*n, *first) {
                         tracing::warn!(mailbox = %self.name, uid, attempt = *n, "server returned no body; will retry");
                         break;
@@ -1206,13 +1274,13 @@ impl ImapSource {
         };
         if !retry.is_empty() {
             let mut still = Vec::new();
-            // A slice at a time, as the leftover pass lists them (line length limits).
-            for part in retry.chunks(LIST_CHUNK) {
+            // A set at a time (line length limits), as the leftover pass lists them.
+            for part in uid_chunks(&retry) {
                 if !self
-                    .acknowledge(session, pipeline, uidvalidity, part, &[], ops)
+                    .acknowledge(session, pipeline, uidvalidity, &part, &[], ops)
                     .await?
                 {
-                    still.extend_from_slice(part);
+                    still.extend_from_slice(&part);
                 }
             }
             if still.len() < retry.len() {
@@ -1302,13 +1370,14 @@ impl ImapSource {
         quarantined: &[(u32, i64)],
         ops: Ops,
     ) -> Result<bool, ImapError> {
-        if !quarantined.is_empty() {
-            let uids: Vec<u32> = quarantined.iter().map(|(u, _)| *u).collect();
+        let all: Vec<u32> = quarantined.iter().map(|(u, _)| *u).collect();
+        for uids in uid_chunks(&all) {
+            // A set at a time, each recorded before the next moves.
             let mapping = match self
                 .move_messages(session, &uids, &self.cfg.quarantine_folder, ops)
                 .await
             {
-                Ok(mapping) => Some(mapping),
+                Ok(mapping) => mapping,
                 Err(e) => {
                     let Some(why) = refusal(&e) else {
                         return Err(e);
@@ -1320,11 +1389,11 @@ impl ImapSource {
                         reason = %why,
                         "the server refused to move quarantined messages to the quarantine folder; they stay where they are and are tried again at the next connection"
                     );
-                    None
+                    break;
                 }
             };
-            for (uid, ledger_id) in quarantined {
-                let Some(mapping) = &mapping else { break };
+            let moved: HashSet<u32> = uids.iter().copied().collect();
+            for (uid, ledger_id) in quarantined.iter().filter(|(u, _)| moved.contains(u)) {
                 let reference = match mapping
                     .as_ref()
                     .and_then(|(v, m)| m.get(uid).map(|n| (v, n)))
@@ -1358,10 +1427,13 @@ impl ImapSource {
                         .await?;
                 }
                 After::Move(folder) => {
-                    // Flagged Seen first, as processed mail is everywhere else.
-                    self.store_flags(session, done, "+FLAGS.SILENT (\\Seen)")
-                        .await?;
-                    self.move_messages(session, done, folder, ops).await?;
+                    // Flagged Seen first, as processed mail is everywhere else; a set at
+                    // a time (without MOVE: copied, then deleted, before the next).
+                    for uids in uid_chunks(done) {
+                        self.store_flags(session, &uids, "+FLAGS.SILENT (\\Seen)")
+                            .await?;
+                        self.move_messages(session, &uids, folder, ops).await?;
+                    }
                 }
                 After::Delete => {
                     self.store_flags(session, done, "+FLAGS.SILENT (\\Deleted)")
@@ -1434,33 +1506,23 @@ impl ImapSource {
         folder: &str,
         ops: Ops,
     ) -> Result<Option<(u32, HashMap<u32, u32>)>, ImapError> {
-        // Each set's new UIDs; the whole only when every set reported them, in the
-        // same folder generation.
-        let mut copyuid: Option<(u32, HashMap<u32, u32>)> = None;
-        for (i, set) in uid_sets(uids).into_iter().enumerate() {
-            let command = if ops.can_move {
-                format!("UID MOVE {set} {}", quote(folder))
-            } else {
-                format!("UID COPY {set} {}", quote(folder))
-            };
-            let part = match self.run_tagged(session, &command, "move messages").await {
-                // The folder is gone (deleted in a mail client, say): create it, again.
-                Err(e) if refusal(&e).is_some_and(|why| why.starts_with(TRYCREATE)) => {
-                    tracing::warn!(mailbox = %self.name, folder = %folder, "the folder was gone");
-                    self.ensure_folders(session).await?;
-                    self.run_tagged(session, &command, "move messages").await?
-                }
-                other => other?,
-            };
-            copyuid = match (i, copyuid, part) {
-                (0, _, part) => part,
-                (_, Some((v, mut all)), Some((w, more))) if v == w => {
-                    all.extend(more);
-                    Some((v, all))
-                }
-                _ => None,
-            };
-        }
+        // One command: callers pass one of `uid_chunks` at a time, so what moved and
+        // its new UIDs are recorded set by set.
+        let set = uid_set(uids);
+        let command = if ops.can_move {
+            format!("UID MOVE {set} {}", quote(folder))
+        } else {
+            format!("UID COPY {set} {}", quote(folder))
+        };
+        let copyuid = match self.run_tagged(session, &command, "move messages").await {
+            // The folder is gone (deleted in a mail client, say): create it, try again.
+            Err(e) if refusal(&e).is_some_and(|why| why.starts_with(TRYCREATE)) => {
+                tracing::warn!(mailbox = %self.name, folder = %folder, "the folder was gone");
+                self.ensure_folders(session).await?;
+                self.run_tagged(session, &command, "move messages").await?
+            }
+            other => other?,
+        };
         if !ops.can_move {
             // Copied: from here on the messages count as moved. Refused to delete the
             // originals, trying again would copy them again, and again.
@@ -1477,7 +1539,7 @@ impl ImapSource {
                 tracing::warn!(
                     mailbox = %self.name,
                     folder = %folder,
-                    uids = %uid_set(uids),
+                    uids = %set,
                     reason = %why,
                     "copied to the folder, but the server refused to delete the originals; they stay where they were"
                 );
@@ -1622,9 +1684,9 @@ impl ImapSource {
             // Scattered UIDs make a long set: listed a slice at a time, so no command
             // passes a server's line limit (Dovecot's is 64 KB, others' less).
             let mut listed = Vec::with_capacity(uids.len());
-            for part in uids.chunks(LIST_CHUNK) {
+            for set in uid_sets(&uids) {
                 listed.extend(
-                    self.list_sizes(session, uid_set(part), "list leftovers", |uid| {
+                    self.list_sizes(session, set, "list leftovers", |uid| {
                         i64::from(uid) <= last_uid
                     })
                     .await?,

@@ -18,6 +18,13 @@ fn long_uid_sets_are_cut_to_fit_a_command_line() {
     assert!(sets.len() > 1, "{} bytes in one set", sets[0].len());
     assert!(sets.iter().all(|s| s.len() <= 4000 && !s.is_empty()));
     assert_eq!(sets.join(","), uid_set(&scattered));
+    // The same cut as UIDs: each part is what one set names.
+    let chunks = uid_chunks(&scattered);
+    assert_eq!(chunks.len(), sets.len());
+    for (chunk, set) in chunks.iter().zip(&sets) {
+        assert_eq!(&uid_set(chunk), set);
+    }
+    assert_eq!(chunks.concat(), scattered);
     assert_eq!(uid_sets(&(1..=5000).collect::<Vec<u32>>()), vec!["1:5000"]);
     assert!(uid_sets(&[]).is_empty());
 }

@@ -1056,9 +1056,22 @@ fn a_message_the_server_cannot_read_is_quarantined_and_the_rest_flows() {
         let rows = quarantined.as_array().unwrap();
         assert_eq!(rows.len(), 1, "{quarantined}");
         assert!(rows[0].to_string().contains("no body"), "{quarantined}");
-        // Backing off: a handful of logins over those seconds, not one a second.
-        let logins = dovecot.log().matches("Login: user=<desk>").count();
-        assert!(logins <= 6, "{logins} logins:\n{log}");
+        // Backing off: the pauses between logins grow (they stayed at a second).
+        let pauses: Vec<f64> = log
+            .split("retry_in=")
+            .skip(1)
+            .filter_map(|rest| {
+                let value = rest.split_whitespace().next()?;
+                match value.strip_suffix("ms") {
+                    Some(ms) => ms.parse::<f64>().ok().map(|ms| ms / 1000.0),
+                    None => value.strip_suffix('s')?.parse().ok(),
+                }
+            })
+            .collect();
+        assert!(
+            pauses.iter().any(|&p| p >= 1.4),
+            "pauses {pauses:?}:\n{log}"
+        );
         let reporters: Vec<String> = env
             .requests()
             .iter()
