@@ -12,7 +12,8 @@
 //! those the ledger does not know (mail staff marked unread again stays unread),
 //! otherwise for all (processed mail leaves `cur/`). A sweep looks at the files changed
 //! since the one before (ctime: a rename sets it), and runs when `cur/` changed by
-//! another hand than ours, or a minute passed.
+//! another hand than ours, or a minute passed; a pass kept busy by a steady inflow into
+//! `new/` ends after a minute so the next one sweeps.
 //!
 //! A second copy of a message (a duplicate) has no ledger row of its own: with
 //! `after = "seen"` the first sweep after a restart processes it again, as the
@@ -76,6 +77,10 @@ pub struct MaildirSource {
     /// Base names of messages listed in `new/` that another program moved before we
     /// read them: the next sweep takes them from `cur/` however old they are.
     vanished: std::sync::Mutex<HashSet<String>>,
+    /// Of those, the ones the last sweep found: forgotten once the pass commits them.
+    vanished_taken: std::sync::Mutex<HashSet<String>>,
+    /// [`SWEEP_EVERY`] (shorter in tests).
+    sweep_every: Duration,
 }
 
 impl MaildirSource {
@@ -90,7 +95,21 @@ impl MaildirSource {
             acked_since_sweep: Default::default(),
             watched_since: Default::default(),
             vanished: Default::default(),
+            vanished_taken: Default::default(),
+            sweep_every: SWEEP_EVERY,
         }
+    }
+
+    /// The vanished messages still looked for.
+    #[cfg(test)]
+    pub(super) fn looked_for(&self) -> HashSet<String> {
+        self.vanished.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    pub(super) fn sweeping_every(mut self, every: Duration) -> Self {
+        self.sweep_every = every;
+        self
     }
 
     /// A message listed in `new/` was gone when we came to read it: another program
@@ -169,7 +188,7 @@ impl MaildirSource {
         let last = self.swept.lock().ok().and_then(|s| *s);
         let vanished: HashSet<String> = self.vanished.lock().map(|v| v.clone()).unwrap_or_default();
         if vanished.is_empty()
-            && last.is_some_and(|l| l.dir_changed == changed && l.at.elapsed() < SWEEP_EVERY)
+            && last.is_some_and(|l| l.dir_changed == changed && l.at.elapsed() < self.sweep_every)
         {
             return Ok(Vec::new());
         }
@@ -192,57 +211,59 @@ impl MaildirSource {
         let held_back = skip.iter().any(|p| p.parent() == Some(cur.as_path()));
         let dir = cur.clone();
         let looked_for = vanished.clone();
-        let mut found = tokio::task::spawn_blocking(move || {
-            oldest_files(&dir, usize::MAX, &skip, |name| {
+        // Which of the names looked for are in cur/ at all (skipped ones too).
+        let (mut found, present) = tokio::task::spawn_blocking(move || {
+            let present = std::cell::RefCell::new(HashSet::new());
+            let found = oldest_files(&dir, usize::MAX, &skip, |name| {
                 let name = name.to_string_lossy();
                 let base = base_of(&name);
                 if own.contains(&base) {
                     return false;
                 }
                 if looked_for.contains(&base) {
+                    present.borrow_mut().insert(base);
                     return true;
                 }
                 let path = dir.join(name.as_ref());
                 delivered_at(&path, &name).is_some_and(|t| t >= since)
                     && window.is_none_or(|w| changed_since(&path, w))
-            })
+            });
+            found.map(|f| (f, present.into_inner()))
         })
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r)
         .map_err(|e| self.io_error("scan", e))?;
+        let mut known = HashSet::new();
         if matches!(self.cfg.after, After::Seen) && !found.is_empty() {
             // Processed mail stays in cur/ in this mode: what the ledger knows was ours
             // (staff may have marked it unread again, which stays so).
             let names: Vec<String> = found.iter().map(|p| Self::base_name(p)).collect();
-            let known = pipeline
+            known = pipeline
                 .store()
                 .recorded_refs(&self.source_name(), &names)
                 .await
-                .map_err(|source| self.store_error(source))?;
+                .map_err(|source| self.store_error(source))?
+                .into_iter()
+                .collect();
             found.retain(|p| !known.contains(&Self::base_name(p)));
         }
         let complete = found.len() <= limit && !held_back;
         found.truncate(limit);
-        // What was looked for is handed over: found now (the batch that reads it is
-        // what counts from here, like any swept file), or, after a complete sweep,
-        // not in cur/ at all (deleted, or moved elsewhere: not ours to chase).
-        if !vanished.is_empty()
-            && let Ok(mut v) = self.vanished.lock()
-        {
-            if complete {
-                v.retain(|name| !vanished.contains(name));
-            } else {
-                for path in &found {
-                    v.remove(&Self::base_name(path));
-                }
-            }
-            let missing = vanished
-                .iter()
-                .filter(|name| !found.iter().any(|p| &Self::base_name(p) == *name))
-                .count();
-            if complete && missing > 0 {
+        if !vanished.is_empty() {
+            // What was looked for and is not in cur/ (deleted, or moved to another
+            // folder: not ours to chase), or is there but known to the ledger, is
+            // forgotten now; what this sweep hands to the pass, once it is committed.
+            let waiting: HashSet<String> = found.iter().map(|p| Self::base_name(p)).collect();
+            let missing = vanished.iter().filter(|n| !present.contains(*n)).count();
+            if missing > 0 {
                 tracing::info!(mailbox = %self.name, count = missing, "messages moved out of new/ before they were read are not in cur/ either (deleted, or moved to another folder)");
+            }
+            if let Ok(mut v) = self.vanished.lock() {
+                v.retain(|n| !vanished.contains(n) || present.contains(n) && !known.contains(n));
+            }
+            if let Ok(mut t) = self.vanished_taken.lock() {
+                *t = vanished.intersection(&waiting).cloned().collect();
             }
         }
         // The window moves on only once what this sweep found is committed (the end of
@@ -393,6 +414,18 @@ impl MaildirSource {
         shutdown: &CancellationToken,
     ) -> Result<usize, SourceError> {
         let result = self.work_through(pipeline, shutdown).await;
+        // What the sweep found of the vanished messages is forgotten once all it
+        // found is committed; otherwise the next sweep looks for them again.
+        let taken = self
+            .vanished_taken
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        if matches!(result, Ok((_, true)))
+            && let Ok(mut v) = self.vanished.lock()
+        {
+            v.retain(|n| !taken.contains(n));
+        }
         let next = self.sweep_next.lock().ok().and_then(|mut n| n.take());
         if let Ok(mut swept) = self.swept.lock()
             && let Some(s) = swept.as_mut()
@@ -423,8 +456,15 @@ impl MaildirSource {
         let from_sweep = |p: &Path| p.parent() == Some(cur.as_path());
         let mut listed: VecDeque<PathBuf> = self.sweep_cur(pipeline, LISTED).await?.into();
         let mut swept_all = true;
+        let started = std::time::Instant::now();
         while !shutdown.is_cancelled() {
             if listed.is_empty() {
+                if started.elapsed() >= self.sweep_every {
+                    // Mail keeps coming: end the pass here, so `cur/` is swept again
+                    // (the next pass starts at once) rather than only once `new/` is
+                    // found empty, which a steady inflow may never let happen.
+                    break;
+                }
                 listed = self
                     .scan(LISTED)
                     .await
@@ -517,10 +557,16 @@ impl MaildirSource {
             }
             .await
             {
-                Ok(_) => {
+                Ok(n) => {
                     backoff.reset();
                     pipeline.health.ok(&self.name);
-                    self.cfg.poll_interval
+                    // After work, look again at once: the pass may have been ended to
+                    // sweep `cur/`, with mail still waiting in `new/`.
+                    if n > 0 {
+                        Duration::ZERO
+                    } else {
+                        self.cfg.poll_interval
+                    }
                 }
                 Err(e) => {
                     let pause = backoff.next_pause();
