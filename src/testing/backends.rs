@@ -158,8 +158,14 @@ fn cluster() -> &'static PgCluster {
 pub fn postgres_database() -> String {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let pg = cluster();
+    // The time too: with INTAKE_TEST_DATABASE_URL the cluster outlives this process,
+    // and a later one may have the same pid.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let name = format!(
-        "intake_{}_{}",
+        "intake_{}_{started}_{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::SeqCst)
     );
