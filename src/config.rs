@@ -1160,6 +1160,7 @@ impl Validator<'_> {
         // What each mailbox reads, and which mailbox read it first: two mailboxes on one
         // folder would both take (move, flag, delete) every message.
         let mut read_by: HashMap<String, String> = HashMap::new();
+        let mut written_by: HashMap<String, String> = HashMap::new();
         for (i, m) in raw.mailboxes.into_iter().enumerate() {
             let k = format!("mailboxes[{i}]");
             let name = m.name.clone();
@@ -1248,42 +1249,29 @@ impl Validator<'_> {
                 }
             };
             if let Some(kind) = &kind {
-                let (key, place) = match kind {
-                    MailboxKind::Maildir(md) => (
-                        format!("{k}.path"),
-                        // The same directory however it is spelled, when it exists.
-                        format!(
-                            "maildir {}",
-                            std::fs::canonicalize(&md.path)
-                                .unwrap_or_else(|_| md.path.clone())
-                                .display()
-                        ),
-                    ),
-                    MailboxKind::Imap(imap) => (
-                        format!("{k}.folder"),
-                        format!(
-                            "imap {}@{}:{} {}",
-                            imap.username,
-                            imap.host.to_ascii_lowercase(),
-                            imap.port,
-                            if imap.folder.eq_ignore_ascii_case("INBOX") {
-                                "INBOX"
-                            } else {
-                                &imap.folder
-                            }
-                        ),
-                    ),
-                };
-                match read_by.get(&place) {
-                    Some(first) => self.issue(
+                let (key, reads, writes) = places(kind);
+                let clash = read_by
+                    .get(&reads)
+                    .or_else(|| written_by.get(&reads))
+                    .map(|first| (format!("{k}.{key}"), first.clone()))
+                    .or_else(|| {
+                        writes.iter().find_map(|w| {
+                            read_by
+                                .get(w)
+                                .map(|first| (format!("{k}.after"), first.clone()))
+                        })
+                    });
+                if let Some((key, first)) = clash {
+                    self.issue(
                         &key,
                         format!(
-                            "mailbox {name:?} reads the same folder as mailbox {first:?}: both would take every message; keep one"
+                            "mailbox {name:?} and mailbox {first:?} read the same folder, or one reads where the other files mail (after = \"move:...\", quarantine_folder): mail would be taken twice; keep them apart"
                         ),
-                    ),
-                    None => {
-                        read_by.insert(place, name.clone());
-                    }
+                    );
+                }
+                read_by.entry(reads).or_insert_with(|| name.clone());
+                for w in writes {
+                    written_by.entry(w).or_insert_with(|| name.clone());
                 }
             }
             if let (Some(desk), Some(kind)) = (desk, kind) {
@@ -1868,6 +1856,49 @@ impl Validator<'_> {
             });
         }
         out
+    }
+}
+
+/// Where a mailbox reads (the key naming it, and the place) and where it files mail
+/// (its `after = "move:..."` folder and quarantine folder), as comparable strings: a
+/// Maildir by its absolute path (resolved when it exists), an IMAP folder by account
+/// and name (INBOX in any case).
+fn places(kind: &MailboxKind) -> (String, String, Vec<String>) {
+    match kind {
+        MailboxKind::Maildir(md) => {
+            let dir = |p: &std::path::Path| {
+                let p = std::fs::canonicalize(p)
+                    .or_else(|_| std::path::absolute(p))
+                    .unwrap_or_else(|_| p.to_path_buf());
+                format!("maildir {}", p.display().to_string().trim_end_matches('/'))
+            };
+            let folder = |name: &str| dir(&md.path.join(format!(".{name}")));
+            let mut writes = vec![folder(&md.quarantine_folder)];
+            if let After::Move(f) = &md.after {
+                writes.push(folder(f));
+            }
+            ("path".into(), dir(&md.path), writes)
+        }
+        MailboxKind::Imap(imap) => {
+            let folder = |name: &str| {
+                format!(
+                    "imap {}@{}:{} {}",
+                    imap.username.to_lowercase(),
+                    imap.host.to_ascii_lowercase(),
+                    imap.port,
+                    if name.eq_ignore_ascii_case("INBOX") {
+                        "INBOX"
+                    } else {
+                        name
+                    }
+                )
+            };
+            let mut writes = vec![folder(&imap.quarantine_folder)];
+            if let After::Move(f) = &imap.after {
+                writes.push(folder(f));
+            }
+            ("folder".into(), folder(&imap.folder), writes)
+        }
     }
 }
 

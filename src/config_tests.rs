@@ -379,6 +379,33 @@ fn two_mailboxes_on_one_folder_are_refused() {
         imap("a", "localhost", "desk", "Support") + &imap("b", "LOCALHOST", "desk", "Support"),
     );
     assert_eq!(issues[0].key, "mailboxes[1].folder");
+    // A path not there yet, spelled two ways.
+    let issues = refused(
+        maildir("a", &dir.path().join("later").display().to_string())
+            + &maildir("b", &format!("{}/./later/", dir.path().display())),
+    );
+    assert_eq!(issues[0].key, "mailboxes[1].path");
+    // One reads where the other files its processed or quarantined mail.
+    let issues = refused(
+        imap("a", "127.0.0.1", "desk", "INBOX") + &imap("b", "127.0.0.1", "Desk", "Quarantine"),
+    );
+    assert!(
+        issues.iter().any(|i| i.key == "mailboxes[1].folder"),
+        "{issues:?}"
+    );
+    let issues = refused(
+        imap("a", "127.0.0.1", "desk", "Processed")
+            + &imap("b", "127.0.0.1", "desk", "INBOX").replace(
+                "folder = \"INBOX\"",
+                "folder = \"INBOX\"\nafter = \"move:Processed\"",
+            ),
+    );
+    assert_eq!(issues[0].key, "mailboxes[1].after");
+    let issues = refused(
+        maildir("a", &md.display().to_string())
+            + &maildir("b", &md.join(".Quarantine").display().to_string()),
+    );
+    assert_eq!(issues[0].key, "mailboxes[1].path");
     let fine = maildir("a", &md.display().to_string())
         + &maildir("b", &dir.path().join("other").display().to_string())
         + &imap("c", "127.0.0.1", "desk", "INBOX")
