@@ -55,6 +55,8 @@ struct Fetched {
     envelopes: Arc<Vec<Envelope>>,
     heads: Option<crate::pipeline::PreparedHeads>,
     uids: Vec<u32>,
+    /// Stopped at a message whose body did not come (counted as a failed try).
+    cut_short: bool,
 }
 /// Messages larger than this are fetched in pieces of this size.
 const FETCH_PIECE: u64 = 1024 * 1024;
@@ -191,7 +193,10 @@ fn runs(sorted: &[u32]) -> impl Iterator<Item = (u32, u32)> + '_ {
     std::iter::from_fn(move || {
         let start = *sorted.get(i)?;
         let mut end = start;
-        while sorted.get(i + 1) == Some(&(end + 1)) {
+        while end
+            .checked_add(1)
+            .is_some_and(|next| sorted.get(i + 1) == Some(&next))
+        {
             i += 1;
             end = sorted[i];
         }
@@ -922,7 +927,10 @@ impl ImapSource {
             }
             rest = &rest[n..];
             let following = self.next_batch(rest, max);
+            // Not past a message whose body just failed: it would be asked for (and
+            // its failure counted) again at once.
             let prefetch = !following.is_empty()
+                && !current.cut_short
                 && !shutdown.is_cancelled()
                 && following.iter().map(|(_, s)| *s).sum::<u64>() <= PREFETCH_BYTES;
             let (outcomes, fetched) = tokio::join!(
@@ -1043,12 +1051,14 @@ impl ImapSource {
             .await;
         if let Err(e) = fetched {
             // A server that ends the session when it cannot read a message (Dovecot)
-            // fails the next command, not the FETCH: the first message without its body
-            // counts as a failed try all the same, or it would never be given up on.
-            if let Some((uid, _)) = batch
+            // fails the next command, not the FETCH: the first message without its body,
+            // in the order they were asked for, counts as a failed try all the same, or
+            // it would never be given up on.
+            let asked = small
                 .iter()
-                .find(|(uid, _)| !raw.contains_key(uid) && !given_up.contains(uid))
-            {
+                .chain(large.iter().map(|(uid, _)| uid))
+                .chain(&big);
+            if let Some(uid) = asked.into_iter().find(|uid| !raw.contains_key(uid)) {
                 let mut failures = self.fetch_failures.lock().await;
                 let (n, _) = failures
                     .entry((uidvalidity, *uid))
@@ -1127,6 +1137,7 @@ impl ImapSource {
     ) -> Result<Fetched, ImapError> {
         let mut envelopes = Vec::with_capacity(batch.len());
         let mut uids = Vec::with_capacity(batch.len());
+        let mut cut_short = false;
         let mut failures = self.fetch_failures.lock().await;
         for (uid, size) in batch {
             let reference = format!("{uidvalidity}:{uid}");
@@ -1147,6 +1158,7 @@ impl ImapSource {
                     }
                     if !self.unfetchable(*n, *first) {
                         tracing::warn!(mailbox = %self.name, uid, attempt = *n, "server returned no body; will retry");
+                        cut_short = true;
                         break;
                     }
                     tracing::error!(mailbox = %self.name, uid, "server keeps returning no body; quarantining");
@@ -1193,6 +1205,7 @@ impl ImapSource {
             envelopes,
             heads,
             uids,
+            cut_short,
         })
     }
 

@@ -7,6 +7,9 @@ fn uid_sets_are_compact() {
     assert_eq!(uid_set(&[5, 1, 2, 3, 9, 7, 8, 3]), "1:3,5,7:9");
     assert_eq!(uid_set(&[42]), "42");
     assert_eq!(uid_set(&[]), "");
+    // The largest UID there is ends a run without overflowing.
+    assert_eq!(uid_set(&[u32::MAX, u32::MAX - 1]), "4294967294:4294967295");
+    assert_eq!(uid_set(&[u32::MAX, 1]), "1,4294967295");
 }
 
 /// Scattered UIDs (every other one of 5,000 at batch_size 5000) are named in several
