@@ -218,6 +218,10 @@ impl MaildirSource {
                 let name = name.to_string_lossy();
                 let base = base_of(&name);
                 if own.contains(&base) {
+                    // Ours, acknowledged since the last sweep: present, and processed.
+                    if looked_for.contains(&base) {
+                        present.borrow_mut().insert(base);
+                    }
                     return false;
                 }
                 if looked_for.contains(&base) {
@@ -251,6 +255,25 @@ impl MaildirSource {
         let complete = found.len() <= limit && !held_back;
         found.truncate(limit);
         if !vanished.is_empty() {
+            // Whatever the mode: one committed whose acknowledgement failed is known.
+            let there: Vec<String> = vanished
+                .iter()
+                .filter(|n| present.contains(*n) && !known.contains(*n))
+                .cloned()
+                .collect();
+            if !there.is_empty() {
+                let recorded = pipeline
+                    .store()
+                    .recorded_refs(&self.source_name(), &there)
+                    .await
+                    .map_err(|source| self.store_error(source))?;
+                known.extend(recorded);
+                if matches!(self.cfg.after, After::Seen) {
+                    found.retain(|p| !known.contains(&Self::base_name(p)));
+                }
+                // Otherwise it is processed again, as the duplicate it is, and leaves
+                // cur/ as processed mail does in that mode.
+            }
             // What was looked for and is not in cur/ (deleted, or moved to another
             // folder: not ours to chase), or is there but known to the ledger, is
             // forgotten now; what this sweep hands to the pass, once it is committed.
@@ -457,9 +480,12 @@ impl MaildirSource {
         let mut listed: VecDeque<PathBuf> = self.sweep_cur(pipeline, LISTED).await?.into();
         let mut swept_all = true;
         let started = std::time::Instant::now();
+        let mut scanned_new = false;
         while !shutdown.is_cancelled() {
             if listed.is_empty() {
-                if started.elapsed() >= self.sweep_every {
+                // Not before new/ was read at least once: a sweep handing over a large
+                // backlog in cur/ pass after pass would keep fresh mail waiting.
+                if scanned_new && started.elapsed() >= self.sweep_every {
                     // Mail keeps coming: end the pass here, so `cur/` is swept again
                     // (the next pass starts at once) rather than only once `new/` is
                     // found empty, which a steady inflow may never let happen.
@@ -470,6 +496,7 @@ impl MaildirSource {
                     .await
                     .map_err(|e| self.io_error("scan", e))?
                     .into();
+                scanned_new = true;
                 if listed.is_empty() {
                     break;
                 }
