@@ -1866,18 +1866,20 @@ impl Validator<'_> {
 fn places(kind: &MailboxKind) -> (String, String, Vec<String>) {
     match kind {
         MailboxKind::Maildir(md) => {
+            // The folders under the resolved path: the same names, symlinked or not,
+            // whether or not they exist yet.
+            let path = std::fs::canonicalize(&md.path)
+                .or_else(|_| std::path::absolute(&md.path))
+                .unwrap_or_else(|_| md.path.clone());
             let dir = |p: &std::path::Path| {
-                let p = std::fs::canonicalize(p)
-                    .or_else(|_| std::path::absolute(p))
-                    .unwrap_or_else(|_| p.to_path_buf());
                 format!("maildir {}", p.display().to_string().trim_end_matches('/'))
             };
-            let folder = |name: &str| dir(&md.path.join(format!(".{name}")));
+            let folder = |name: &str| dir(&path.join(format!(".{name}")));
             let mut writes = vec![folder(&md.quarantine_folder)];
             if let After::Move(f) = &md.after {
                 writes.push(folder(f));
             }
-            ("path".into(), dir(&md.path), writes)
+            ("path".into(), dir(&path), writes)
         }
         MailboxKind::Imap(imap) => {
             let folder = |name: &str| {

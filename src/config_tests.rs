@@ -406,6 +406,15 @@ fn two_mailboxes_on_one_folder_are_refused() {
             + &maildir("b", &md.join(".Quarantine").display().to_string()),
     );
     assert_eq!(issues[0].key, "mailboxes[1].path");
+    // Through a symlink, before the quarantine folder exists.
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&md, &link).unwrap();
+    let issues = refused(
+        maildir("a", &link.display().to_string())
+            .replace("path =", "quarantine_folder = \"Held\"\npath =")
+            + &maildir("b", &md.join(".Held").display().to_string()),
+    );
+    assert_eq!(issues[0].key, "mailboxes[1].path");
     let fine = maildir("a", &md.display().to_string())
         + &maildir("b", &dir.path().join("other").display().to_string())
         + &imap("c", "127.0.0.1", "desk", "INBOX")
