@@ -212,53 +212,65 @@ password = "p"
 "#
         )
     };
-    let imap = |config: &Config| match &config.mailboxes[0].kind {
-        MailboxKind::Imap(imap) => imap.reply_timeout,
-        other => panic!("not imap: {other:?}"),
-    };
-    let config = load(&mailbox(""), &[]).unwrap();
-    assert_eq!(imap(&config), Duration::from_secs(120));
-    let config = load(&mailbox("reply_timeout = \"45s\""), &[]).unwrap();
-    assert_eq!(imap(&config), Duration::from_secs(45));
-    let Err(ConfigError::Invalid(issues)) = load(&mailbox("reply_timeout = \"0s\""), &[]) else {
-        panic!("accepted")
-    };
-    assert_eq!(issues[0].key, "mailboxes[0].reply_timeout");
-    // IDLE is re-issued every idle_timeout: 25 minutes unless told, and never 29 or
-    // more (RFC 2177: a server may end an IDLE after 29 minutes of inactivity).
-    let idle = |config: &Config| match &config.mailboxes[0].kind {
-        MailboxKind::Imap(imap) => imap.idle_timeout,
-        other => panic!("not imap: {other:?}"),
-    };
-    assert_eq!(
-        idle(&load(&mailbox(""), &[]).unwrap()),
-        Duration::from_secs(25 * 60)
-    );
-    let config = load(&mailbox("idle_timeout = \"10m\""), &[]).unwrap();
-    assert_eq!(idle(&config), Duration::from_secs(600));
-    for refused in ["29m", "1h", "0s"] {
-        let Err(ConfigError::Invalid(issues)) =
-            load(&mailbox(&format!("idle_timeout = \"{refused}\"")), &[])
-        else {
-            panic!("idle_timeout = {refused} accepted")
-        };
-        assert_eq!(issues[0].key, "mailboxes[0].idle_timeout");
+    // Each timeout: its default, a value read, and values refused with the key named.
+    // IDLE is re-issued every idle_timeout, never 29 minutes or more (RFC 2177: a server
+    // may end an IDLE after 29 minutes of inactivity).
+    struct Case {
+        key: &'static str,
+        read: fn(&ImapConfig) -> Duration,
+        default: u64,
+        given: (&'static str, u64),
+        refused: &'static [&'static str],
     }
-    let unfetchable = |config: &Config| match &config.mailboxes[0].kind {
-        MailboxKind::Imap(imap) => imap.unfetchable_after,
-        other => panic!("not imap: {other:?}"),
-    };
-    let config = load(&mailbox(""), &[]).unwrap();
-    assert_eq!(unfetchable(&config), Duration::from_secs(600));
-    let config = load(&mailbox("unfetchable_after = \"1h\""), &[]).unwrap();
-    assert_eq!(unfetchable(&config), Duration::from_secs(3600));
-    for refused in ["0s", "30d"] {
-        let Err(ConfigError::Invalid(issues)) =
-            load(&mailbox(&format!("unfetchable_after = \"{refused}\"")), &[])
-        else {
-            panic!("unfetchable_after = {refused} accepted")
-        };
-        assert_eq!(issues[0].key, "mailboxes[0].unfetchable_after");
+    let cases = [
+        Case {
+            key: "reply_timeout",
+            read: |i| i.reply_timeout,
+            default: 120,
+            given: ("45s", 45),
+            refused: &["0s"],
+        },
+        Case {
+            key: "idle_timeout",
+            read: |i| i.idle_timeout,
+            default: 25 * 60,
+            given: ("10m", 600),
+            refused: &["29m", "1h", "0s"],
+        },
+        Case {
+            key: "unfetchable_after",
+            read: |i| i.unfetchable_after,
+            default: 600,
+            given: ("1h", 3600),
+            refused: &["0s", "30d"],
+        },
+    ];
+    for Case {
+        key,
+        read,
+        default,
+        given: (given, secs),
+        refused,
+    } in cases
+    {
+        let value =
+            |extra: &str| match load(&mailbox(extra), &[]).map(|c| c.mailboxes[0].kind.clone()) {
+                Ok(MailboxKind::Imap(imap)) => read(&imap),
+                other => panic!("{key}: {other:?}"),
+            };
+        assert_eq!(value(""), Duration::from_secs(default), "{key}");
+        assert_eq!(
+            value(&format!("{key} = \"{given}\"")),
+            Duration::from_secs(secs)
+        );
+        for bad in refused {
+            let Err(ConfigError::Invalid(issues)) =
+                load(&mailbox(&format!("{key} = \"{bad}\"")), &[])
+            else {
+                panic!("{key} = {bad} accepted")
+            };
+            assert_eq!(issues[0].key, format!("mailboxes[0].{key}"));
+        }
     }
 }
 

@@ -2,6 +2,20 @@
 
 use super::*;
 
+/// A Maildir source named "mb" for desk IT at `path`, `after = "seen"`.
+fn seen_maildir(path: std::path::PathBuf) -> maildir::MaildirSource {
+    maildir::MaildirSource::new(
+        "mb".into(),
+        DeskKey::parse("IT").unwrap(),
+        crate::config::MaildirConfig {
+            path,
+            poll_interval: Duration::from_secs(60),
+            after: crate::config::After::Seen,
+            quarantine_folder: "Quarantine".into(),
+        },
+    )
+}
+
 #[test]
 fn backoff_is_capped_and_resets() {
     let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
@@ -86,20 +100,10 @@ fn a_scan_keeps_the_oldest_names_and_leaves_out_hidden_skipped_and_directories()
 /// one is flagged Seen, its other flags kept.
 #[tokio::test]
 async fn a_message_moved_to_cur_after_it_was_read_is_acknowledged_there() {
-    use crate::config::{After, MaildirConfig};
     use crate::pipeline::Outcome;
     use crate::policy::{Decision, Reason};
     let dir = tempfile::tempdir().unwrap();
-    let source = maildir::MaildirSource::new(
-        "mb".into(),
-        DeskKey::parse("IT").unwrap(),
-        MaildirConfig {
-            path: dir.path().to_path_buf(),
-            poll_interval: Duration::from_secs(60),
-            after: After::Seen,
-            quarantine_folder: "Quarantine".into(),
-        },
-    );
+    let source = seen_maildir(dir.path().to_path_buf());
     source.ensure_dirs().await.unwrap();
     let new = dir.path().join("new");
     let cur = dir.path().join("cur");
@@ -142,20 +146,10 @@ async fn a_message_moved_to_cur_after_it_was_read_is_acknowledged_there() {
 async fn a_sweep_cut_short_leaves_its_window_for_the_next_pass() {
     for backend in crate::testing::BACKENDS {
         eprintln!("on {backend:?}");
-        use crate::config::{After, MaildirConfig};
         let dir = tempfile::tempdir().unwrap();
         let pipeline = crate::testing::pipeline(dir.path(), backend).await;
         let md = dir.path().join("md");
-        let source = maildir::MaildirSource::new(
-            "mb".into(),
-            DeskKey::parse("IT").unwrap(),
-            MaildirConfig {
-                path: md.clone(),
-                poll_interval: Duration::from_secs(60),
-                after: After::Seen,
-                quarantine_folder: "Quarantine".into(),
-            },
-        );
+        let source = seen_maildir(md.clone());
         source.ensure_dirs().await.unwrap();
         let running = tokio_util::sync::CancellationToken::new();
         assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
@@ -185,20 +179,10 @@ async fn a_sweep_cut_short_leaves_its_window_for_the_next_pass() {
 async fn a_message_moved_away_before_it_was_read_is_taken_from_cur() {
     for backend in crate::testing::BACKENDS {
         eprintln!("on {backend:?}");
-        use crate::config::{After, MaildirConfig};
         let dir = tempfile::tempdir().unwrap();
         let pipeline = crate::testing::pipeline(dir.path(), backend).await;
         let md = dir.path().join("md");
-        let source = maildir::MaildirSource::new(
-            "mb".into(),
-            DeskKey::parse("IT").unwrap(),
-            MaildirConfig {
-                path: md.clone(),
-                poll_interval: Duration::from_secs(60),
-                after: After::Seen,
-                quarantine_folder: "Quarantine".into(),
-            },
-        );
+        let source = seen_maildir(md.clone());
         source.ensure_dirs().await.unwrap();
         let running = tokio_util::sync::CancellationToken::new();
         assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
@@ -233,21 +217,10 @@ async fn a_message_moved_away_before_it_was_read_is_taken_from_cur() {
 /// due, so what another program moved to `cur/` meanwhile is not left for good.
 #[tokio::test]
 async fn a_steady_inflow_does_not_keep_cur_from_being_swept() {
-    use crate::config::{After, MaildirConfig};
     let dir = tempfile::tempdir().unwrap();
     let pipeline = crate::testing::pipeline(dir.path(), crate::testing::Backend::Sqlite).await;
     let md = dir.path().join("md");
-    let source = maildir::MaildirSource::new(
-        "mb".into(),
-        DeskKey::parse("IT").unwrap(),
-        MaildirConfig {
-            path: md.clone(),
-            poll_interval: Duration::from_secs(60),
-            after: After::Seen,
-            quarantine_folder: "Quarantine".into(),
-        },
-    )
-    .sweeping_every(Duration::from_millis(300));
+    let source = seen_maildir(md.clone()).sweeping_every(Duration::from_millis(300));
     source.ensure_dirs().await.unwrap();
     let running = tokio_util::sync::CancellationToken::new();
     assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);

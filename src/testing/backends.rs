@@ -76,23 +76,14 @@ pub fn run_ok(cmd: &mut Command, what: &str) {
     );
 }
 
-fn start_cluster() -> PgCluster {
-    if let Ok(url) = std::env::var("INTAKE_TEST_DATABASE_URL") {
-        let base = match url.rsplit_once('/') {
-            Some((b, _)) if b.contains("://") && b.len() > b.find("://").unwrap_or(0) + 3 => {
-                b.to_string()
-            }
-            _ => url,
-        };
-        return PgCluster { base };
-    }
-    let root = is_root();
-    let dir = std::env::temp_dir().join(format!("intake-pg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the cluster directory");
+/// A fresh cluster's data directory, `dir/data` (`dir` emptied first; owned by the
+/// `postgres` user when `root`), made by `initdb`.
+pub fn init_cluster(dir: &Path, root: bool) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("create the cluster directory");
     if root {
         run_ok(
-            Command::new("chown").arg("postgres:postgres").arg(&dir),
+            Command::new("chown").arg("postgres:postgres").arg(dir),
             "chown the cluster directory",
         );
     }
@@ -105,6 +96,42 @@ fn start_cluster() -> PgCluster {
             .stdout(Stdio::null()),
         "initdb",
     );
+    data
+}
+
+/// Starts a reaper that stops the cluster in `data` and removes `dir` once this test
+/// process is gone (it outlives us on purpose: init reaps it).
+pub fn reap_when_gone(root: bool, dir: &Path, data: &Path) {
+    let script = format!(
+        "while [ -d /proc/{pid} ]; do sleep 0.5; done; {pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+        pid = std::process::id(),
+        pg_ctl = pg_bin("pg_ctl").display(),
+        data = data.display(),
+        dir = dir.display()
+    );
+    #[allow(clippy::zombie_processes)]
+    as_postgres(root, Path::new("/bin/sh"))
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the cluster reaper");
+}
+
+fn start_cluster() -> PgCluster {
+    if let Ok(url) = std::env::var("INTAKE_TEST_DATABASE_URL") {
+        let base = match url.rsplit_once('/') {
+            Some((b, _)) if b.contains("://") && b.len() > b.find("://").unwrap_or(0) + 3 => {
+                b.to_string()
+            }
+            _ => url,
+        };
+        return PgCluster { base };
+    }
+    let root = is_root();
+    let dir = std::env::temp_dir().join(format!("intake-pg-{}", std::process::id()));
+    let data = init_cluster(&dir, root);
     let port = free_port();
     // Tests trade durability for speed; benchmarks (INTAKE_PG_DURABLE=1) measure a
     // cluster with PostgreSQL's default, crash-safe settings.
@@ -127,23 +154,7 @@ fn start_cluster() -> PgCluster {
             .stdout(Stdio::null()),
         "pg_ctl start",
     );
-    // Reaper: stops the cluster and removes it once this test process is gone.
-    let script = format!(
-        "while [ -d /proc/{pid} ]; do sleep 0.5; done; {pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
-        pid = std::process::id(),
-        pg_ctl = pg_bin("pg_ctl").display(),
-        data = data.display(),
-        dir = dir.display()
-    );
-    // The reaper outlives us on purpose: it is reaped by init, not waited for here.
-    #[allow(clippy::zombie_processes)]
-    as_postgres(root, Path::new("/bin/sh"))
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the cluster reaper");
+    reap_when_gone(root, &dir, &data);
     PgCluster {
         base: format!("postgres://postgres@127.0.0.1:{port}"),
     }

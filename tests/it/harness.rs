@@ -11,7 +11,7 @@ use serde_json::Value;
 #[path = "../../src/testing/backends.rs"]
 mod backends;
 pub use backends::{BACKENDS, Backend, free_port, postgres_database};
-use backends::{as_postgres, is_root, pg_bin, run_ok};
+use backends::{as_postgres, init_cluster, is_root, pg_bin, reap_when_gone, run_ok};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_intake");
 
@@ -560,23 +560,7 @@ impl OwnCluster {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the cluster directory");
-        if root {
-            run_ok(
-                Command::new("chown").arg("postgres:postgres").arg(&dir),
-                "chown the cluster directory",
-            );
-        }
-        let data = dir.join("data");
-        run_ok(
-            as_postgres(root, &pg_bin("initdb"))
-                .arg("-D")
-                .arg(&data)
-                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
-                .stdout(Stdio::null()),
-            "initdb",
-        );
+        let data = init_cluster(&dir, root);
         let port = free_port();
         // Durable, unlike the shared cluster (fsync and synchronous_commit off, for
         // speed): there, a crash loses transactions whose commit was already reported,
@@ -593,22 +577,7 @@ impl OwnCluster {
             port,
         };
         cluster.start_again();
-        let script = format!(
-            "while [ -d /proc/{pid} ]; do sleep 0.5; done; {pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
-            pid = std::process::id(),
-            pg_ctl = pg_bin("pg_ctl").display(),
-            data = cluster.data.display(),
-            dir = cluster.dir.display()
-        );
-        // The reaper outlives us on purpose: it is reaped by init, not waited for here.
-        #[allow(clippy::zombie_processes)]
-        as_postgres(root, Path::new("/bin/sh"))
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the cluster reaper");
+        reap_when_gone(root, &cluster.dir, &cluster.data);
         cluster
     }
 
