@@ -1019,6 +1019,21 @@ impl ImapSource {
         batch: &[(u32, u64)],
         max: u64,
     ) -> Result<Fetched, ImapError> {
+        // A message whose body failed before is asked for alone, so that a failure is
+        // its own and not one of a batch cut off by a dropped connection.
+        let alone;
+        let batch = if batch.len() > 1
+            && self
+                .fetch_failures
+                .lock()
+                .await
+                .contains_key(&(uidvalidity, batch[0].0))
+        {
+            alone = [batch[0]];
+            &alone[..]
+        } else {
+            batch
+        };
         // A message given up on is not asked for again: a server that ends the session
         // when it cannot read one (Dovecot) would take the acknowledgement down with it.
         let given_up: HashSet<u32> = {
@@ -1051,20 +1066,27 @@ impl ImapSource {
             .await;
         if let Err(e) = fetched {
             // A server that ends the session when it cannot read a message (Dovecot)
-            // fails the next command, not the FETCH: the first message without its body,
-            // in the order they were asked for, counts as a failed try all the same, or
-            // it would never be given up on.
-            let asked = small
+            // fails the next command, not the FETCH. The first message without its body,
+            // in the order they were asked for, is suspect: asked for alone next time,
+            // where a failure counts as a failed try, or it would never be given up on.
+            // (A connection dropped for another reason blames no one: the first try
+            // alone brings the body and clears the suspicion.)
+            let asked = small.len() + large.len() + big.len();
+            let mut in_order = small
                 .iter()
                 .chain(large.iter().map(|(uid, _)| uid))
                 .chain(&big);
-            if let Some(uid) = asked.into_iter().find(|uid| !raw.contains_key(uid)) {
+            if let Some(uid) = in_order.find(|uid| !raw.contains_key(uid)) {
                 let mut failures = self.fetch_failures.lock().await;
                 let (n, _) = failures
                     .entry((uidvalidity, *uid))
                     .or_insert((0, Instant::now()));
-                *n += 1;
-                tracing::warn!(mailbox = %self.name, uid, attempt = *n, "server returned no body; will retry");
+                if asked == 1 {
+                    *n += 1;
+                    tracing::warn!(mailbox = %self.name, uid, attempt = *n, "server returned no body; will retry");
+                } else {
+                    tracing::info!(mailbox = %self.name, uid, "the session ended while fetching; this message is fetched alone next");
+                }
             }
             return Err(e);
         }
