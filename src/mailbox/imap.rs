@@ -532,11 +532,19 @@ impl ImapSource {
                 .await
                 .map_err(self.protocol("list folders"))?;
             if names.is_empty() {
-                session
+                match session
                     .create(&folder)
                     .await
-                    .map_err(self.protocol("create a folder"))?;
-                tracing::info!(mailbox = %self.name, folder = %folder, "created folder");
+                    .map_err(self.protocol("create a folder"))
+                {
+                    Ok(()) => {
+                        tracing::info!(mailbox = %self.name, folder = %folder, "created folder")
+                    }
+                    // Created meanwhile by another hand (another instance's mailbox on
+                    // this account, a mail client): there it is (RFC 5530).
+                    Err(e) if refusal(&e).is_some_and(|why| why.contains("[ALREADYEXISTS]")) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())
