@@ -217,65 +217,74 @@ async fn a_message_moved_away_before_it_was_read_is_taken_from_cur() {
 /// due, so what another program moved to `cur/` meanwhile is not left for good.
 #[tokio::test]
 async fn a_steady_inflow_does_not_keep_cur_from_being_swept() {
-    let dir = tempfile::tempdir().unwrap();
-    let pipeline = crate::testing::pipeline(dir.path(), crate::testing::Backend::Sqlite).await;
-    let md = dir.path().join("md");
-    let source = seen_maildir(md.clone()).sweeping_every(Duration::from_millis(300));
-    source.ensure_dirs().await.unwrap();
-    let running = tokio_util::sync::CancellationToken::new();
-    assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
-    let mail = |i: usize| {
-        format!(
-            "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
-             Message-ID: <inflow-{i}@cust.example>\r\n\r\nhello\r\n"
-        )
-    };
-    // A feeder drops 20 messages into new/ every 2 ms, faster than they are processed,
-    // until told to stop: new/ is never found empty.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let feeder = {
-        let (new, stop) = (md.join("new"), stop.clone());
-        tokio::spawn(async move {
-            let mut i = 0;
-            while !stop.is_cancelled() {
-                for _ in 0..20 {
-                    let name = format!("{}.M{i}P2.host", crate::now());
-                    std::fs::write(new.join(&name), mail(i)).unwrap();
-                    i += 1;
+    for backend in crate::testing::BACKENDS {
+        eprintln!("on {backend:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = crate::testing::pipeline(dir.path(), backend).await;
+        let md = dir.path().join("md");
+        let source = seen_maildir(md.clone()).sweeping_every(Duration::from_millis(300));
+        source.ensure_dirs().await.unwrap();
+        let running = tokio_util::sync::CancellationToken::new();
+        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
+        let mail = |i: usize| {
+            format!(
+                "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
+                 Message-ID: <inflow-{i}@cust.example>\r\n\r\nhello\r\n"
+            )
+        };
+        // A feeder drops 20 messages into new/ every 2 ms, faster than they are processed,
+        // until told to stop: new/ is never found empty (500 are there before the first
+        // pass looks, whenever the feeder task gets to run).
+        let write = |i: usize| {
+            let name = format!("{}.M{i}P2.host", crate::now());
+            std::fs::write(md.join("new").join(&name), mail(i)).unwrap();
+        };
+        (0..500).for_each(write);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let feeder = {
+            let (new, stop) = (md.join("new"), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 500;
+                while !stop.is_cancelled() {
+                    for _ in 0..20 {
+                        let name = format!("{}.M{i}P2.host", crate::now());
+                        std::fs::write(new.join(&name), mail(i)).unwrap();
+                        i += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
-    // Another program moves a message to cur/ while the pass is under way.
-    let moved = md
-        .join("cur")
-        .join(format!("{}.M99999P3.host:2,", crate::now() + 1));
-    let mover = {
-        let (moved, text) = (moved.clone(), mail(99_999));
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            std::fs::write(&moved, text).unwrap();
-        })
-    };
-    let pass = || {
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            source.run_once(&pipeline, &running),
-        )
-    };
-    let first = pass().await;
-    mover.await.unwrap();
-    let second = pass().await;
-    stop.cancel();
-    feeder.await.unwrap();
-    let never = "the pass never ended while mail kept coming";
-    assert!(first.expect(never).unwrap() > 0);
-    assert!(second.expect(never).unwrap() > 0);
-    // The message moved to cur/ was processed (flagged seen there).
-    assert!(!moved.exists());
-    let seen = md
-        .join("cur")
-        .join(format!("{}S", moved.file_name().unwrap().to_string_lossy()));
-    assert!(seen.exists(), "{}", seen.display());
+            })
+        };
+        // Another program moves a message to cur/ while the pass is under way.
+        let moved = md
+            .join("cur")
+            .join(format!("{}.M99999P3.host:2,", crate::now() + 1));
+        let mover = {
+            let (moved, text) = (moved.clone(), mail(99_999));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                std::fs::write(&moved, text).unwrap();
+            })
+        };
+        let pass = || {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                source.run_once(&pipeline, &running),
+            )
+        };
+        let first = pass().await;
+        mover.await.unwrap();
+        let second = pass().await;
+        stop.cancel();
+        feeder.await.unwrap();
+        let never = "the pass never ended while mail kept coming";
+        assert!(first.expect(never).unwrap() > 0);
+        assert!(second.expect(never).unwrap() > 0);
+        // The message moved to cur/ was processed (flagged seen there).
+        assert!(!moved.exists());
+        let seen = md
+            .join("cur")
+            .join(format!("{}S", moved.file_name().unwrap().to_string_lossy()));
+        assert!(seen.exists(), "{}", seen.display());
+    }
 }
