@@ -1491,10 +1491,7 @@ impl Validator<'_> {
                 ("none", SmtpTls::None),
             ],
         );
-        let loopback = (host.eq_ignore_ascii_case("localhost") || host == "::1")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
+        let loopback = is_loopback(&host);
         if tls == SmtpTls::None && !loopback && !m.allow_plaintext.unwrap_or(false) {
             self.issue(
                 "smtp.tls",
@@ -1557,10 +1554,7 @@ impl Validator<'_> {
                 ("none", ImapTls::None),
             ],
         );
-        let loopback = (host.eq_ignore_ascii_case("localhost") || host == "::1")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
+        let loopback = is_loopback(&host);
         if tls == ImapTls::None && !loopback && !m.allow_plaintext.unwrap_or(false) {
             self.issue(
                 &format!("{k}.tls"),
@@ -1857,6 +1851,14 @@ impl Validator<'_> {
         }
         out
     }
+}
+
+/// Whether `host` names this machine: `localhost` (any case) or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Where a mailbox reads (the key naming it, and the place) and where it files mail

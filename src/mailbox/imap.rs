@@ -1027,16 +1027,11 @@ impl ImapSource {
         batch: &[(u32, u64)],
         max: u64,
     ) -> Result<Fetched, ImapError> {
+        let failures = self.fetch_failures.lock().await;
         // A message whose body failed before is asked for alone, so that a failure is
         // its own and not one of a batch cut off by a dropped connection.
         let alone;
-        let batch = if batch.len() > 1
-            && self
-                .fetch_failures
-                .lock()
-                .await
-                .contains_key(&(uidvalidity, batch[0].0))
-        {
+        let batch = if batch.len() > 1 && failures.contains_key(&(uidvalidity, batch[0].0)) {
             alone = [batch[0]];
             &alone[..]
         } else {
@@ -1044,18 +1039,16 @@ impl ImapSource {
         };
         // A message given up on is not asked for again: a server that ends the session
         // when it cannot read one (Dovecot) would take the acknowledgement down with it.
-        let given_up: HashSet<u32> = {
-            let failures = self.fetch_failures.lock().await;
-            batch
-                .iter()
-                .filter(|(uid, _)| {
-                    failures
-                        .get(&(uidvalidity, *uid))
-                        .is_some_and(|(n, first)| self.unfetchable(*n, *first))
-                })
-                .map(|(uid, _)| *uid)
-                .collect()
-        };
+        let given_up: HashSet<u32> = batch
+            .iter()
+            .filter(|(uid, _)| {
+                failures
+                    .get(&(uidvalidity, *uid))
+                    .is_some_and(|(n, first)| self.unfetchable(*n, *first))
+            })
+            .map(|(uid, _)| *uid)
+            .collect();
+        drop(failures);
         let wanted = batch.iter().filter(|(uid, _)| !given_up.contains(uid));
         let small: Vec<u32> = wanted
             .clone()

@@ -2,6 +2,34 @@
 
 use super::*;
 
+/// A seen-mode Maildir source at `dir/md` on `backend`, sweeping `cur/` at least
+/// `every`, after its first (empty) pass: intake has watched it since now.
+async fn watched_maildir(
+    dir: &std::path::Path,
+    backend: crate::testing::Backend,
+    every: Duration,
+) -> (
+    crate::pipeline::Pipeline,
+    std::path::PathBuf,
+    maildir::MaildirSource,
+) {
+    let pipeline = crate::testing::pipeline(dir, backend).await;
+    let md = dir.join("md");
+    let source = seen_maildir(md.clone()).sweeping_every(every);
+    source.ensure_dirs().await.unwrap();
+    let running = tokio_util::sync::CancellationToken::new();
+    assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
+    (pipeline, md, source)
+}
+
+/// A customer's message to the IT desk, its Message-ID `<TAG-I@cust.example>`.
+fn customer_mail(tag: &str, i: usize) -> String {
+    format!(
+        "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
+         Message-ID: <{tag}-{i}@cust.example>\r\n\r\nhello\r\n"
+    )
+}
+
 /// A Maildir source named "mb" for desk IT at `path`, `after = "seen"`.
 fn seen_maildir(path: std::path::PathBuf) -> maildir::MaildirSource {
     maildir::MaildirSource::new(
@@ -147,21 +175,15 @@ async fn a_sweep_cut_short_leaves_its_window_for_the_next_pass() {
     for backend in crate::testing::BACKENDS {
         eprintln!("on {backend:?}");
         let dir = tempfile::tempdir().unwrap();
-        let pipeline = crate::testing::pipeline(dir.path(), backend).await;
-        let md = dir.path().join("md");
-        let source = seen_maildir(md.clone());
-        source.ensure_dirs().await.unwrap();
+        let (pipeline, md, source) =
+            watched_maildir(dir.path(), backend, Duration::from_secs(60)).await;
         let running = tokio_util::sync::CancellationToken::new();
-        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
         // Another program moved two new messages into cur/ before we read them.
         let t = crate::now() + 5;
         for i in 0..2 {
             std::fs::write(
                 md.join("cur").join(format!("{t}.M{i}P1.host:2,")),
-                format!(
-                    "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
-                     Message-ID: <cut-{i}@cust.example>\r\n\r\nhello\r\n"
-                ),
+                customer_mail("cut", i),
             )
             .unwrap();
         }
@@ -180,22 +202,16 @@ async fn a_message_moved_away_before_it_was_read_is_taken_from_cur() {
     for backend in crate::testing::BACKENDS {
         eprintln!("on {backend:?}");
         let dir = tempfile::tempdir().unwrap();
-        let pipeline = crate::testing::pipeline(dir.path(), backend).await;
-        let md = dir.path().join("md");
-        let source = seen_maildir(md.clone());
-        source.ensure_dirs().await.unwrap();
+        let (pipeline, md, source) =
+            watched_maildir(dir.path(), backend, Duration::from_secs(60)).await;
         let running = tokio_util::sync::CancellationToken::new();
-        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
         // Two messages from before the first start, now in cur/: one was listed in new/
         // and vanished, the other was never ours to see.
         let old = crate::now() - 3600;
         for i in 0..2 {
             std::fs::write(
                 md.join("cur").join(format!("{old}.M{i}P1.host:2,")),
-                format!(
-                    "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
-                     Message-ID: <moved-{i}@cust.example>\r\n\r\nhello\r\n"
-                ),
+                customer_mail("moved", i),
             )
             .unwrap();
         }
@@ -220,18 +236,10 @@ async fn a_steady_inflow_does_not_keep_cur_from_being_swept() {
     for backend in crate::testing::BACKENDS {
         eprintln!("on {backend:?}");
         let dir = tempfile::tempdir().unwrap();
-        let pipeline = crate::testing::pipeline(dir.path(), backend).await;
-        let md = dir.path().join("md");
-        let source = seen_maildir(md.clone()).sweeping_every(Duration::from_millis(300));
-        source.ensure_dirs().await.unwrap();
+        let (pipeline, md, source) =
+            watched_maildir(dir.path(), backend, Duration::from_millis(300)).await;
         let running = tokio_util::sync::CancellationToken::new();
-        assert_eq!(source.run_once(&pipeline, &running).await.unwrap(), 0);
-        let mail = |i: usize| {
-            format!(
-                "From: c{i}@cust.example\r\nTo: it@desk.example\r\nSubject: s{i}\r\n\
-                 Message-ID: <inflow-{i}@cust.example>\r\n\r\nhello\r\n"
-            )
-        };
+        let mail = |i: usize| customer_mail("inflow", i);
         // A feeder drops 20 messages into new/ every 2 ms, faster than they are processed,
         // until told to stop: new/ is never found empty (500 are there before the first
         // pass looks, whenever the feeder task gets to run).
